@@ -1,0 +1,50 @@
+"""Small file helpers shared by every writer: atomic replace and writable-directory checks."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ExportError
+
+
+def check_dir_creatable(directory: Path, what: str) -> None:
+    """Raise ExportError unless ``directory`` exists as a writable directory or could be created."""
+    d = Path(os.path.abspath(directory))
+    probe = d
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ExportError(f"{what}: cannot create directory {str(d)!r}: {str(probe)!r} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"{what}: cannot create or write directory {str(d)!r}: {str(probe)!r} is not writable")
+
+
+def temp_path_for(final: Path) -> Path:
+    """A new, unique temporary file next to ``final`` (same filesystem, so a rename is atomic)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` so a crash leaves either the old or the new complete file."""
+    final = Path(final)
+    tmp = temp_path_for(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

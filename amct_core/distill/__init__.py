@@ -1,0 +1,5 @@
+"""Distill config, model wrapping and the distillation loop."""
+from .config import create_distill_config, load_distill_config, quantizable_layers
+from .model import create_distill_model, calibrate
+
+__all__ = ["create_distill_config", "load_distill_config", "quantizable_layers", "create_distill_model", "calibrate"]

@@ -1,0 +1,208 @@
+"""QAT wrappers for Conv2d and Linear.
+
+Each wrapper keeps the wrapped layer's ``weight`` and ``bias`` under the same names (so a float
+checkpoint's keys still match) and adds a learnable activation range ``clip_min`` / ``clip_max``
+(asymmetric int8, per tensor). Weights are quantized symmetrically: per output channel for Conv2d,
+per tensor for Linear. All factors are functions of the parameters: :meth:`quant_factors` needs no
+forward pass and reads no state cached by one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import arith
+
+
+@dataclass
+class LayerFactors:
+    """What a quantized layer deploys with, derived from its parameters."""
+
+    scale_d: float
+    offset_d: int
+    scale_w: np.ndarray  # float32 [C_out] or [1]
+    q_w: np.ndarray  # float32 integer grid, torch layout
+    bias: np.ndarray | None  # float32 [C_out] (not quantized; the exporter quantizes it)
+
+
+class _QuantBase(nn.Module):
+    channel_wise: bool
+
+    def _init_act_range(self) -> None:
+        self.clip_min = nn.Parameter(torch.zeros(()))
+        self.clip_max = nn.Parameter(torch.zeros(()))
+        self.register_buffer("act_initialized", torch.zeros((), dtype=torch.bool))
+        # While True, forward() widens the range to cover what it sees (calibration).
+        self.calibrating = False
+        # Set by the exporter while tracing: the record key of this layer.
+        self._export_name: str | None = None
+
+    # ---- activation range -------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Widen the activation range to include ``x`` (min/max calibration)."""
+        lo = float(x.detach().min())
+        hi = float(x.detach().max())
+        if bool(self.act_initialized):
+            lo = min(lo, float(self.clip_min))
+            hi = max(hi, float(self.clip_max))
+        self.clip_min.fill_(min(lo, 0.0))
+        self.clip_max.fill_(max(hi, 0.0))
+        self.act_initialized.fill_(True)
+
+    def act_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return arith.act_factors(self.clip_min, self.clip_max)
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating or not bool(self.act_initialized):
+            self.observe(x)
+        scale, offset = self.act_factors()
+        inv = 1.0 / scale.detach() if not self.training else 1.0 / scale
+        q = arith.quantize(x, inv, offset)
+        return arith.dequantize(q, scale, offset)
+
+    # ---- weights ----------------------------------------------------------------------------
+    def weight_scale(self) -> torch.Tensor:
+        return arith.weight_scale(self.weight, self.channel_wise)
+
+    def fake_quant_weight(self) -> torch.Tensor:
+        scale = self.weight_scale()
+        q = arith.quantize_weight(self.weight, scale)
+        return q * scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
+
+    @torch.no_grad()
+    def quant_factors(self) -> LayerFactors:
+        if not bool(self.act_initialized):
+            raise RuntimeError(
+                "activation range is not initialised: calibrate the model (distill(), or one forward "
+                "pass in train or eval mode) before exporting"
+            )
+        scale_d, offset_d = self.act_factors()
+        scale_w = self.weight_scale()
+        q_w = arith.quantize_weight(self.weight, scale_w)
+        return LayerFactors(
+            scale_d=float(scale_d.to(torch.float32)),
+            offset_d=int(offset_d),
+            scale_w=scale_w.to(torch.float32).cpu().numpy(),
+            q_w=q_w.to(torch.float32).cpu().numpy(),
+            bias=None if self.bias is None else self.bias.detach().to(torch.float32).cpu().numpy(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        if torch.onnx.is_in_onnx_export() and self._export_name is not None:
+            return _TraceQuantLayer.apply(x, self._eval_forward, self._export_name, self._kind(x))
+        return self._eval_forward(x)
+
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kind(self, x: torch.Tensor) -> str:
+        raise NotImplementedError
+
+
+class QuantConv2d(_QuantBase):
+    """Conv2d with int8 fake quantization of its input (asymmetric) and weight (per channel)."""
+
+    channel_wise = True
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
+        if isinstance(conv.padding, str):
+            raise ValueError(f"string padding {conv.padding!r} is not supported; give explicit ints")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride = tuple(conv.stride)
+        self.padding = tuple(conv.padding)
+        self.dilation = tuple(conv.dilation)
+        self.groups = conv.groups
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self._init_act_range()
+
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            self.fake_quant_input(x), self.fake_quant_weight(), self.bias,
+            self.stride, self.padding, self.dilation, self.groups,
+        )
+
+    def _kind(self, x: torch.Tensor) -> str:
+        return "conv"
+
+    def out_sizes(self, sizes: list) -> list:
+        """Output sizes for input sizes (None where unknown), for the tracer's type information."""
+        out = [sizes[0], self.out_channels]
+        for i, n in enumerate(sizes[2:]):
+            if n is None:
+                out.append(None)
+            else:
+                k = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+                out.append((n + 2 * self.padding[i] - k) // self.stride[i] + 1)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+
+
+class QuantLinear(_QuantBase):
+    """Linear with int8 fake quantization of its input (asymmetric) and weight (per tensor)."""
+
+    channel_wise = False
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._init_act_range()
+
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.fake_quant_input(x), self.fake_quant_weight(), self.bias)
+
+    def _kind(self, x: torch.Tensor) -> str:
+        return "gemm" if x.dim() == 2 else "matmul"
+
+    def out_sizes(self, sizes: list) -> list:
+        return list(sizes[:-1]) + [self.out_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+QUANT_MODULES = (QuantConv2d, QuantLinear)
+
+
+def is_quant_module(m: nn.Module) -> bool:
+    return isinstance(m, QUANT_MODULES)
+
+
+class _TraceQuantLayer(torch.autograd.Function):
+    """Stands in for a quantized layer while tracing to ONNX.
+
+    Forward computes the layer's real (fake-quantized) output so the rest of the trace sees true
+    values; the ONNX symbolic emits one placeholder node ``amct_trace::QuantLayer`` that carries only
+    the data input and the layer's name. The exporter's passes replace it with the real ops and the
+    weights the record says; the layer's float weights are therefore never serialized by the tracer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, fn, name, kind):  # noqa: D401
+        return fn(x)
+
+    @staticmethod
+    def symbolic(g, x, fn, name, kind):
+        y = g.op("amct_trace::QuantLayer", x, layer_s=name, kind_s=kind)
+        xt = x.type()
+        sizes = xt.varyingSizes()
+        if sizes is not None:
+            y.setType(xt.with_sizes(fn.__self__.out_sizes(list(sizes))))
+        return y

@@ -1,0 +1,26 @@
+"""The record file (FORMATS.md section 2): schema, text-format read/write, validation."""
+from .io import (
+    LayerInfo,
+    LayerRecord,
+    read_record,
+    parse_record,
+    format_record,
+    records_from_message,
+    record_message,
+    validate_record,
+    write_record,
+    DEFAULT_RECORD_FILE,
+)
+
+__all__ = [
+    "LayerInfo",
+    "LayerRecord",
+    "read_record",
+    "parse_record",
+    "format_record",
+    "records_from_message",
+    "record_message",
+    "validate_record",
+    "write_record",
+    "DEFAULT_RECORD_FILE",
+]

@@ -1,0 +1,181 @@
+"""Read, write and validate record files with protobuf's own text_format over the schema."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+
+from .._io import atomic_write_bytes
+from ..errors import RecordError
+from ..quant.arith import INT32_MAX, INT32_MIN, deq_scale, quantize_bias
+from ..targets import Target, get_target
+from .schema import ScaleOffsetRecord
+
+DEFAULT_RECORD_FILE = "amct_log/scale_offset_record.txt"
+SCALE_MIN = 2.220446e-16  # DBL_EPSILON
+SCALE_MAX = 4.5035996e15  # 1 / DBL_EPSILON
+OFFSET_RANGE = {"INT8": (-128, 127), "INT16": (-32768, 32767)}
+
+
+@dataclass
+class LayerRecord:
+    """One record entry, as plain Python values."""
+
+    scale_d: float
+    offset_d: int
+    scale_w: list[float]
+    offset_w: list[int] = field(default_factory=list)
+    shift_bit: list[int] = field(default_factory=list)
+    dst_type: str = "INT8"
+    act_type: str = "INT8"
+    wts_type: str = "INT8"
+
+    def __post_init__(self):
+        if not self.offset_w:
+            self.offset_w = [0] * len(self.scale_w)
+
+
+@dataclass
+class LayerInfo:
+    """What validation needs to know of a quantized layer of the model."""
+
+    c_out: int
+    bias: np.ndarray | None = None  # float bias (after any BN fold), for the int32 check
+
+
+def record_message(records: dict[str, LayerRecord]) -> ScaleOffsetRecord:
+    msg = ScaleOffsetRecord()
+    for key, r in records.items():
+        e = msg.record.add()
+        e.key = key
+        v = e.value
+        v.scale_d = float(r.scale_d)
+        v.offset_d = int(r.offset_d)
+        v.scale_w.extend(float(s) for s in r.scale_w)
+        v.offset_w.extend(int(o) for o in r.offset_w)
+        if r.shift_bit:
+            v.shift_bit.extend(int(s) for s in r.shift_bit)
+        # Defaults are not written, as in AMCT's files; other values are.
+        for name in ("dst_type", "act_type", "wts_type"):
+            if getattr(r, name) != "INT8":
+                setattr(v, name, getattr(r, name))
+    return msg
+
+
+def format_record(records: dict[str, LayerRecord]) -> str:
+    return text_format.MessageToString(record_message(records))
+
+
+def parse_record(text: str, source: str = "<record>") -> ScaleOffsetRecord:
+    try:
+        return text_format.Parse(text, ScaleOffsetRecord())
+    except text_format.ParseError as e:
+        raise RecordError(f"record file {source}: not a valid ScaleOffsetRecord in text format: {e}") from None
+
+
+def records_from_message(msg: ScaleOffsetRecord, source: str = "<record>") -> dict[str, LayerRecord]:
+    """Convert to plain records; duplicate and empty keys are errors (named)."""
+    out: dict[str, LayerRecord] = {}
+    problems = []
+    for i, e in enumerate(msg.record):
+        if not e.key:
+            problems.append(f"record #{i}: field 'key' is empty")
+            continue
+        if e.key in out:
+            problems.append(f"layer {e.key!r}: field 'key' appears more than once")
+            continue
+        if not e.HasField("value"):
+            problems.append(f"layer {e.key!r}: field 'value' is missing")
+            continue
+        v = e.value
+        missing = [f for f in ("scale_d", "offset_d") if not v.HasField(f)]
+        if missing:
+            problems.append(f"layer {e.key!r}: field(s) {missing} missing")
+            continue
+        out[e.key] = LayerRecord(
+            scale_d=v.scale_d, offset_d=v.offset_d, scale_w=list(v.scale_w), offset_w=list(v.offset_w),
+            shift_bit=list(v.shift_bit), dst_type=v.dst_type, act_type=v.act_type, wts_type=v.wts_type,
+        )
+        out[e.key].offset_w = list(v.offset_w)  # keep as read (validation checks the length)
+    if problems:
+        raise RecordError(f"record file {source}:\n  " + "\n  ".join(problems))
+    return out
+
+
+def read_record(path) -> dict[str, LayerRecord]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise RecordError(f"record file {str(p)!r} does not exist") from None
+    return records_from_message(parse_record(text, repr(str(p))), repr(str(p)))
+
+
+def _scale_ok(s: float) -> bool:
+    return math.isfinite(s) and SCALE_MIN <= s <= SCALE_MAX
+
+
+def validate_record(records: dict[str, LayerRecord], layers: dict[str, LayerInfo], target: Target | str | None = None,
+                    source: str = "record") -> None:
+    """Check every rule of FORMATS.md section 2; raise one RecordError listing every failure by layer and field."""
+    tgt = target if isinstance(target, Target) else get_target(target)
+    problems: list[str] = []
+    missing = [n for n in layers if n not in records]
+    unknown = [n for n in records if n not in layers]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"quantized layers with no record: {missing}")
+        if unknown:
+            parts.append(f"records naming no quantized layer of the model: {unknown}")
+        problems.append("; ".join(parts))
+    for name, r in records.items():
+        where = f"layer {name!r}"
+        if not _scale_ok(r.scale_d):
+            problems.append(f"{where}: field 'scale_d' = {r.scale_d!r} must be finite and within [{SCALE_MIN}, {SCALE_MAX}]")
+        bad_w = [(i, s) for i, s in enumerate(r.scale_w) if not _scale_ok(s)]
+        if bad_w:
+            problems.append(f"{where}: field 'scale_w' entries {bad_w[:4]} must be finite and within [{SCALE_MIN}, {SCALE_MAX}]")
+        if not r.scale_w:
+            problems.append(f"{where}: field 'scale_w' is empty (needs 1 or C_out values)")
+        if r.act_type not in tgt.act_types:
+            problems.append(f"{where}: field 'act_type' = {r.act_type!r} is not supported by target {tgt.name} (supports {list(tgt.act_types)})")
+        if r.wts_type not in tgt.wts_types:
+            problems.append(f"{where}: field 'wts_type' = {r.wts_type!r} is not supported by target {tgt.name} (supports {list(tgt.wts_types)})")
+        if r.dst_type not in tgt.dst_types:
+            problems.append(f"{where}: field 'dst_type' = {r.dst_type!r} is not supported by target {tgt.name} (supports {list(tgt.dst_types)})")
+        lo, hi = OFFSET_RANGE.get(r.act_type, OFFSET_RANGE["INT8"])
+        if not lo <= r.offset_d <= hi:
+            problems.append(f"{where}: field 'offset_d' = {r.offset_d} must be within [{lo}, {hi}] for {r.act_type} activations")
+        if len(r.offset_w) != len(r.scale_w):
+            problems.append(f"{where}: field 'offset_w' has {len(r.offset_w)} entries, must have {len(r.scale_w)} (as 'scale_w')")
+        if any(o != 0 for o in r.offset_w):
+            problems.append(f"{where}: field 'offset_w' must be all 0 (symmetric weights)")
+        if r.shift_bit and not (all(s == 0 for s in r.shift_bit) or all(1 <= s <= 16 for s in r.shift_bit)):
+            problems.append(f"{where}: field 'shift_bit' must be all 0 or each within [1, 16], got {r.shift_bit}")
+        info = layers.get(name)
+        if info is None:
+            continue
+        if len(r.scale_w) not in (1, info.c_out):
+            problems.append(f"{where}: field 'scale_w' has {len(r.scale_w)} entries, must have 1 or C_out = {info.c_out}")
+            continue
+        if info.bias is not None and _scale_ok(r.scale_d) and not bad_w and r.scale_w:
+            deq = deq_scale(r.scale_d, np.asarray(r.scale_w, dtype=np.float32))
+            bq = quantize_bias(info.bias, deq)
+            over = np.flatnonzero((bq < INT32_MIN) | (bq > INT32_MAX) | ~np.isfinite(bq))
+            if over.size:
+                c = int(over[0])
+                problems.append(
+                    f"{where}: bias overflows int32 after quantization (channel {c}: bias {float(info.bias[c]):.6g} / "
+                    f"(scale_w * scale_d) = {float(bq[c]):.6g}); exclude this layer from quantization"
+                )
+    if problems:
+        raise RecordError(f"{source} failed validation:\n  " + "\n  ".join(problems))
+
+
+def write_record(path, records: dict[str, LayerRecord]) -> None:
+    p = Path(path)
+    atomic_write_bytes(p, format_record(records).encode())
