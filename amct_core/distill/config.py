@@ -28,6 +28,7 @@ import torch.nn as nn
 from .._io import atomic_write_bytes
 from ..errors import ConfigError
 from ..quant.modules import is_quant_module
+from .groups import build_units
 
 CONFIG_VERSION = 1
 TOP_LEVEL_KEYS = ("version", "batch_num", "group_size", "data_dump", "distill_group", "target")
@@ -134,7 +135,8 @@ def build_distill_config(model: nn.Module, input_data: Any) -> dict:
         "batch_num": 1,
         "group_size": 1,
         "data_dump": False,
-        "distill_group": [[n] for n in executed],
+        # One group per quantizable layer with the BN / activation modules that consume its output.
+        "distill_group": build_units(model, inputs, executed),
     }
     for n in executed:
         cfg[n] = _layer_entry(mods[n])

@@ -94,7 +94,9 @@ class _QuantBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         if torch.onnx.is_in_onnx_export() and self._export_name is not None:
-            return _TraceQuantLayer.apply(x, self._eval_forward, self._export_name, self._kind(x))
+            # Every tensor the forward reads is passed explicitly: the tracer must know them as inputs.
+            state = [t for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)) if t is not None]
+            return _TraceQuantLayer.apply(x, self._eval_forward, self._export_name, self._kind(x), *state)
         return self._eval_forward(x)
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,11 +197,11 @@ class _TraceQuantLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, fn, name, kind):  # noqa: D401
+    def forward(ctx, x, fn, name, kind, *state):  # noqa: D401
         return fn(x)
 
     @staticmethod
-    def symbolic(g, x, fn, name, kind):
+    def symbolic(g, x, fn, name, kind, *state):
         y = g.op("amct_trace::QuantLayer", x, layer_s=name, kind_s=kind)
         xt = x.type()
         sizes = xt.varyingSizes()

@@ -1,0 +1,170 @@
+"""Build the fake-quant model (FORMATS §4) and the deploy model (FORMATS §5) from a traced float graph.
+
+Both builders take the traced graph (quantized layers as Conv/Gemm/MatMul nodes named after their
+modules, dequantized float weights) and the records, and rewrite one layer at a time. They never
+touch the caller's graph: each works on a copy whose large arrays are shared, not copied.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..errors import ExportError
+from ..quant.arith import INT32_MAX, INT32_MIN, QMAX, QMIN, deq_scale, pack_deq_scale, quantize_bias
+from ..record import LayerRecord
+from .store import OnnxModel, producers, set_single_opset
+from .trace import BIAS_ADD_SUFFIX, LayerMeta
+
+FAKE_QUANT_MIN_OPSET = 11  # Round exists from opset 11
+
+
+def _f32(v) -> np.ndarray:
+    return np.asarray(v, dtype=np.float32)
+
+
+def quantized_weight(w_float: np.ndarray, scale_w: np.ndarray, axis: int) -> np.ndarray:
+    """``clip(round(w / scale_w), -128, 127)`` with scale_w along ``axis`` (1 value broadcasts)."""
+    s = _f32(scale_w)
+    if s.size > 1:
+        shape = [1] * w_float.ndim
+        shape[axis] = s.size
+        s = s.reshape(shape)
+    return np.clip(np.round(w_float / s), QMIN, QMAX)
+
+
+def quantized_bias(bias: np.ndarray, deq: np.ndarray, layer: str) -> np.ndarray:
+    bq = quantize_bias(bias, deq)
+    bad = np.flatnonzero((bq < INT32_MIN) | (bq > INT32_MAX) | ~np.isfinite(bq))
+    if bad.size:
+        c = int(bad[0])
+        raise ExportError(
+            f"layer {layer!r}: bias overflows int32 after quantization (channel {c}: {float(bias.flat[c]):.6g} / "
+            f"deq_scale {float(np.broadcast_to(deq, bias.shape)[c]):.6g}); exclude this layer from quantization"
+        )
+    return bq
+
+
+class _LayerView:
+    """The nodes and tensors of one quantized layer in a traced graph."""
+
+    def __init__(self, model: OnnxModel, meta: LayerMeta):
+        g = model.graph
+        self.node = next(n for n in g.node if n.name == meta.name)
+        self.bias_add = None
+        if meta.op == "MatMul" and meta.has_bias:
+            self.bias_add = next(n for n in g.node if n.name == meta.name + BIAS_ADD_SUFFIX)
+        self.last = self.bias_add or self.node  # produces the layer's output
+        self.x = self.node.input[0]
+        self.w_name = self.node.input[1]
+        if meta.op == "MatMul":
+            self.b_name = self.bias_add.input[1] if self.bias_add is not None else None
+        else:
+            self.b_name = self.node.input[2] if len(self.node.input) > 2 and self.node.input[2] else None
+        self.y = self.last.output[0]
+
+
+def _deq_shape(meta: LayerMeta, n: int) -> list[int]:
+    if meta.op == "Conv":
+        return [1, n, 1, 1]
+    return [n]
+
+
+def _prepare(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord]):
+    """Per layer: (view, record, int weight grid, int bias grid or None, deq_scale float32)."""
+    out = []
+    for name, meta in layers.items():
+        rec = records[name]
+        view = _LayerView(traced, meta)
+        w = traced.get_array(view.w_name)
+        q_w = quantized_weight(w, np.asarray(rec.scale_w, np.float32), meta.channel_axis)
+        deq = deq_scale(rec.scale_d, np.asarray(rec.scale_w, np.float32))
+        q_b = None
+        if view.b_name is not None:
+            q_b = quantized_bias(traced.get_array(view.b_name).astype(np.float32), deq, name)
+        out.append((view, meta, rec, q_w, q_b, deq))
+    return out
+
+
+def build_fake_quant(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord],
+                     opset: int) -> OnnxModel:
+    if opset < FAKE_QUANT_MIN_OPSET:
+        raise ExportError(
+            f"opset_version {opset}: the fake-quant model needs Round, which ONNX has from opset "
+            f"{FAKE_QUANT_MIN_OPSET}; pick an opset >= {FAKE_QUANT_MIN_OPSET}"
+        )
+    model = traced.copy()
+    g = model.graph
+    shared: dict[tuple, str] = {}
+    for view, meta, rec, q_w, q_b, deq in _prepare(model, layers, records):
+        name = meta.name
+        key = (view.x, np.float32(rec.scale_d).tobytes(), int(rec.offset_d))
+        xq = shared.get(key)
+        new = []
+        if xq is None:
+            p = f"{name}.quant.fakequant"
+            inv = np.float32(1.0) / np.float32(rec.scale_d)
+            model.set_array(f"{p}.scale", _f32(inv))
+            model.set_array(f"{p}.offset", _f32(rec.offset_d))
+            model.set_array(f"{p}.min", _f32(QMIN))
+            model.set_array(f"{p}.max", _f32(QMAX))
+            new += [
+                helper.make_node("Mul", [view.x, f"{p}.scale"], [f"{p}.mul_output"], name=f"{p}.mul"),
+                helper.make_node("Round", [f"{p}.mul_output"], [f"{p}.round_output"], name=f"{p}.round"),
+                helper.make_node("Add", [f"{p}.round_output", f"{p}.offset"], [f"{p}.add_output"], name=f"{p}.add"),
+                helper.make_node("Clip", [f"{p}.add_output", f"{p}.min", f"{p}.max"], [f"{p}.clip_output"], name=f"{p}.clip"),
+                helper.make_node("Sub", [f"{p}.clip_output", f"{p}.offset"], [f"{p}.output"], name=f"{p}.sub"),
+            ]
+            xq = shared[key] = f"{p}.output"
+        view.node.input[0] = xq
+        model.set_array(view.w_name, q_w.astype(np.float32))
+        if q_b is not None:
+            model.set_array(view.b_name, q_b.astype(np.float32))
+        y = view.y
+        acc = f"{name}.fakedequant.input"
+        view.last.output[0] = acc
+        p = f"{name}.fakedequant"
+        model.set_array(f"{p}.deq_scale", deq.reshape(_deq_shape(meta, deq.size)))
+        tail = helper.make_node("Mul", [acc, f"{p}.deq_scale"], [y], name=f"{p}.mul")
+        idx = list(g.node).index(view.node)
+        for k, n in enumerate(new):
+            g.node.insert(idx + k, n)
+        g.node.insert(list(g.node).index(view.last) + 1, tail)
+    set_single_opset(model.proto, opset)
+    return model
+
+
+def build_deploy(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord],
+                 opset: int) -> OnnxModel:
+    model = traced.copy()
+    g = model.graph
+    shared: dict[tuple, str] = {}
+    for view, meta, rec, q_w, q_b, deq in _prepare(model, layers, records):
+        name = meta.name
+        key = (view.x, np.float32(rec.scale_d).tobytes(), int(rec.offset_d))
+        xq = shared.get(key)
+        new = []
+        if xq is None:
+            xq = f"{name}.quant.output"
+            new.append(helper.make_node(
+                "AscendQuant", [view.x], [xq], name=f"{name}.quant",
+                scale=float(np.float32(1.0) / np.float32(rec.scale_d)), offset=float(rec.offset_d),
+                dst_type="INT8", sqrt_mode=0, round_mode="Round",
+            ))
+            shared[key] = xq
+        view.node.input[0] = xq
+        model.set_array(view.w_name, q_w.astype(np.int8))
+        if q_b is not None:
+            model.set_array(view.b_name, q_b.astype(np.int32))
+        y = view.y
+        acc = f"{name}.dequant.input"
+        view.last.output[0] = acc
+        param = f"{name}.dequant.param"
+        model.set_array(param, pack_deq_scale(deq).reshape(-1))
+        tail = helper.make_node("AscendDequant", [acc, param], [y], name=f"{name}.dequant", dtype=0)
+        idx = list(g.node).index(view.node)
+        for k, n in enumerate(new):
+            g.node.insert(idx + k, n)
+        g.node.insert(list(g.node).index(view.last) + 1, tail)
+    set_single_opset(model.proto, opset)
+    return model

@@ -1,0 +1,255 @@
+"""Trace a QAT model to a float ONNX graph whose quantized layers are named after their modules.
+
+The tracer (torch.onnx's TorchScript exporter, which can emit the low opsets ATC needs) sees each
+QAT layer as one placeholder node carrying only its data input and its name; the layer's weights are
+not serialized by torch at all. The passes here then
+
+1. fold a BatchNormalization that directly and solely consumes a quantized Conv into it (FORMATS §3);
+2. lower each placeholder into the standard op(s) it stands for (Conv; Gemm with transB=0 and weight
+   ``[in, out]``; MatMul + Add) named after the module, with the *dequantized* weights
+   ``q_w * scale_w`` (exactly representable, so rebuilding ``q_w`` from them and the record is exact);
+3. return the record entries (the factors actually exported) beside the graph.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import helper, numpy_helper
+
+from ..errors import ExportError
+from ..quant.modules import LayerFactors, QuantConv2d, QuantLinear, is_quant_module
+from ..record import LayerRecord
+from .store import OnnxModel, consumers, drop_value_info, producers, rename_tensor_uses, set_single_opset
+
+TRACE_DOMAIN = "amct_trace"
+MAX_TRACER_OPSET = 20  # the TorchScript exporter's highest opset
+BIAS_ADD_SUFFIX = ".bias_add"
+
+
+@dataclass
+class LayerMeta:
+    """What the builders need to know of one quantized layer of a traced graph."""
+
+    name: str
+    op: str  # "Conv" | "Gemm" | "MatMul"
+    c_out: int
+    channel_axis: int  # axis of the weight initializer that holds output channels
+    has_bias: bool
+
+
+@dataclass
+class TracedModel:
+    model: OnnxModel
+    records: dict[str, LayerRecord]
+    layers: dict[str, LayerMeta]
+
+
+def layer_meta(graph: onnx.GraphProto, tensors: OnnxModel, name: str) -> LayerMeta:
+    """Find quantized layer ``name`` in a traced/float graph by node name (the record key)."""
+    node = next((n for n in graph.node if n.name == name), None)
+    if node is None or node.op_type not in ("Conv", "Gemm", "MatMul"):
+        raise ExportError(f"layer {name!r}: no Conv/Gemm/MatMul node of that name in the traced graph")
+    w = tensors.get_array(node.input[1])
+    axis = 0 if node.op_type == "Conv" else 1
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transB", 0):
+            axis = 0
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if node.op_type == "MatMul":
+        has_bias = any(n.name == name + BIAS_ADD_SUFFIX for n in graph.node)
+    return LayerMeta(name, node.op_type, int(w.shape[axis]), axis, has_bias)
+
+
+class _ExportMode:
+    """Put the model in eval mode and name its QAT layers for the tracer; restore everything after."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = {m: m.training for m in self.model.modules()}
+        self.named = []
+        for name, m in self.model.named_modules():
+            if is_quant_module(m):
+                m._export_name = name
+                self.named.append(m)
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.named:
+            m._export_name = None
+        for m, t in self.flags.items():
+            m.training = t
+        return False
+
+
+def _run_tracer(model: nn.Module, inputs: tuple, input_names, output_names, dynamic_axes, opset: int) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, inputs, buf, dynamo=False, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            custom_opsets={TRACE_DOMAIN: 1},
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _fold_bn(graph, model: OnnxModel, placeholder, f: LayerFactors, eps_of) -> str | None:
+    """If a BatchNormalization solely consumes the conv ``placeholder``, fold it into ``f`` in place.
+
+    Returns the BN node's output name (the layer's new output) or None when nothing was folded.
+    """
+    y = placeholder.output[0]
+    users = consumers(graph).get(y, [])
+    if len(users) != 1 or users[0].op_type != "BatchNormalization" or y in {o.name for o in graph.output}:
+        return None
+    bn = users[0]
+    if bn.input[0] != y or len(bn.output) != 1:
+        return None
+    inits = model.initializer_names()
+    if not all(i in inits for i in bn.input[1:5]):
+        return None
+    gamma, beta, mean, var = (model.get_array(i).astype(np.float32) for i in bn.input[1:5])
+    eps = np.float32(eps_of(bn))
+    k = (gamma / np.sqrt(var + eps)).astype(np.float32)
+    sign = np.where(k < 0, np.float32(-1), np.float32(1))
+    f.q_w = f.q_w * sign.reshape(-1, 1, 1, 1)
+    f.scale_w = (f.scale_w * np.abs(k)).astype(np.float32)
+    b = f.bias if f.bias is not None else np.zeros_like(k)
+    f.bias = ((b - mean) * k + beta).astype(np.float32)
+    out = bn.output[0]
+    graph.node.remove(bn)
+    for i in bn.input[1:5]:
+        if not consumers(graph).get(i):
+            model.remove_initializer(i)
+    return out
+
+
+def _bn_eps(node) -> float:
+    for a in node.attribute:
+        if a.name == "epsilon":
+            return a.f
+    return 1e-5
+
+
+def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, out_name: str, opset: int) -> LayerMeta:
+    """Replace placeholder ``ph`` by the standard op(s) of the layer, with dequantized weights."""
+    x = ph.input[0]
+    kind = next(helper.get_attribute_value(a) for a in ph.attribute if a.name == "kind")
+    kind = kind.decode() if isinstance(kind, bytes) else kind
+    w_name, b_name = f"{name}.weight", f"{name}.bias"
+    idx = list(graph.node).index(ph)
+    graph.node.remove(ph)
+    new_nodes = []
+    if isinstance(module, QuantConv2d):
+        scale = f.scale_w.reshape(-1, 1, 1, 1) if f.scale_w.size > 1 else f.scale_w.reshape(1, 1, 1, 1)
+        model.set_array(w_name, (f.q_w * scale).astype(np.float32))
+        inputs = [x, w_name]
+        if f.bias is not None:
+            model.set_array(b_name, f.bias.astype(np.float32))
+            inputs.append(b_name)
+        kh, kw = module.kernel_size
+        new_nodes.append(helper.make_node(
+            "Conv", inputs, [out_name], name=name, kernel_shape=[kh, kw], strides=list(module.stride),
+            pads=list(module.padding) * 2, dilations=list(module.dilation), group=module.groups,
+        ))
+        meta = LayerMeta(name, "Conv", module.out_channels, 0, f.bias is not None)
+    elif isinstance(module, QuantLinear):
+        w = (f.q_w * f.scale_w.reshape(-1, 1)).astype(np.float32).T.copy()  # [in, out]
+        model.set_array(w_name, w)
+        bias = f.bias
+        if kind == "gemm":
+            if bias is None and opset < 11:
+                bias = np.zeros(module.out_features, np.float32)  # Gemm's C is optional only from opset 11
+            inputs = [x, w_name] + ([b_name] if bias is not None else [])
+            if bias is not None:
+                model.set_array(b_name, bias.astype(np.float32))
+            new_nodes.append(helper.make_node("Gemm", inputs, [out_name], name=name, transB=0))
+            meta = LayerMeta(name, "Gemm", module.out_features, 1, bias is not None)
+        else:
+            if bias is None:
+                new_nodes.append(helper.make_node("MatMul", [x, w_name], [out_name], name=name))
+            else:
+                mm_out = f"{name}.matmul_output"
+                model.set_array(b_name, bias.astype(np.float32))
+                new_nodes.append(helper.make_node("MatMul", [x, w_name], [mm_out], name=name))
+                new_nodes.append(helper.make_node("Add", [mm_out, b_name], [out_name], name=name + BIAS_ADD_SUFFIX))
+            meta = LayerMeta(name, "MatMul", module.out_features, 1, bias is not None)
+    else:  # pragma: no cover - only QAT modules emit placeholders
+        raise ExportError(f"layer {name!r}: unsupported module type {type(module).__name__}")
+    for k, n in enumerate(new_nodes):
+        graph.node.insert(idx + k, n)
+    return meta
+
+
+def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_names=None,
+                      dynamic_axes=None, opset: int = 11) -> TracedModel:
+    """Trace ``model`` (with QAT layers) into a float ONNX graph plus the records of its quantized layers.
+
+    The model's parameters and train/eval flags are left as they were.
+    """
+    if opset > MAX_TRACER_OPSET:
+        raise ExportError(
+            f"opset_version {opset}: the tracer (torch.onnx TorchScript exporter) emits opsets up to "
+            f"{MAX_TRACER_OPSET}; pick an opset <= {MAX_TRACER_OPSET}"
+        )
+    modules = {n: m for n, m in model.named_modules() if is_quant_module(m)}
+    factors: dict[str, LayerFactors] = {}
+    for n, m in modules.items():
+        try:
+            factors[n] = m.quant_factors()
+        except RuntimeError as e:
+            raise ExportError(f"layer {n!r}: {e}") from None
+    with _ExportMode(model), torch.no_grad():
+        try:
+            proto = _run_tracer(model, inputs, input_names, output_names, dynamic_axes, opset)
+        except Exception as e:  # noqa: BLE001
+            shapes = [(tuple(t.shape), str(t.dtype)) for t in inputs]
+            raise ExportError(f"tracing the model on input_data {shapes} failed: {type(e).__name__}: {e}") from e
+    om = OnnxModel(proto)
+    graph = proto.graph
+    placeholders = [n for n in graph.node if n.domain == TRACE_DOMAIN]
+    layers: dict[str, LayerMeta] = {}
+    records: dict[str, LayerRecord] = {}
+    dropped: set[str] = set()
+    for ph in placeholders:
+        name = next(helper.get_attribute_value(a) for a in ph.attribute if a.name == "layer")
+        name = name.decode() if isinstance(name, bytes) else name
+        if name in layers:
+            raise ExportError(f"layer {name!r} is called more than once in forward(); a quantized layer must run once")
+        module, f = modules[name], factors[name]
+        out_name = ph.output[0]
+        if isinstance(module, QuantConv2d):
+            folded = _fold_bn(graph, om, ph, f, _bn_eps)
+            if folded is not None:
+                dropped.add(out_name)
+                out_name = folded
+        graph_outputs = {o.name for o in graph.output}
+        if out_name not in graph_outputs:
+            # Give the layer's output a readable name; graph outputs keep theirs (output_names hold).
+            new_name = f"{name}.output"
+            rename_tensor_uses(graph, out_name, new_name)
+            for vi in graph.value_info:
+                if vi.name == out_name:
+                    vi.name = new_name
+            for n in graph.node:
+                for i, o in enumerate(n.output):
+                    if o == out_name:
+                        n.output[i] = new_name
+            out_name = new_name
+        layers[name] = _lower(graph, om, ph, name, module, f, out_name, opset)
+        records[name] = LayerRecord(scale_d=f.scale_d, offset_d=f.offset_d, scale_w=[float(s) for s in f.scale_w])
+    # Keep module order in the record (stable, readable).
+    order = [n for n in modules if n in layers]
+    drop_value_info(graph, dropped)
+    set_single_opset(proto, opset)
+    return TracedModel(om, {n: records[n] for n in order}, {n: layers[n] for n in order})

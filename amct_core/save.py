@@ -1,0 +1,184 @@
+"""save_distill_model: the distilled QAT model to the fake-quant model, the deploy model and the record.
+
+Nothing is written until every check has passed; then each file is written to a temporary file and
+renamed into place (FORMATS §1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ._io import check_dir_creatable, temp_path_for
+from .distill.config import as_input_tuple
+from .errors import ConfigError, ExportError
+from .onnx.build import build_deploy, build_fake_quant
+from .onnx.io import PendingWrite, prepare_write
+from .onnx.trace import TracedModel, trace_quant_model
+from .quant.modules import is_quant_module
+from .record import DEFAULT_RECORD_FILE, LayerInfo, LayerRecord, format_record, validate_record
+from .targets import DEFAULT_OPSET, Target, check_opset, get_target
+
+FAKE_QUANT_SUFFIX = "fake_quant_model.onnx"
+DEPLOY_SUFFIX = "deploy_model.onnx"
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    fake_quant: Path
+    deploy: Path
+    record: Path
+
+
+def output_paths(save_path, record_file=None) -> OutputPaths:
+    """Where save_distill_model writes, from ``save_path`` (directory + name prefix) and ``record_file``."""
+    if not isinstance(save_path, (str, Path)) or not str(save_path):
+        raise ExportError(f"save_path must be a non-empty path string like './out/model', got {save_path!r}")
+    s = str(save_path)
+    if s.endswith(("/", "\\")) or Path(s).is_dir():
+        directory, prefix = Path(s), ""
+    else:
+        directory, prefix = Path(s).parent, Path(s).name + "_"
+    rec = Path(record_file) if record_file is not None else Path(DEFAULT_RECORD_FILE)
+    if rec.is_dir():
+        raise ExportError(f"record_file {str(rec)!r} is a directory; give a file path")
+    return OutputPaths(directory / f"{prefix}{FAKE_QUANT_SUFFIX}", directory / f"{prefix}{DEPLOY_SUFFIX}", rec)
+
+
+def normalize_dynamic_axes(dynamic_axes, known_names: list[str]) -> dict | None:
+    """Accept both seed forms (``{"in": [0, 2]}`` and ``{"in": {0: "batch"}}``); names must be known."""
+    if dynamic_axes is None:
+        return None
+    if not isinstance(dynamic_axes, dict):
+        raise ExportError(f"dynamic_axes must be a dict, got {type(dynamic_axes).__name__}")
+    out = {}
+    for name, axes in dynamic_axes.items():
+        if name not in known_names:
+            raise ExportError(f"dynamic_axes names {name!r}, which is not an input or output name; known names: {known_names}")
+        if isinstance(axes, (list, tuple)):
+            if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+                raise ExportError(f"dynamic_axes[{name!r}] must list axis indices (ints), got {axes!r}")
+            out[name] = {int(a): f"{name}_dynamic_axes_{i + 1}" for i, a in enumerate(axes)}
+        elif isinstance(axes, dict):
+            if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+                raise ExportError(f"dynamic_axes[{name!r}] keys must be axis indices (ints), got {list(axes)}")
+            out[name] = {int(a): str(v) for a, v in axes.items()}
+        else:
+            raise ExportError(f"dynamic_axes[{name!r}] must be a list of axes or a dict axis -> name, got {axes!r}")
+    return out
+
+
+def _resolve_target(model: nn.Module, target, opset_version) -> tuple[Target, int]:
+    tgt = get_target(target if target is not None else getattr(model, "amct_target", None))
+    opset = DEFAULT_OPSET if opset_version is None else opset_version
+    return tgt, check_opset(tgt, opset)
+
+
+def _check_names(names, what: str, count: int | None) -> list[str] | None:
+    if names is None:
+        return None
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise ExportError(f"{what} must be a list of non-empty strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ExportError(f"{what} has duplicates: {names!r}")
+    if count is not None and len(names) > count:
+        raise ExportError(f"{what} has {len(names)} names but the model has {count}")
+    return list(names)
+
+
+def export_quant_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None,
+                       target=None, opset_version=None) -> tuple[TracedModel, Target, int]:
+    """Validate the inputs and trace; returns the traced model, target and opset. Writes nothing."""
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(is_quant_module(m) for m in model.modules()):
+        raise ExportError("no layers to save: the model has no quantized layer (wrap it with create_distill_model)")
+    tgt, opset = _resolve_target(model, target, opset_version)
+    try:
+        inputs = as_input_tuple(input_data)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    input_names = _check_names(input_names, "input_names", len(inputs))
+    output_names = _check_names(output_names, "output_names", None)
+    # Run the model once, as handed over, to check input_data and count outputs (eval, no grad).
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            outputs = model(*inputs)
+    except Exception as e:  # noqa: BLE001
+        shapes = [(tuple(t.shape), str(t.dtype)) for t in inputs]
+        raise ExportError(f"input_data {shapes} does not fit the model: forward() raised {type(e).__name__}: {e}") from e
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    if output_names is not None and len(output_names) > n_out:
+        raise ExportError(f"output_names has {len(output_names)} names but the model returns {n_out} output(s)")
+    known = (input_names or []) + (output_names or [])
+    axes = normalize_dynamic_axes(dynamic_axes, known) if dynamic_axes is not None else None
+    if axes:
+        ranks = {n: inputs[i].dim() for i, n in enumerate(input_names or [])}
+        for name, ax in axes.items():
+            if name in ranks and any(not 0 <= a < ranks[name] for a in ax):
+                raise ExportError(f"dynamic_axes[{name!r}] = {sorted(ax)} is out of range for an input of rank {ranks[name]}")
+    traced = trace_quant_model(model, inputs, input_names, output_names, axes, opset)
+    if not traced.layers:
+        raise ExportError("no layers to save: no quantized layer is called by forward() on input_data")
+    return traced, tgt, opset
+
+
+def layer_infos(traced: TracedModel) -> dict[str, LayerInfo]:
+    infos = {}
+    for name, meta in traced.layers.items():
+        bias = None
+        if meta.has_bias:
+            node = next(n for n in traced.model.graph.node
+                        if n.name == (name + ".bias_add" if meta.op == "MatMul" else name))
+            bias = traced.model.get_array(node.input[1] if meta.op == "MatMul" else node.input[2])
+        infos[name] = LayerInfo(c_out=meta.c_out, bias=bias)
+    return infos
+
+
+def save_distill_model(model, save_path, input_data, record_file=None, input_names=None, output_names=None,
+                       dynamic_axes=None, *, target=None, opset_version=None) -> None:
+    """Export a distilled QAT model: ``<save_path>_fake_quant_model.onnx``, ``<save_path>_deploy_model.onnx``
+    and the record file (default ``amct_log/scale_offset_record.txt``).
+
+    ``target`` (``"A2"``, ``"A3"``, ``"950"``; default the model's config target, else A2) and
+    ``opset_version`` (default 11) are keyword-only additions to AMCT's signature. The model itself is
+    not modified. On any error nothing is written or overwritten.
+    """
+    paths = output_paths(save_path, record_file)
+    for p, what in ((paths.fake_quant, "save_path"), (paths.record, "record_file")):
+        check_dir_creatable(p.parent, what)
+    traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
+                                            target, opset_version)
+    validate_record(traced.records, layer_infos(traced), tgt, source="record of the model")
+    fake = build_fake_quant(traced.model, traced.layers, traced.records, opset)
+    deploy = build_deploy(traced.model, traced.layers, traced.records, opset)
+    write_outputs(paths, fake, deploy, traced.records)
+
+
+def write_outputs(paths: OutputPaths, fake, deploy, records: dict[str, LayerRecord]) -> None:
+    """Write the three files: all to temporaries first, then rename each into place."""
+    pending: list[PendingWrite] = []
+    rec_tmp = None
+    try:
+        if fake is not None:
+            pending.append(prepare_write(fake, paths.fake_quant))
+        if deploy is not None:
+            pending.append(prepare_write(deploy, paths.deploy))
+        rec_tmp = temp_path_for(paths.record)
+        rec_tmp.write_text(format_record(records))
+    except BaseException:
+        for p in pending:
+            p.abort()
+        if rec_tmp is not None:
+            rec_tmp.unlink(missing_ok=True)
+        raise
+    for p in pending:
+        p.commit()
+    rec_tmp.replace(paths.record)
