@@ -96,6 +96,9 @@ def export_quant_model(model: nn.Module, input_data, input_names=None, output_na
     if not any(is_quant_module(m) for m in model.modules()):
         raise ExportError("no layers to save: the model has no quantized layer (wrap it with create_distill_model)")
     tgt, opset = _resolve_target(model, target, opset_version)
+    for name, m in model.named_modules():
+        if is_quant_module(m) and not bool(m.act_initialized):
+            raise ExportError(f"layer {name!r}: activation range is not initialised; calibrate or distill the model first")
     try:
         inputs = as_input_tuple(input_data)
     except ConfigError as e:

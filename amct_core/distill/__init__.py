@@ -1,5 +1,15 @@
 """Distill config, model wrapping and the distillation loop."""
 from .config import create_distill_config, load_distill_config, quantizable_layers
 from .model import create_distill_model, calibrate
+from .train import DistillError, DistillSampleBase, distill
 
-__all__ = ["create_distill_config", "load_distill_config", "quantizable_layers", "create_distill_model", "calibrate"]
+__all__ = [
+    "create_distill_config",
+    "load_distill_config",
+    "quantizable_layers",
+    "create_distill_model",
+    "calibrate",
+    "distill",
+    "DistillSampleBase",
+    "DistillError",
+]

@@ -248,6 +248,11 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
             out_name = new_name
         layers[name] = _lower(graph, om, ph, name, module, f, out_name, opset)
         records[name] = LayerRecord(scale_d=f.scale_d, offset_d=f.offset_d, scale_w=[float(s) for s in f.scale_w])
+    # A graph output produced by a placeholder got the tracer's made-up dim names; name them after the output.
+    for o in graph.output:
+        for i, d in enumerate(o.type.tensor_type.shape.dim):
+            if d.HasField("dim_param") and d.dim_param.startswith("QuantLayer"):
+                d.dim_param = f"{o.name}_dim_{i}"
     # Keep module order in the record (stable, readable).
     order = [n for n in modules if n in layers]
     drop_value_info(graph, dropped)

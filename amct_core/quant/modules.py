@@ -58,8 +58,13 @@ class _QuantBase(nn.Module):
         return arith.act_factors(self.clip_min, self.clip_max)
 
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating or not bool(self.act_initialized):
+        if self.calibrating or (self.training and not bool(self.act_initialized)):
             self.observe(x)
+        elif not bool(self.act_initialized):
+            raise RuntimeError(
+                "activation range is not initialised: calibrate the model (distill(), calibrate(), or a "
+                "forward pass in train mode) before running it in eval mode or exporting it"
+            )
         scale, offset = self.act_factors()
         inv = 1.0 / scale.detach() if not self.training else 1.0 / scale
         q = arith.quantize(x, inv, offset)

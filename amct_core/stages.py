@@ -1,0 +1,131 @@
+"""The export as separate, file-to-file stages (trace -> record -> fake-quant build -> deploy build).
+
+``save_distill_model`` runs them in memory in one call. These functions run each stage alone, reading
+and writing files only, so an orchestrator can run them in different processes, cache them, and re-run
+one without the others. The traced model is a float ONNX file whose quantized layers are standard
+Conv/Gemm/MatMul nodes named after their modules, with dequantized weights; its metadata lists the
+quantized layers, the opset and the target.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+
+from ._io import check_dir_creatable
+from .errors import ExportError
+from .onnx.build import build_deploy, build_fake_quant
+from .onnx.io import load_model, prepare_write
+from .onnx.store import OnnxModel
+from .onnx.trace import TracedModel, layer_meta
+from .record import LayerInfo, read_record, validate_record, write_record
+from .save import export_quant_model, layer_infos
+from .targets import check_opset, get_target
+
+META_LAYERS = "amct.quant_layers"
+META_TARGET = "amct.target"
+META_OPSET = "amct.opset"
+
+
+@dataclass
+class TraceResult:
+    traced_path: str
+    record_path: str
+    layers: list[str]
+    target: str
+    opset: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _set_meta(proto: onnx.ModelProto, key: str, value: str) -> None:
+    for p in proto.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    proto.metadata_props.add(key=key, value=value)
+
+
+def _get_meta(proto: onnx.ModelProto, key: str, path) -> str:
+    for p in proto.metadata_props:
+        if p.key == key:
+            return p.value
+    raise ExportError(f"traced model {str(path)!r} has no metadata {key!r}: it was not written by trace_to_file")
+
+
+def trace_to_file(model, input_data, traced_path, record_path, input_names=None, output_names=None,
+                  dynamic_axes=None, target=None, opset_version=None) -> TraceResult:
+    """Trace the QAT model to a float ONNX file and write the record file of its factors."""
+    traced_path, record_path = Path(traced_path), Path(record_path)
+    check_dir_creatable(traced_path.parent, "traced_path")
+    check_dir_creatable(record_path.parent, "record_path")
+    traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
+                                            target, opset_version)
+    validate_record(traced.records, layer_infos(traced), tgt, source="record of the model")
+    _set_meta(traced.model.proto, META_LAYERS, json.dumps(list(traced.layers)))
+    _set_meta(traced.model.proto, META_TARGET, tgt.name)
+    _set_meta(traced.model.proto, META_OPSET, str(opset))
+    pending = prepare_write(traced.model, traced_path)
+    try:
+        write_record(record_path, traced.records)
+    except BaseException:
+        pending.abort()
+        raise
+    pending.commit()
+    return TraceResult(str(traced_path), str(record_path), list(traced.layers), tgt.name, opset)
+
+
+def load_traced(traced_path) -> tuple[OnnxModel, dict, str, int]:
+    om = load_model(traced_path)
+    names = json.loads(_get_meta(om.proto, META_LAYERS, traced_path))
+    layers = {n: layer_meta(om.graph, om, n) for n in names}
+    return om, layers, _get_meta(om.proto, META_TARGET, traced_path), int(_get_meta(om.proto, META_OPSET, traced_path))
+
+
+def _strip_meta(om: OnnxModel) -> None:
+    props = om.proto.metadata_props
+    for i in range(len(props) - 1, -1, -1):
+        if props[i].key.startswith("amct."):
+            del props[i]
+
+
+def validate_record_file(record_path, traced_path, target=None) -> dict:
+    """Validate a record file against a traced model (every rule of FORMATS §2). Returns the records."""
+    om, layers, traced_target, _ = load_traced(traced_path)
+    tgt = get_target(target or traced_target)
+    records = read_record(record_path)
+    infos = {}
+    for name, meta in layers.items():
+        bias = None
+        if meta.has_bias:
+            node = next(n for n in om.graph.node if n.name == (name + ".bias_add" if meta.op == "MatMul" else name))
+            bias = om.get_array(node.input[1] if meta.op == "MatMul" else node.input[2])
+        infos[name] = LayerInfo(c_out=meta.c_out, bias=bias)
+    validate_record(records, infos, tgt, source=f"record file {str(record_path)!r}")
+    return records
+
+
+def _build_file(kind, traced_path, record_path, out_path, target=None) -> str:
+    out_path = Path(out_path)
+    check_dir_creatable(out_path.parent, "out_path")
+    om, layers, traced_target, opset = load_traced(traced_path)
+    tgt = get_target(target or traced_target)
+    check_opset(tgt, opset)
+    records = validate_record_file(record_path, traced_path, tgt.name)
+    _strip_meta(om)
+    built = (build_fake_quant if kind == "fake_quant" else build_deploy)(om, layers, records, opset)
+    prepare_write(built, out_path).commit()
+    return str(out_path)
+
+
+def build_fake_quant_file(traced_path, record_path, out_path, target=None) -> str:
+    """Traced model + record -> fake-quant model file (FORMATS §4)."""
+    return _build_file("fake_quant", traced_path, record_path, out_path, target)
+
+
+def build_deploy_file(traced_path, record_path, out_path, target=None) -> str:
+    """Traced model + record -> deploy model file (FORMATS §5)."""
+    return _build_file("deploy", traced_path, record_path, out_path, target)

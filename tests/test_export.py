@@ -1,0 +1,442 @@
+"""save_distill_model: files, names, formats (FORMATS §1, §4, §5), parity in ONNX Runtime, bad input.
+
+The deploy checks recompute every expected value here, from the torch parameters and the record
+file text, with numpy: nothing is read back through the exporter's own helpers.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+from amct_core import ExportError, RecordError, TargetError, save_distill_model
+from amct_core.quant.modules import QuantConv2d, QuantLinear
+from tests import models
+
+torch.set_num_threads(1)
+NAMES = ["cnn", "mlp", "encoder"]
+
+
+def parse_record_text(text: str) -> dict:
+    """Independent reader of the record's text format (regexes, not the exporter's schema)."""
+    out = {}
+    for m in re.finditer(r'record \{\s*key: "([^"]+)"\s*value \{(.*?)\}\s*\}', text, re.S):
+        body = m.group(2)
+        out[m.group(1)] = {
+            "scale_d": float(re.search(r"scale_d: (\S+)", body).group(1)),
+            "offset_d": int(re.search(r"offset_d: (\S+)", body).group(1)),
+            "scale_w": [float(v) for v in re.findall(r"scale_w: (\S+)", body)],
+            "offset_w": [int(v) for v in re.findall(r"offset_w: (\S+)", body)],
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each test model, quantized, calibrated and exported once."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for name in NAMES:
+        qat = models.make_qat(name, root)
+        before = {k: v.clone() for k, v in qat.state_dict().items()}
+        save_distill_model(
+            qat, str(root / name / "model"), models.example_inputs(name, 2), record_file=str(root / name / "rec.txt"),
+            input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": [0]},
+        )
+        out[name] = dict(
+            qat=qat, before=before, fq=root / name / "model_fake_quant_model.onnx",
+            deploy=root / name / "model_deploy_model.onnx", record=root / name / "rec.txt",
+        )
+    return out
+
+
+def quant_layers(qat):
+    return {n: m for n, m in qat.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+
+
+def following_bn(qat, name):
+    """The BatchNorm2d that directly follows conv ``name`` in these test models (by naming convention)."""
+    pairs = {"conv1": "bn1", "conv2": "bn2"}
+    return qat.get_submodule(pairs[name]) if name in pairs else None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_files_are_written_with_the_prefix_names(exported, name):
+    e = exported[name]
+    assert e["fq"].is_file() and e["deploy"].is_file() and e["record"].is_file()
+    assert not [p for p in e["fq"].parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_trailing_slash_save_path_gives_unprefixed_names(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    save_distill_model(qat, str(tmp_path / "outdir") + "/", models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"))
+    assert (tmp_path / "outdir" / "fake_quant_model.onnx").is_file()
+    assert (tmp_path / "outdir" / "deploy_model.onnx").is_file()
+
+
+def test_default_record_file_is_amct_log_in_cwd(tmp_path, monkeypatch):
+    qat = models.make_qat("mlp", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    save_distill_model(qat, "m/x", models.example_inputs("mlp"))
+    assert (tmp_path / "amct_log" / "scale_offset_record.txt").is_file()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fake_quant_model_passes_the_checker_with_one_opset(exported, name):
+    m = onnx.load(exported[name]["fq"])
+    onnx.checker.check_model(m, full_check=True)
+    assert [(o.domain, o.version) for o in m.opset_import] == [("", 11)]
+    assert [i.name for i in m.graph.input] == ["input"] and [o.name for o in m.graph.output] == ["output"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_record_holds_the_factors_of_the_torch_parameters(exported, name):
+    qat = exported[name]["qat"]
+    records = parse_record_text(exported[name]["record"].read_text())
+    layers = quant_layers(qat)
+    assert list(records) == list(layers)
+    for lname, m in layers.items():
+        r = records[lname]
+        lo = min(m.clip_min.item(), 0.0)
+        hi = max(m.clip_max.item(), 0.0)
+        scale_d = np.float32(hi - lo) / np.float32(255)
+        assert r["scale_d"] == pytest.approx(float(scale_d), rel=1e-6)
+        assert r["offset_d"] == int(np.clip(np.round(np.float32(-128) - np.float32(lo) / np.float32(r["scale_d"])), -128, 127))
+        w = m.weight.detach().numpy()
+        amax = np.abs(w).reshape(w.shape[0], -1).max(1) if isinstance(m, QuantConv2d) else np.abs(w).max().reshape(1)
+        scale_w = amax / 127
+        bn = following_bn(qat, lname)
+        if bn is not None:
+            k = bn.weight.detach().numpy() / np.sqrt(bn.running_var.numpy() + bn.eps)
+            scale_w = scale_w * np.abs(k)
+        assert r["scale_w"] == pytest.approx(scale_w.tolist(), rel=1e-5)
+        assert r["offset_w"] == [0] * len(r["scale_w"])
+
+
+def _inits(m):
+    return {t.name: t for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deploy_model_matches_the_format_field_by_field(exported, name):
+    e = exported[name]
+    qat = e["qat"]
+    m = onnx.load(e["deploy"])
+    records = parse_record_text(e["record"].read_text())
+    assert [(o.domain, o.version) for o in m.opset_import] == [("", 11)]
+    nodes = {n.name: n for n in m.graph.node}
+    inits = _inits(m)
+    for lname, mod in quant_layers(qat).items():
+        r = records[lname]
+        scale_d, offset_d = np.float32(r["scale_d"]), r["offset_d"]
+        scale_w = np.asarray(r["scale_w"], np.float32)
+        node = nodes[lname]
+        assert node.domain == ""
+        # AscendQuant feeding the layer (possibly shared): default domain and §5 attributes.
+        quant = next(n for n in m.graph.node if node.input[0] in n.output)
+        assert quant.op_type == "AscendQuant" and quant.domain == ""
+        attrs = {a.name: a for a in quant.attribute}
+        assert attrs["scale"].type == onnx.AttributeProto.FLOAT and attrs["offset"].type == onnx.AttributeProto.FLOAT
+        assert attrs["dst_type"].type == onnx.AttributeProto.STRING and attrs["dst_type"].s == b"INT8"
+        assert np.float32(attrs["scale"].f) == np.float32(1) / scale_d
+        assert attrs["offset"].f == offset_d
+        # Weights: int8, quantized from the torch weight (BN folded where one follows).
+        w = mod.weight.detach().numpy().astype(np.float64)
+        bias = None if mod.bias is None else mod.bias.detach().numpy().astype(np.float64)
+        bn = following_bn(qat, lname)
+        if bn is not None:
+            k = (bn.weight.detach().numpy() / np.sqrt(bn.running_var.numpy() + bn.eps)).astype(np.float64)
+            w = w * k.reshape(-1, 1, 1, 1)
+            b0 = bias if bias is not None else 0.0
+            bias = (b0 - bn.running_mean.numpy()) * k + bn.bias.detach().numpy()
+        wt = inits[node.input[1]]
+        assert wt.name == f"{lname}.weight" and wt.data_type == TensorProto.INT8
+        q_w = numpy_helper.to_array(wt)
+        if isinstance(mod, QuantConv2d):
+            expect = np.clip(np.round(w / scale_w.reshape(-1, 1, 1, 1)), -128, 127)
+            assert node.op_type == "Conv"
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            assert a["strides"] == list(mod.stride) and a["dilations"] == list(mod.dilation) and a["group"] == mod.groups
+            assert a["pads"] == list(mod.padding) * 2
+        else:
+            expect = np.clip(np.round(w.T / scale_w), -128, 127)  # stored [in, out]
+            assert node.op_type in ("Gemm", "MatMul")
+            if node.op_type == "Gemm":
+                assert helper.get_attribute_value(next(x for x in node.attribute if x.name == "transB")) == 0
+        assert q_w.shape == expect.shape
+        assert np.array_equal(q_w, expect.astype(np.int8))
+        # Dequant: named, uint64 param whose low bits are float32(scale_d * scale_w), high bits zero.
+        deq_node = nodes[f"{lname}.dequant"]
+        assert deq_node.op_type == "AscendDequant" and deq_node.domain == ""
+        assert deq_node.input[1] == f"{lname}.dequant.param"
+        assert [(a.name, a.type, a.i) for a in deq_node.attribute] == [("dtype", onnx.AttributeProto.INT, 0)]
+        param = inits[f"{lname}.dequant.param"]
+        assert param.data_type == TensorProto.UINT64
+        packed = numpy_helper.to_array(param).astype(np.uint64)
+        deq = (scale_d * scale_w).astype(np.float32)
+        assert packed.size == scale_w.size
+        assert np.all(packed >> np.uint64(32) == 0)
+        assert np.array_equal((packed & np.uint64(0xFFFFFFFF)).astype(np.uint32), deq.view(np.uint32))
+        # Bias: int32 = round(bias / (scale_w * scale_d)).
+        if bias is not None:
+            b_name = f"{lname}.bias"
+            bt = inits[b_name]
+            assert bt.data_type == TensorProto.INT32
+            got = numpy_helper.to_array(bt).astype(np.int64)
+            want = np.round(bias / np.broadcast_to(deq.astype(np.float64), bias.shape)).astype(np.int64)
+            assert np.abs(got - want).max() <= 1  # float32 vs float64 folding of BN may move one tie
+            assert np.mean(got == want) > 0.95
+        # The dequant follows the bias Add for MatMul.
+        if node.op_type == "MatMul" and bias is not None:
+            add = nodes[f"{lname}.bias_add"]
+            assert add.op_type == "Add" and add.output[0] == deq_node.input[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fake_quant_runs_in_ort_and_matches_torch(exported, name):
+    e = exported[name]
+    qat = e["qat"]
+    x = models.example_inputs(name, 64, seed=99)
+    sess = ort.InferenceSession(str(e["fq"]), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = qat(x).numpy()
+    cos = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cos >= 0.9999
+    assert np.array_equal(got.reshape(-1, got.shape[-1]).argmax(-1), want.reshape(-1, want.shape[-1]).argmax(-1))
+
+
+@pytest.mark.parametrize("batch", [1, 17])
+def test_dynamic_batch_runs_at_other_sizes(exported, batch):
+    sess = ort.InferenceSession(str(exported["cnn"]["fq"]), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input": models.example_inputs("cnn", batch).numpy()})[0]
+    assert out.shape == (batch, 10)
+
+
+def test_user_model_is_unchanged(exported):
+    e = exported["cnn"]
+    after = e["qat"].state_dict()
+    assert all(torch.equal(e["before"][k], after[k]) for k in after)
+    assert not e["qat"].training
+    assert all(m._export_name is None for m in quant_layers(e["qat"]).values())
+
+
+def test_training_flags_are_restored(tmp_path):
+    qat = models.make_qat("mlp", tmp_path).train()
+    save_distill_model(qat, str(tmp_path / "m"), models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"))
+    assert all(m.training for m in qat.modules())
+
+
+def test_qkv_projections_share_one_ascend_quant(exported):
+    m = onnx.load(exported["encoder"]["deploy"])
+    quants = [n for n in m.graph.node if n.op_type == "AscendQuant"]
+    consumers = {q.output[0]: [n.name for n in m.graph.node if q.output[0] in n.input] for q in quants}
+    shared = [c for c in consumers.values() if set(c) == {"q", "k", "v"}]
+    assert shared, consumers
+    assert len(quants) == len(quant_layers(exported["encoder"]["qat"])) - 2
+
+
+def test_layer_output_that_is_a_graph_output_keeps_its_name(tmp_path):
+    qat = models.make_qat("two", tmp_path)
+    x = models.example_inputs("two", 2)
+    save_distill_model(qat, str(tmp_path / "t"), x, record_file=str(tmp_path / "r.txt"),
+                       input_names=["img"], output_names=["features", "logits"])
+    for f in ("t_fake_quant_model.onnx", "t_deploy_model.onnx"):
+        m = onnx.load(tmp_path / f)
+        assert [o.name for o in m.graph.output] == ["features", "logits"]
+        assert [i.name for i in m.graph.input] == ["img"]
+    dq = next(n for n in onnx.load(tmp_path / "t_deploy_model.onnx").graph.node if n.name == "conv.dequant")
+    assert dq.output[0] == "features"
+    sess = ort.InferenceSession(str(tmp_path / "t_fake_quant_model.onnx"), providers=["CPUExecutionProvider"])
+    feats, logits = sess.run(None, {"img": x.numpy()})
+    with torch.no_grad():
+        tf, tl = qat(x)
+    assert np.allclose(feats, tf.numpy(), atol=1e-4) and np.allclose(logits, tl.numpy(), atol=1e-4)
+
+
+def test_factors_follow_the_parameters_without_a_forward(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    with torch.no_grad():
+        qat.fc1.clip_min.fill_(-2.0)
+        qat.fc1.clip_max.fill_(6.0)
+    save_distill_model(qat, str(tmp_path / "m"), models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"))
+    r = parse_record_text((tmp_path / "r.txt").read_text())["fc1"]
+    assert r["scale_d"] == pytest.approx(8.0 / 255, rel=1e-6)
+
+
+def test_list_form_dynamic_axes_and_single_tensor_input(tmp_path):
+    qat = models.make_qat("encoder", tmp_path)
+    x = models.example_inputs("encoder", 2)
+    save_distill_model(qat, str(tmp_path / "e"), x, record_file=str(tmp_path / "r.txt"), input_names=["tokens"],
+                       output_names=["hidden"], dynamic_axes={"tokens": [0, 1], "hidden": [0, 1]})
+    sess = ort.InferenceSession(str(tmp_path / "e_fake_quant_model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"tokens": models.example_inputs("encoder", 3).numpy()[:, :5]})[0].shape == (3, 5, 32)
+
+
+# ---------------------------------------------------------------- targets and opsets
+
+def test_other_opset_within_range(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    save_distill_model(qat, str(tmp_path / "m"), models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"),
+                       opset_version=13)
+    for f in ("m_fake_quant_model.onnx", "m_deploy_model.onnx"):
+        assert [(o.domain, o.version) for o in onnx.load(tmp_path / f).opset_import] == [("", 13)]
+
+
+def test_target_950_accepts_opset_18(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    save_distill_model(qat, str(tmp_path / "m"), models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"),
+                       target="950", opset_version=18)
+    onnx.checker.check_model(onnx.load(tmp_path / "m_fake_quant_model.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("target,opset,match", [("A2", 17, r"outside target A2's range \[8, 16\]"),
+                                                ("A3", 7, "outside target A3's range"),
+                                                ("B7", 11, "target 'B7' is unknown")])
+def test_bad_target_or_opset_is_refused_before_any_work(tmp_path, target, opset, match):
+    qat = models.make_qat("mlp", tmp_path)
+    with pytest.raises(TargetError, match=match):
+        save_distill_model(qat, str(tmp_path / "m"), models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"),
+                           target=target, opset_version=opset)
+    assert not (tmp_path / "m_deploy_model.onnx").exists()
+
+
+# ---------------------------------------------------------------- bad input: clear error, nothing written
+
+@pytest.fixture
+def outputs_with_old_content(tmp_path):
+    """The three output paths, pre-filled with an earlier export's content that must survive."""
+    paths = [tmp_path / "o" / "m_fake_quant_model.onnx", tmp_path / "o" / "m_deploy_model.onnx", tmp_path / "r.txt"]
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"earlier output " + p.name.encode())
+    return tmp_path, paths
+
+
+def _assert_untouched(tmp_path, paths):
+    for p in paths:
+        assert p.read_bytes() == b"earlier output " + p.name.encode()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".data"))]
+
+
+def _save(qat, tmp_path, x, **kw):
+    kw.setdefault("record_file", str(tmp_path / "r.txt"))
+    save_distill_model(qat, str(tmp_path / "o" / "m"), x, **kw)
+
+
+def test_model_without_quantized_layers(outputs_with_old_content):
+    tmp_path, paths = outputs_with_old_content
+    with pytest.raises(ExportError, match="no layers to save"):
+        _save(models.build("mlp"), tmp_path, models.example_inputs("mlp"))
+    _assert_untouched(tmp_path, paths)
+
+
+def test_record_that_fails_validation(outputs_with_old_content):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    with torch.no_grad():
+        qat.fc2.weight[0, 0] = 1e18  # scale_w = 7.9e15 > 1/DBL_EPSILON
+    with pytest.raises(RecordError, match=r"layer 'fc2': field 'scale_w'"):
+        _save(qat, tmp_path, models.example_inputs("mlp"))
+    _assert_untouched(tmp_path, paths)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.randn(2, 21), "does not fit the model"),
+    ("not a tensor", "must be a torch.Tensor"),
+    ((torch.randn(2, 20), 3), "must be a torch.Tensor"),
+])
+def test_input_data_of_wrong_shape_or_type(outputs_with_old_content, bad, match):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    with pytest.raises(ExportError, match=match):
+        _save(qat, tmp_path, bad)
+    _assert_untouched(tmp_path, paths)
+
+
+def test_dynamic_axes_naming_an_unknown_input(outputs_with_old_content):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    with pytest.raises(ExportError, match="dynamic_axes names 'inputs'"):
+        _save(qat, tmp_path, models.example_inputs("mlp"), input_names=["input"], dynamic_axes={"inputs": [0]})
+    _assert_untouched(tmp_path, paths)
+
+
+def test_save_path_whose_directory_cannot_be_created(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    qat = models.make_qat("mlp", tmp_path)
+    with pytest.raises(ExportError, match="cannot create directory"):
+        save_distill_model(qat, str(blocker / "sub" / "m"), models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"))
+    assert not (tmp_path / "r.txt").exists()
+
+
+def test_bias_that_overflows_int32_names_the_layer(outputs_with_old_content):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    with torch.no_grad():
+        qat.fc3.bias[2] = 1e12
+    with pytest.raises(RecordError, match=r"layer 'fc3': bias overflows int32"):
+        _save(qat, tmp_path, models.example_inputs("mlp"))
+    _assert_untouched(tmp_path, paths)
+
+
+def test_uncalibrated_layer_is_named(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    qat.fc2.act_initialized.fill_(False)
+    with pytest.raises(ExportError, match="layer 'fc2'"):
+        save_distill_model(qat, str(tmp_path / "m"), models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"))
+
+
+# ---------------------------------------------------------------- atomic writes and external data
+
+def test_a_crash_while_writing_leaves_the_old_files(outputs_with_old_content, monkeypatch):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    import amct_core.onnx.io as oio
+
+    real = oio._embed
+    calls = {"n": 0}
+
+    def crash_on_second(model):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill while serializing the deploy model")
+        return real(model)
+
+    monkeypatch.setattr(oio, "_embed", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        _save(qat, tmp_path, models.example_inputs("mlp"))
+    _assert_untouched(tmp_path, paths)
+
+
+def test_external_data_path_loads_runs_and_replaces_old_data(tmp_path, monkeypatch):
+    import amct_core.onnx.io as oio
+
+    monkeypatch.setattr(oio, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    qat = models.make_qat("cnn", tmp_path)
+    x = models.example_inputs("cnn", 4)
+    for _ in range(2):  # the second export replaces the first one's data files
+        save_distill_model(qat, str(tmp_path / "big" / "m"), x, record_file=str(tmp_path / "r.txt"), input_names=["input"])
+    files = sorted(p.name for p in (tmp_path / "big").iterdir())
+    assert len([f for f in files if f.endswith(".data")]) == 2, files
+    fq = tmp_path / "big" / "m_fake_quant_model.onnx"
+    m = onnx.load(str(fq))  # loads external data from its directory
+    assert any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(fq), load_external_data=False).graph.initializer)
+    onnx.checker.check_model(str(fq))
+    got = ort.InferenceSession(str(fq), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    monkeypatch.setattr(oio, "EXTERNAL_DATA_THRESHOLD", 2**31 - 2**27)
+    save_distill_model(qat, str(tmp_path / "small" / "m"), x, record_file=str(tmp_path / "r2.txt"), input_names=["input"])
+    embedded = tmp_path / "small" / "m_fake_quant_model.onnx"
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(embedded)).graph.initializer)
+    want = ort.InferenceSession(str(embedded), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.array_equal(got, want)
+    dm = onnx.load(str(tmp_path / "big" / "m_deploy_model.onnx"))
+    assert {t.name: t.data_type for t in dm.graph.initializer}["conv2.weight"] == TensorProto.INT8

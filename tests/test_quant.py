@@ -1,0 +1,85 @@
+"""The arithmetic of FORMATS §3 and the QAT modules."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from amct_core.quant import arith
+from amct_core.quant.modules import QuantConv2d, QuantLinear
+
+
+def test_quantize_rounds_half_to_even_and_clips():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 1000.0, -1000.0])
+    q = arith.quantize(x, torch.tensor(1.0), torch.tensor(0.0))
+    assert q.tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 127.0, -128.0]
+
+
+def test_relu_range_gives_offset_minus_128():
+    scale, offset = arith.act_factors(torch.tensor(0.0), torch.tensor(2.55))
+    assert offset.item() == -128
+    assert scale.item() == pytest.approx(0.01, rel=1e-6)
+
+
+def test_asymmetric_range_offset_formula():
+    lo, hi = -1.0, 3.0
+    scale, offset = arith.act_factors(torch.tensor(lo), torch.tensor(hi))
+    assert scale.item() == pytest.approx(4.0 / 255, rel=1e-6)
+    assert offset.item() == round(-128 - lo / (4.0 / 255))
+
+
+def test_range_is_widened_to_include_zero():
+    scale, offset = arith.act_factors(torch.tensor(0.5), torch.tensor(2.0))
+    assert scale.item() == pytest.approx(2.0 / 255, rel=1e-6)
+    assert offset.item() == -128
+
+
+def test_weight_scale_per_channel_and_per_tensor():
+    w = torch.tensor([[1.0, -2.0], [0.5, 0.25], [0.0, 0.0]])
+    assert arith.weight_scale(w, True).tolist() == pytest.approx([2 / 127, 0.5 / 127, 1.0])
+    assert arith.weight_scale(w, False).tolist() == pytest.approx([2 / 127])
+
+
+def test_pack_deq_scale_low_bits_hold_float32_pattern():
+    deq = np.array([0.001, 3.5], dtype=np.float32)
+    packed = arith.pack_deq_scale(deq)
+    assert packed.dtype == np.uint64
+    assert (packed >> np.uint64(32)).tolist() == [0, 0]
+    assert (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32).tolist() == deq.tolist()
+
+
+def test_quantize_bias_uses_weight_and_data_scale():
+    deq = arith.deq_scale(0.5, np.array([0.25], np.float32))
+    assert arith.quantize_bias(np.array([1.0, -0.0625]), deq).tolist() == [8.0, -0.0]
+
+
+def test_qat_conv_factors_come_from_parameters_not_last_forward():
+    m = QuantConv2d(nn.Conv2d(2, 3, 3))
+    m(torch.randn(1, 2, 5, 5))  # initialises the range
+    with torch.no_grad():
+        m.clip_min.fill_(-1.0)
+        m.clip_max.fill_(2.0)
+    f = m.quant_factors()
+    scale = np.float32(3.0) / np.float32(255)
+    assert f.scale_d == scale
+    assert f.offset_d == int(np.round(np.float32(-128) - np.float32(-1.0) / scale))
+
+
+def test_qat_linear_gradients_reach_weight_and_range():
+    m = QuantLinear(nn.Linear(4, 3))
+    x = torch.randn(8, 4)
+    m(x)
+    m.train()
+    m(x).pow(2).sum().backward()
+    assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+    assert m.clip_max.grad is not None and m.clip_min.grad is not None
+
+
+def test_quant_factors_refuse_an_uncalibrated_layer():
+    m = QuantLinear(nn.Linear(4, 3))
+    with pytest.raises(RuntimeError, match="not initialised"):
+        m.quant_factors()
+
+
+def test_qat_conv_refuses_reflect_padding():
+    with pytest.raises(ValueError, match="padding_mode"):
+        QuantConv2d(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
