@@ -1,0 +1,1 @@
+"""Runnable examples of amct_core (``python -m examples.digits``)."""
