@@ -1,0 +1,71 @@
+"""The file-to-file stages give the same files as save_distill_model, and check a given record."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from amct_core import RecordError, save_distill_model
+from amct_core.record import read_record, write_record
+from amct_core.stages import build_deploy_file, build_fake_quant_file, trace_to_file, validate_record_file
+from tests import models
+
+
+def _same_models(a, b):
+    ma, mb = onnx.load(a), onnx.load(b)
+    assert ma.graph.node == mb.graph.node
+    assert ma.graph.input == mb.graph.input and ma.graph.output == mb.graph.output
+    ia = {t.name: onnx.numpy_helper.to_array(t) for t in ma.graph.initializer}
+    ib = {t.name: onnx.numpy_helper.to_array(t) for t in mb.graph.initializer}
+    assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
+    assert not [p for p in ma.metadata_props if p.key.startswith("amct.")]
+
+
+@pytest.mark.parametrize("name", ["cnn", "encoder"])
+def test_stages_reproduce_save_distill_model(tmp_path, name):
+    qat = models.make_qat(name, tmp_path)
+    x = models.example_inputs(name)
+    kw = dict(input_names=["input"], output_names=["output"], dynamic_axes={"input": [0], "output": [0]})
+    save_distill_model(qat, str(tmp_path / "one" / "m"), x, record_file=str(tmp_path / "one" / "r.txt"), **kw)
+    res = trace_to_file(qat, x, tmp_path / "st" / "traced.onnx", tmp_path / "st" / "r.txt", **kw)
+    assert res.layers == [n for n, _ in read_record(tmp_path / "st" / "r.txt").items()]
+    assert (tmp_path / "st" / "r.txt").read_text() == (tmp_path / "one" / "r.txt").read_text()
+    build_fake_quant_file(res.traced_path, res.record_path, tmp_path / "st" / "fq.onnx")
+    build_deploy_file(res.traced_path, res.record_path, tmp_path / "st" / "dp.onnx")
+    _same_models(tmp_path / "st" / "fq.onnx", tmp_path / "one" / "m_fake_quant_model.onnx")
+    _same_models(tmp_path / "st" / "dp.onnx", tmp_path / "one" / "m_deploy_model.onnx")
+
+
+def test_traced_model_is_a_runnable_float_model(tmp_path):
+    import onnxruntime as ort
+
+    qat = models.make_qat("mlp", tmp_path)
+    res = trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "t.onnx", tmp_path / "r.txt", input_names=["x"])
+    m = onnx.load(res.traced_path)
+    assert {n.name for n in m.graph.node} >= {"fc1", "fc2", "fc3"}
+    out = ort.InferenceSession(res.traced_path, providers=["CPUExecutionProvider"]).run(None, {"x": models.example_inputs("mlp").numpy()})
+    assert out[0].shape == (2, 7)
+
+
+def test_a_given_record_is_validated_against_the_traced_model(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    res = trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "t.onnx", tmp_path / "r.txt")
+    records = read_record(res.record_path)
+    records["fc9"] = records.pop("fc2")
+    write_record(tmp_path / "bad.txt", records)
+    with pytest.raises(RecordError, match=r"no record: \['fc2'\].*\['fc9'\]"):
+        validate_record_file(tmp_path / "bad.txt", res.traced_path)
+    with pytest.raises(RecordError):
+        build_deploy_file(res.traced_path, tmp_path / "bad.txt", tmp_path / "d.onnx")
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_a_given_record_sets_the_exported_factors(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    res = trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "t.onnx", tmp_path / "r.txt")
+    records = read_record(res.record_path)
+    records["fc1"].scale_d = float(np.float32(records["fc1"].scale_d * 2))
+    write_record(tmp_path / "r2.txt", records)
+    build_deploy_file(res.traced_path, tmp_path / "r2.txt", tmp_path / "d.onnx")
+    q = next(n for n in onnx.load(tmp_path / "d.onnx").graph.node if n.name == "fc1.quant")
+    scale = next(a.f for a in q.attribute if a.name == "scale")
+    assert np.float32(scale) == np.float32(1) / np.float32(records["fc1"].scale_d)
