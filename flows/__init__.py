@@ -1,0 +1,1 @@
+"""Prefect flows of amct_core: `distill-export` (flows.distill_export) and its CLI (flows.cli)."""

@@ -1,0 +1,357 @@
+"""The `distill-export` flow: a distilled checkpoint -> Ascend-ready files, checked and tracked.
+
+Stages (tasks/): load checkpoint -> trace -> record -> fake-quant build -> deploy build -> parity
+-> manifest -> MLflow log. Heavy stages are cached on the content of their input files and their
+parameter values; ``force=True`` recomputes everything.
+
+Runs anywhere Prefect runs: with no configuration on Prefect's ephemeral API and MLflow's SQLite
+store in the working directory (``./mlflow.db``); ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI``
+(or the ``mlflow_tracking_uri`` parameter) switch to real servers.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.runtime import flow_run as runtime_flow_run
+
+from tasks._common import DTYPES, ModelSpec, ParameterError, import_callable, peak_rss_mb, sha256_file
+from tasks.checkpoint import is_mlflow_uri, load_checkpoint
+from tasks.export import deploy_build, fake_quant_build, record, trace
+from tasks.manifest import versions, write_manifest
+from tasks.parity import known_tolerance_keys, parity
+
+FLOW_NAME = "distill-export"
+HEAVY_STAGES = ("trace", "record", "fake-quant-build", "deploy-build", "parity")
+
+
+class ParityFailed(RuntimeError):
+    """The exported models do not compute what the torch model computes (within the tolerances)."""
+
+
+class LoggingFailed(RuntimeError):
+    """MLflow logging failed after its retries; the exported files are on disk."""
+
+
+# ---- parameters ---------------------------------------------------------------------------------
+
+def _names(value, parameter: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(n, str) and n for n in value):
+        raise ParameterError(parameter, f"must be a non-empty list of non-empty strings, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ParameterError(parameter, f"has duplicate names: {value!r}")
+    return list(value)
+
+
+def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
+    """Check every parameter before any work; raise ParameterError naming the first bad one."""
+    from amct_core.errors import TargetError
+    from amct_core.targets import check_opset, get_target
+
+    out = dict(p)
+    ck = p["checkpoint"]
+    if not isinstance(ck, str) or not ck.strip():
+        raise ParameterError("checkpoint", "is required: a file path or an MLflow URI ('runs:/<id>/<path>', 'models:/<name>/<version>')")
+    if not is_mlflow_uri(ck):
+        if not Path(ck).is_file():
+            raise ParameterError("checkpoint", f"{ck!r} does not exist (give a file path, or an MLflow URI such as "
+                                               f"'runs:/<run_id>/<path>' or 'models:/<name>/<version>')")
+        out["checkpoint"] = str(Path(ck).resolve())
+    try:
+        tgt = get_target(p["target"])
+    except TargetError as e:
+        raise ParameterError("target", str(e)) from None
+    out["target"] = tgt.name
+    try:
+        check_opset(tgt, p["opset"])
+    except TargetError as e:
+        raise ParameterError("opset", str(e)) from None
+    import_callable(p["model"], "model")
+    kw = p.get("model_kwargs") or {}
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        raise ParameterError("model_kwargs", f"must be a JSON object of keyword arguments, got {kw!r}")
+    out["model_kwargs"] = kw
+    if p.get("distill_config"):
+        dc = Path(p["distill_config"])
+        if not dc.is_file():
+            raise ParameterError("distill_config", f"{str(dc)!r} does not exist")
+        try:
+            json.loads(dc.read_text())
+        except json.JSONDecodeError as e:
+            raise ParameterError("distill_config", f"{str(dc)!r} is not valid JSON: {e}") from None
+        out["distill_config"] = str(dc.resolve())
+    shape = p["input_shape"]
+    if not isinstance(shape, (list, tuple)) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ParameterError("input_shape", f"must be a non-empty list of positive ints such as [1, 1, 8, 8], got {shape!r}")
+    out["input_shape"] = [int(d) for d in shape]
+    if p["input_dtype"] not in DTYPES:
+        raise ParameterError("input_dtype", f"{p['input_dtype']!r} is not one of {list(DTYPES)}")
+    out["input_names"] = _names(p.get("input_names"), "input_names")
+    out["output_names"] = _names(p.get("output_names"), "output_names")
+    if out["input_names"] is not None and len(out["input_names"]) != 1:
+        raise ParameterError("input_names", f"the flow feeds one example input, so give one name, got {out['input_names']!r}")
+    axes = p.get("dynamic_axes")
+    if axes is not None:
+        known = (out["input_names"] or []) + (out["output_names"] or [])
+        if not isinstance(axes, dict):
+            raise ParameterError("dynamic_axes", f"must be an object like {{\"input\": [0]}}, got {axes!r}")
+        for n, ax in axes.items():
+            if n not in known:
+                raise ParameterError("dynamic_axes", f"names {n!r}, which is not in input_names/output_names {known}")
+            idx = list(ax) if isinstance(ax, (list, tuple)) else list(ax.keys()) if isinstance(ax, dict) else None
+            if idx is None:
+                raise ParameterError("dynamic_axes", f"[{n!r}] must be a list of axes or an object axis -> name, got {ax!r}")
+            try:
+                idx = [int(a) for a in idx]
+            except (TypeError, ValueError):
+                raise ParameterError("dynamic_axes", f"[{n!r}] axes must be ints, got {ax!r}") from None
+            if n in (out["input_names"] or []) and any(not 0 <= a < len(out["input_shape"]) for a in idx):
+                raise ParameterError("dynamic_axes", f"[{n!r}] = {idx} is out of range for input_shape {out['input_shape']}")
+        # JSON object keys are strings: give amct_core int axes.
+        out["dynamic_axes"] = {n: ([int(a) for a in ax] if isinstance(ax, (list, tuple)) else {int(k): str(v) for k, v in ax.items()})
+                               for n, ax in axes.items()}
+    if p.get("record_file"):
+        rf = Path(p["record_file"])
+        if not rf.is_file():
+            raise ParameterError("record_file", f"{str(rf)!r} does not exist (omit it to write the record from the model)")
+        out["record_file"] = str(rf.resolve())
+    tol = p.get("parity_tolerances") or {}
+    if not isinstance(tol, dict):
+        raise ParameterError("parity_tolerances", f"must be an object, got {tol!r}")
+    unknown = sorted(set(tol) - known_tolerance_keys())
+    if unknown:
+        raise ParameterError("parity_tolerances", f"unknown key(s) {unknown}; known: {sorted(known_tolerance_keys())}")
+    for k, v in tol.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ParameterError("parity_tolerances", f"[{k!r}] must be a number or null, got {v!r}")
+    name = p["name"]
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ParameterError("name", f"must be a file-name prefix without '/', got {name!r}")
+    od = Path(p["output_dir"])
+    probe = od.resolve()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ParameterError("output_dir", f"{str(od)!r} cannot be created: {str(probe)!r} is not a directory")
+    out["output_dir"] = str(od.resolve())
+    if not isinstance(p["mlflow_experiment"], str) or not p["mlflow_experiment"].strip():
+        raise ParameterError("mlflow_experiment", "must be a non-empty experiment name")
+    if p["mlflow_retries"] < 0:
+        raise ParameterError("mlflow_retries", f"must be >= 0, got {p['mlflow_retries']}")
+    if p["mlflow_retry_delay_seconds"] < 0:
+        raise ParameterError("mlflow_retry_delay_seconds", f"must be >= 0, got {p['mlflow_retry_delay_seconds']}")
+    return out
+
+
+def model_source_sha256(model_ref: str) -> str:
+    """Hash of the source file defining the model callable (a changed model definition re-runs the stages)."""
+    obj = import_callable(model_ref, "model")
+    try:
+        src = inspect.getsourcefile(obj)
+        return sha256_file(src) if src else hashlib.sha256(model_ref.encode()).hexdigest()
+    except (TypeError, OSError):
+        return hashlib.sha256(model_ref.encode()).hexdigest()
+
+
+# ---- running stages -----------------------------------------------------------------------------
+
+def run_stage(task_fn, force: bool, states: dict, seconds: dict, **kwargs):
+    """Run one cached stage; a cached result whose files were changed or deleted is recomputed."""
+    t0 = time.perf_counter()
+    runner = task_fn.with_options(refresh_cache=True) if force else task_fn
+    state = runner(**kwargs, return_state=True)
+    result = state.result()
+    if state.is_completed() and state.name == "Cached" and not result.intact():
+        get_run_logger().warning(f"stage {task_fn.name}: cached files were changed or removed; recomputing")
+        state = task_fn.with_options(refresh_cache=True)(**kwargs, return_state=True)
+        result = state.result()
+    states[task_fn.name] = state.name
+    seconds[task_fn.name] = time.perf_counter() - t0
+    return result
+
+
+def _metric_name(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in s)
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def distill_export(
+    checkpoint: str,
+    model: str,
+    input_shape: list[int],
+    model_kwargs: Optional[dict[str, Any]] = None,
+    distill_config: Optional[str] = None,
+    input_dtype: str = "float32",
+    output_dir: str = "out",
+    name: str = "model",
+    record_file: Optional[str] = None,
+    target: str = "A2",
+    opset: int = 11,
+    input_names: Optional[list[str]] = None,
+    output_names: Optional[list[str]] = None,
+    dynamic_axes: Optional[dict[str, Any]] = None,
+    parity_tolerances: Optional[dict[str, Optional[float]]] = None,
+    mlflow_experiment: str = "amct-export",
+    mlflow_tracking_uri: Optional[str] = None,
+    registered_model_name: Optional[str] = None,
+    force: bool = False,
+    seed: int = 0,
+    mlflow_retries: int = 3,
+    mlflow_retry_delay_seconds: float = 2.0,
+) -> dict:
+    """Export a distilled checkpoint to the fake-quant and deploy ONNX models, check them, log to MLflow.
+
+    Args:
+        checkpoint: state_dict of the distilled model (.pt/.pth via torch.save, or .safetensors), or an
+            MLflow URI ('runs:/<run_id>/<path>', 'models:/<name>/<version>'). Loaded with weights_only=True.
+        model: 'package.module:callable' (or 'path/to/file.py:callable') returning the float torch model.
+        input_shape: shape of the example input, e.g. [1, 1, 8, 8].
+        model_kwargs: keyword arguments for the model callable.
+        distill_config: the distill config JSON the model was wrapped with (default: every Conv2d/Linear).
+        input_dtype: dtype of the example input (float32, ...).
+        output_dir: where the files go; name: their name prefix.
+        record_file: a record file to validate and use instead of writing one from the model.
+        target: A2, A3 or 950. opset: ONNX opset (default 11; within the target's range).
+        input_names / output_names / dynamic_axes: as save_distill_model.
+        parity_tolerances: e.g. {"min_cosine": 0.999, "max_abs_error": null, "min_argmax_agreement": 0.99}.
+        mlflow_experiment / mlflow_tracking_uri: where to log (default: MLFLOW_TRACKING_URI or ./mlflow.db).
+        registered_model_name: register the logged fake-quant model under this name (new version).
+        force: recompute every stage even if its inputs are unchanged.
+        seed: seed of the example/parity inputs.
+        mlflow_retries / mlflow_retry_delay_seconds: retries of the logging task (delay doubles each time).
+    """
+    logger = get_run_logger()
+    p = validate_parameters(dict(locals()))
+    out = Path(p["output_dir"])
+    work = out / ".amct_work"
+    name = p["name"]
+    states: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+
+    spec = ModelSpec(checkpoint=p["checkpoint"], model=model, model_kwargs=p["model_kwargs"],
+                     distill_config=p.get("distill_config"), input_shape=p["input_shape"], input_dtype=input_dtype,
+                     seed=seed)
+    t0 = time.perf_counter()
+    ck_state = load_checkpoint(spec, str(work / "checkpoint"), mlflow_tracking_uri, return_state=True)
+    ck, local_spec = ck_state.result()
+    states["load-checkpoint"] = ck_state.name
+    seconds["load-checkpoint"] = time.perf_counter() - t0
+    logger.info(f"checkpoint {ck.source} (sha256 {ck.sha256[:12]}): {len(ck.quantized_layers)} quantized layers")
+    src_sha = model_source_sha256(model)
+
+    tr = run_stage(trace, force, states, seconds, spec=local_spec, model_source_sha256=src_sha,
+                   traced_path=str(work / f"{name}_traced.onnx"), model_record_path=str(work / f"{name}_model_record.txt"),
+                   input_names=p["input_names"], output_names=p["output_names"], dynamic_axes=p.get("dynamic_axes"),
+                   target=p["target"], opset=opset)
+    rec = run_stage(record, force, states, seconds, traced_path=tr.path, model_record_path=tr.info["record_path"],
+                    record_path=str(out / f"{name}_scale_offset_record.txt"), given_record_file=p.get("record_file"),
+                    target=p["target"])
+    fq = run_stage(fake_quant_build, force, states, seconds, traced_path=tr.path, record_path=rec.path,
+                   out_path=str(out / f"{name}_fake_quant_model.onnx"), target=p["target"])
+    dp = run_stage(deploy_build, force, states, seconds, traced_path=tr.path, record_path=rec.path,
+                   out_path=str(out / f"{name}_deploy_model.onnx"), target=p["target"])
+    par = run_stage(parity, force, states, seconds, spec=local_spec, model_source_sha256=src_sha,
+                    fake_quant_path=fq.path, deploy_path=dp.path, out_dir=str(out / "parity"),
+                    tolerances=p.get("parity_tolerances"), target=p["target"])
+    logger.info(par.summary)
+
+    create_table_artifact(
+        table=[{"verdict": "PASS" if par.passed else "FAIL", **r} for r in par.rows],
+        key="parity-summary",
+        description=f"Parity of {name} ({p['target']}): {par.summary}",
+    )
+
+    fq_bytes = sum(f.size for f in fq.files)
+    dp_bytes = sum(f.size for f in dp.files)
+    vers = versions()
+    files = {
+        "fake_quant_model": fq.files,
+        "deploy_model": dp.files,
+        "record": rec.files,
+        "parity_report": [f for f in par.files if not f.path.endswith(".png")],
+        "plots": [f for f in par.files if f.path.endswith(".png")],
+    }
+    if p.get("distill_config"):
+        from tasks._common import FileRef
+
+        files["distill_config"] = [FileRef.of(p["distill_config"])]
+    public_params = {k: v for k, v in p.items() if k not in ("mlflow_retries", "mlflow_retry_delay_seconds")}
+    manifest = write_manifest(
+        str(out / "manifest.json"), p["target"], opset, name, p["input_shape"], input_dtype,
+        {"source": ck.source, "sha256": ck.sha256, "size": ck.size},
+        files, {"passed": par.passed, "summary": par.summary, "checks": par.checks, "metrics": par.metrics},
+        public_params,
+    )
+
+    flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
+    flow_run_url = runtime_flow_run.ui_url
+    from amct_core.targets import get_target
+
+    tgt = get_target(p["target"])
+    params = {
+        "target": tgt.name, "opset": opset, "quantized_layer_count": len(ck.quantized_layers),
+        "torch_version": vers["torch"], "onnx_version": vers["onnx"], "onnxruntime_version": vers["onnxruntime"],
+        "amct_core_version": vers["amct-core"], "model": model, "model_kwargs": json.dumps(p["model_kwargs"]),
+        "input_shape": json.dumps(p["input_shape"]), "input_dtype": input_dtype, "name": name,
+        "record_source": rec.info.get("source"), "checkpoint": ck.source, "input_names": json.dumps(p["input_names"]),
+        "output_names": json.dumps(p["output_names"]), "dynamic_axes": json.dumps(p.get("dynamic_axes")),
+        "parity_tolerances": json.dumps(p.get("parity_tolerances")), "soc_family": ",".join(tgt.soc_family),
+    }
+    metrics = {_metric_name(k): v for k, v in par.metrics.items()}
+    metrics.update({
+        "parity.passed": 1.0 if par.passed else 0.0,
+        "fake_quant_model_bytes": fq_bytes, "deploy_model_bytes": dp_bytes, "checkpoint_bytes": ck.size,
+        "compression_ratio": fq_bytes / dp_bytes if dp_bytes else None,
+        "peak_rss_mb": max([peak_rss_mb(), ck.peak_rss_mb, tr.peak_rss_mb, rec.peak_rss_mb, fq.peak_rss_mb,
+                            dp.peak_rss_mb, par.peak_rss_mb]),
+        "quantized_layer_count": len(ck.quantized_layers),
+    })
+    metrics.update({f"stage_seconds.{k}": v for k, v in seconds.items()})
+    metrics.update({f"stage_compute_seconds.{r.stage if hasattr(r, 'stage') else 'parity'}": r.seconds
+                    for r in (tr, rec, fq, dp, par)})
+    tags = {
+        "target": tgt.name, "soc_family": tgt.soc_family[0], "checkpoint.sha256": ck.sha256,
+        "prefect.flow_run_url": flow_run_url, "prefect.flow_run_name": runtime_flow_run.name,
+        "parity": "pass" if par.passed else "fail",
+        "cached_stages": ",".join(k for k, v in states.items() if v == "Cached") or "none",
+    }
+    artifacts = {role: [f.path for f in refs] for role, refs in files.items()}
+
+    from tasks.tracking import log_to_mlflow, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(mlflow_tracking_uri)
+    delays = [mlflow_retry_delay_seconds * (2 ** i) for i in range(max(mlflow_retries, 1))]
+    log_task = log_to_mlflow.with_options(retries=mlflow_retries, retry_delay_seconds=delays)
+    run_name = f"{name}-{p['target']}-{runtime_flow_run.name or 'local'}"
+    log_state = log_task(uri, mlflow_experiment, run_name, params, metrics, tags, artifacts, manifest.path, fq.path,
+                         p["input_shape"], input_dtype, registered_model_name, flow_run_id, return_state=True)
+    if not log_state.is_completed():
+        err = log_state.result(raise_on_failure=False)
+        raise LoggingFailed(
+            f"MLflow logging to tracking URI {uri} failed after {mlflow_retries + 1} attempt(s): {err}. "
+            f"Every exported file is on disk in {out} (manifest {manifest.path})."
+        )
+    tracking = log_state.result()
+    create_link_artifact(link=tracking.run_url, link_text=f"MLflow run {tracking.run_id}", key="mlflow-run",
+                         description=f"MLflow run of {name} ({p['target']}) at {tracking.tracking_uri}")
+    logger.info(f"MLflow run {tracking.run_id} at {tracking.tracking_uri}: {tracking.run_url}")
+    summary = {
+        "fake_quant_model": fq.path, "deploy_model": dp.path, "record_file": rec.path, "manifest": manifest.path,
+        "parity_report": next(f.path for f in par.files if f.path.endswith(".html")),
+        "parity_passed": par.passed, "parity_summary": par.summary, "stage_states": states,
+        "mlflow_tracking_uri": tracking.tracking_uri, "mlflow_run_id": tracking.run_id, "mlflow_run_url": tracking.run_url,
+        "mlflow_model_uri": tracking.model_uri, "registered_model": tracking.registered_model,
+        "registered_version": tracking.registered_version,
+    }
+    if not par.passed:
+        raise ParityFailed(f"{par.summary} (files and report logged to MLflow run {tracking.run_id}; report "
+                           f"{summary['parity_report']})")
+    return summary

@@ -1,0 +1,342 @@
+"""Helpers shared by the stage tasks: file hashes, timing, the content-hash cache policy, model rebuild.
+
+Stages hand each other paths and small records only. A stage that needs the torch model rebuilds it
+from a :class:`ModelSpec` (checkpoint path + model reference + distill config + example input); the
+rebuild is memoised per process, so a flow that runs its stages in one process builds it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
+
+CHUNK = 1 << 20
+
+
+class ParameterError(ValueError):
+    """A flow parameter is invalid; the message starts with the parameter's name."""
+
+    def __init__(self, parameter: str, message: str):
+        self.parameter = parameter
+        super().__init__(f"parameter {parameter!r}: {message}")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class FileRef:
+    """A file a stage wrote: where it is, its size and SHA-256."""
+
+    path: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "FileRef":
+        p = Path(path).resolve()
+        return cls(str(p), sha256_file(p), p.stat().st_size)
+
+    def intact(self) -> bool:
+        p = Path(self.path)
+        return p.is_file() and p.stat().st_size == self.size and sha256_file(p) == self.sha256
+
+
+def onnx_files(onnx_path: str | os.PathLike) -> list[FileRef]:
+    """The .onnx file and any external-data files it references (same directory)."""
+    p = Path(onnx_path).resolve()
+    refs = [FileRef.of(p)]
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+        m = onnx.load(str(p), load_external_data=False)
+        seen = set()
+        for t in _get_all_tensors(m):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                loc = ExternalDataInfo(t).location
+                if loc and loc not in seen:
+                    seen.add(loc)
+                    refs.append(FileRef.of(p.parent / loc))
+    except Exception:  # noqa: BLE001 - hashing must not fail because a model is unreadable; parity will say
+        pass
+    return refs
+
+
+@dataclass
+class StageMetrics:
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextmanager
+def measured() -> Iterator[StageMetrics]:
+    m = StageMetrics()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        m.seconds = time.perf_counter() - t0
+        m.peak_rss_mb = peak_rss_mb()
+
+
+# ---- cache policy ------------------------------------------------------------------------------
+
+def _amct_core_fingerprint() -> str:
+    """Hash of amct_core's source: a change of the library invalidates every cached stage."""
+    import amct_core  # noqa: F401  (only to locate it)
+
+    root = Path(sys.modules["amct_core"].__file__).parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.suffix in (".py", ".proto") and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+_FINGERPRINT: str | None = None
+
+
+def amct_core_fingerprint() -> str:
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        _FINGERPRINT = _amct_core_fingerprint()
+    return _FINGERPRINT
+
+
+def _content_view(value: Any) -> Any:
+    """Replace every existing file path inside ``value`` by (path, sha256) so the key follows the content."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _content_view(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_content_view(v) for v in value]
+    if isinstance(value, (str, Path)) and value and len(str(value)) < 4096:
+        p = Path(value)
+        try:
+            if p.is_file():
+                return {"path": str(p.resolve()), "sha256": sha256_file(p)}
+        except OSError:
+            pass
+        return str(value)
+    return value
+
+
+@dataclass
+class FileContentInputs(CachePolicy):
+    """Cache key from the task's inputs where every *input* file is represented by its SHA-256.
+
+    ``outputs`` names parameters that are output locations: they are keyed by their value only (a
+    file there is what the stage writes, not what it reads). The key also covers amct_core's source.
+    """
+
+    outputs: tuple[str, ...] = ()
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        view = {}
+        for k, v in (inputs or {}).items():
+            view[k] = str(v) if k in self.outputs else _content_view(v)
+        view["__amct_core__"] = amct_core_fingerprint()
+        return hash_objects(view, raise_on_failure=True)
+
+
+def stage_cache(*outputs: str) -> CachePolicy:
+    return FileContentInputs(outputs=tuple(outputs)) + TASK_SOURCE
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8")
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the distilled torch model, as plain values."""
+
+    checkpoint: str  # local file
+    model: str  # "package.module:callable" or "path/to/file.py:callable"
+    model_kwargs: dict = field(default_factory=dict)
+    distill_config: str | None = None  # JSON distill config (None: every Conv2d/Linear, default config)
+    input_shape: list[int] = field(default_factory=list)
+    input_dtype: str = "float32"
+    seed: int = 0
+
+
+def import_callable(ref: str, parameter: str = "model"):
+    """Resolve ``package.module:callable`` (or ``file.py:callable``) without touching any checkpoint."""
+    if not isinstance(ref, str) or ref.count(":") != 1:
+        raise ParameterError(parameter, f"{ref!r} must look like 'package.module:callable' (or 'path/file.py:callable')")
+    mod_name, attr = ref.split(":")
+    if not mod_name or not attr:
+        raise ParameterError(parameter, f"{ref!r} must look like 'package.module:callable'")
+    try:
+        if mod_name.endswith(".py") or os.sep in mod_name:
+            path = Path(mod_name).resolve()
+            if not path.is_file():
+                raise ParameterError(parameter, f"{ref!r}: file {str(path)!r} does not exist")
+            name = "amct_user_model_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(mod_name)
+    except ParameterError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ParameterError(parameter, f"{ref!r}: module {mod_name!r} does not import: {type(e).__name__}: {e}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ParameterError(parameter, f"{ref!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ParameterError(parameter, f"{ref!r}: {attr!r} is not callable")
+    return obj
+
+
+def example_input(shape: list[int], dtype: str, seed: int = 0):
+    """The example input (one tensor) from its shape and dtype, seeded: N(0,1) for floats, 0..9 for ints."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    tdt = getattr(torch, dtype)
+    if tdt.is_floating_point:
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(tdt)
+    return torch.randint(0, 10, tuple(shape), generator=g, dtype=tdt)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """Tensors of a checkpoint, never executing code from it (safetensors, or torch.load(weights_only=True))."""
+    import torch
+
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ParameterError(
+            "checkpoint",
+            f"{str(p)!r} cannot be loaded safely (torch.load weights_only=True): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Save it with torch.save(model.state_dict(), path) "
+            f"or as .safetensors",
+        ) from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise ParameterError("checkpoint", f"{str(p)!r} holds a {type(obj).__name__}, not a state_dict (name -> tensor)")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+_MODELS: dict[str, Any] = {}
+
+
+def spec_key(spec: ModelSpec) -> str:
+    d = asdict(spec)
+    d["checkpoint_sha256"] = sha256_file(spec.checkpoint)
+    if spec.distill_config:
+        d["distill_config_sha256"] = sha256_file(spec.distill_config)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_model(spec: ModelSpec):
+    """The distilled model in eval mode: user model -> QAT wrap (distill config) -> checkpoint loaded strictly.
+
+    Raises ParameterError naming 'model', 'model_kwargs', 'distill_config' or 'checkpoint'.
+    """
+    import torch
+
+    key = spec_key(spec)
+    if key in _MODELS:
+        return _MODELS[key]
+    from amct_core import create_distill_config, create_distill_model
+    from amct_core.errors import AmctError
+
+    factory = import_callable(spec.model, "model")
+    try:
+        float_model = factory(**(spec.model_kwargs or {}))
+    except Exception as e:  # noqa: BLE001
+        raise ParameterError("model_kwargs", f"{spec.model}(**{spec.model_kwargs!r}) failed: {type(e).__name__}: {e}") from None
+    if not isinstance(float_model, torch.nn.Module):
+        raise ParameterError("model", f"{spec.model} returned a {type(float_model).__name__}, not a torch.nn.Module")
+    float_model.eval()
+    x = example_input(spec.input_shape, spec.input_dtype, spec.seed)
+    cfg = spec.distill_config
+    try:
+        if not cfg:
+            import tempfile
+
+            tmp = tempfile.NamedTemporaryFile(prefix="amct_distill_config_", suffix=".json", delete=False)
+            tmp.close()
+            create_distill_config(tmp.name, float_model, x)
+            cfg = tmp.name
+        model = create_distill_model(cfg, float_model, x)
+    except AmctError as e:
+        raise ParameterError("distill_config", f"{spec.distill_config or '(default)'}: {e}") from None
+    state = read_state_dict(spec.checkpoint)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    wrong_shape = sorted(
+        f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
+        for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if wrong_shape:
+            parts.append(f"keys of the wrong shape {wrong_shape}")
+        hint = ""
+        if missing and all(k.rsplit(".", 1)[-1] in ("clip_min", "clip_max", "act_initialized") for k in missing):
+            hint = (" (the checkpoint looks like a float model: save the distilled model's state_dict, "
+                    "i.e. of create_distill_model()/distill()'s result)")
+        raise ParameterError(
+            "checkpoint",
+            f"{spec.checkpoint!r} does not match model {spec.model} wrapped by distill config "
+            f"{spec.distill_config or '(default)'}: " + "; ".join(parts) + hint,
+        )
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    _MODELS.clear()  # keep one model alive at a time
+    _MODELS[key] = model
+    return model
+
+
+def spec_inputs(spec: ModelSpec) -> tuple:
+    return (example_input(spec.input_shape, spec.input_dtype, spec.seed),)

@@ -1,0 +1,60 @@
+"""Stage 1: load the distilled checkpoint (local path or MLflow URI) and check it fits the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from ._common import ModelSpec, ParameterError, build_model, measured, sha256_file
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def is_mlflow_uri(checkpoint: str) -> bool:
+    return str(checkpoint).startswith(MLFLOW_SCHEMES)
+
+
+@dataclass
+class CheckpointInfo:
+    path: str  # local file the model was loaded from
+    source: str  # what the user gave (path or MLflow URI)
+    sha256: str
+    size: int
+    quantized_layers: list[str]
+    parameters: int
+    seconds: float
+    peak_rss_mb: float
+
+
+def resolve_checkpoint(checkpoint: str, download_dir: str, tracking_uri: str | None = None) -> str:
+    """A local checkpoint file: the path itself, or the MLflow artifact downloaded into ``download_dir``."""
+    if is_mlflow_uri(checkpoint):
+        from .tracking import download_checkpoint  # the one module that talks to MLflow
+
+        return download_checkpoint(checkpoint, download_dir, tracking_uri)
+    p = Path(checkpoint)
+    if not p.is_file():
+        raise ParameterError("checkpoint", f"{checkpoint!r} does not exist (give a file path, or an MLflow URI "
+                                           f"such as 'runs:/<run_id>/<path>' or 'models:/<name>/<version>')")
+    return str(p.resolve())
+
+
+@task(name="load-checkpoint", cache_policy=NO_CACHE, persist_result=False)
+def load_checkpoint(spec: ModelSpec, download_dir: str, tracking_uri: str | None = None) -> tuple[CheckpointInfo, ModelSpec]:
+    """Resolve and load the checkpoint into the wrapped model (strict keys, no code execution).
+
+    Returns the checkpoint facts and the spec with ``checkpoint`` replaced by the local file.
+    """
+    with measured() as m:
+        local = resolve_checkpoint(spec.checkpoint, download_dir, tracking_uri)
+        local_spec = replace(spec, checkpoint=local)
+        model = build_model(local_spec)
+        from amct_core.quant.modules import is_quant_module
+
+        layers = [n for n, mod in model.named_modules() if is_quant_module(mod)]
+        n_params = sum(p.numel() for p in model.parameters())
+    info = CheckpointInfo(path=local, source=spec.checkpoint, sha256=sha256_file(local), size=Path(local).stat().st_size,
+                          quantized_layers=layers, parameters=int(n_params), seconds=m.seconds, peak_rss_mb=m.peak_rss_mb)
+    return info, local_spec

@@ -1,0 +1,202 @@
+"""Stage 8: MLflow tracking. The ONLY module of the project that imports mlflow.
+
+* :func:`download_checkpoint` fetches a checkpoint given as an MLflow URI (``runs:/...``, ``models:/...``).
+* :func:`log_to_mlflow` (task) logs one flow run as one MLflow run: params, metrics, artifacts in a fixed
+  layout (``models/fake_quant``, ``models/deploy``, ``record``, ``parity``, ``plots``, ``config``,
+  ``manifest.json``), tags, and the fake-quant model as an MLflow ONNX model (optionally registered).
+
+Tracking URI: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
+in the working directory (MLflow's own default), artifacts in ``./mlruns``.
+"""
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from ._common import FileRef, ParameterError
+from .manifest import ARTIFACT_DIRS
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
+class TrackingError(RuntimeError):
+    """Logging to MLflow failed; the message names the tracking URI."""
+
+
+class TrackingUnavailable(TrackingError):
+    """The MLflow tracking server cannot be reached; the message names the URI."""
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    if tracking_uri:
+        return tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return "sqlite:///" + str(Path.cwd() / "mlflow.db")
+
+
+def _mlflow(tracking_uri: str):
+    # Fail in seconds rather than minutes when the server is gone; Prefect's task retries do the backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow
+
+
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingUnavailable (naming the URI) unless an http(s) tracking server answers /health."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            if r.status == 200:
+                return
+            raise TrackingUnavailable(f"MLflow tracking server {tracking_uri} answered HTTP {r.status} on /health")
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnavailable(f"MLflow tracking server {tracking_uri} is unreachable: {reason}") from None
+
+
+def download_checkpoint(uri: str, dst_dir: str, tracking_uri: str | None = None) -> str:
+    """Download an MLflow artifact (a file, or a directory holding exactly one checkpoint file)."""
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    try:
+        check_reachable(tracking_uri)
+    except TrackingUnavailable as e:
+        raise ParameterError("checkpoint", f"{uri!r} cannot be downloaded: {e}") from None
+    mlflow = _mlflow(tracking_uri)
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst_dir, tracking_uri=tracking_uri))
+    except Exception as e:  # noqa: BLE001
+        raise ParameterError("checkpoint", f"{uri!r} cannot be downloaded from MLflow at {tracking_uri}: "
+                                           f"{type(e).__name__}: {e}") from None
+    if local.is_file():
+        return str(local)
+    found = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    if len(found) != 1:
+        raise ParameterError(
+            "checkpoint",
+            f"{uri!r} is a directory with {len(found)} checkpoint files ({[str(p.relative_to(local)) for p in found]}); "
+            f"name one file, e.g. '{uri.rstrip('/')}/<file>'",
+        )
+    return str(found[0])
+
+
+@dataclass
+class TrackingResult:
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    run_url: str
+    model_uri: str  # the logged MLflow ONNX model (fake-quant)
+    registered_model: str | None
+    registered_version: str | None
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _find_or_start_run(mlflow, experiment_id: str, flow_run_id: str | None, run_name: str):
+    """One MLflow run per flow run: a retried logging task resumes the run it started."""
+    if flow_run_id:
+        found = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+                                   output_format="list", max_results=1)
+        if found:
+            return mlflow.start_run(run_id=found[0].info.run_id)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+
+
+def _signature(fake_quant_path: str, example_shape: list[int], dtype: str):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    m = onnx.load(fake_quant_path, load_external_data=False)
+
+    def dims(vi):
+        return tuple(-1 if (d.dim_param or not d.HasField("dim_value")) else d.dim_value
+                     for d in vi.type.tensor_type.shape.dim)
+
+    inits = {t.name for t in m.graph.initializer}
+    ins = [vi for vi in m.graph.input if vi.name not in inits]
+    np_dtype = np.dtype(dtype if dtype != "bfloat16" else "float32")
+    inputs = Schema([TensorSpec(np_dtype, dims(vi), vi.name) for vi in ins])
+    outputs = Schema([TensorSpec(np.dtype("float32"), dims(vi), vi.name) for vi in m.graph.output])
+    rng = np.random.default_rng(0)
+    example = rng.standard_normal(example_shape).astype(np_dtype)
+    # Check the example runs before MLflow tries it, so a failure names the model file.
+    sess = ort.InferenceSession(fake_quant_path, providers=["CPUExecutionProvider"])
+    sess.run(None, {ins[0].name: example})
+    return ModelSignature(inputs=inputs, outputs=outputs), {ins[0].name: example}
+
+
+@task(name="mlflow-log", cache_policy=NO_CACHE, persist_result=False, retries=3, retry_delay_seconds=[2, 4, 8])
+def log_to_mlflow(tracking_uri: str | None, experiment: str, run_name: str, params: dict, metrics: dict, tags: dict,
+                  artifacts: dict[str, list[str]], manifest_path: str, fake_quant_path: str, example_shape: list[int],
+                  example_dtype: str, registered_model_name: str | None = None,
+                  flow_run_id: str | None = None) -> TrackingResult:
+    """Log the flow run to MLflow. ``artifacts`` maps a role (see ARTIFACT_DIRS) to local files."""
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    mlflow = _mlflow(uri)
+    from mlflow.tracking import MlflowClient
+
+    try:
+        exp = mlflow.set_experiment(experiment)
+        with _find_or_start_run(mlflow, exp.experiment_id, flow_run_id, run_name) as run:
+            run_id = run.info.run_id
+            mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+            if flow_run_id:
+                mlflow.set_tag(FLOW_RUN_TAG, flow_run_id)
+            existing = MlflowClient(uri).get_run(run_id).data.params
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items() if k not in existing})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            for role, files in artifacts.items():
+                for f in files:
+                    mlflow.log_artifact(f, artifact_path=ARTIFACT_DIRS.get(role, role))
+            mlflow.log_artifact(manifest_path)
+            import onnx
+
+            signature, example = _signature(fake_quant_path, example_shape, example_dtype)
+            info = mlflow.onnx.log_model(
+                onnx.load(fake_quant_path), name="fake_quant_onnx", signature=signature, input_example=example,
+                registered_model_name=registered_model_name or None, onnx_execution_providers=["CPUExecutionProvider"],
+                save_as_external_data=False,
+            )
+            version = None
+            if registered_model_name:
+                client = MlflowClient(uri)
+                versions = client.search_model_versions(f"name = '{registered_model_name}' and run_id = '{run_id}'")
+                if versions:
+                    mv = max(versions, key=lambda v: int(v.version))
+                    version = str(mv.version)
+                    deploy_files = [Path(f).name for f in artifacts.get("deploy_model", [])]
+                    if deploy_files:
+                        client.set_model_version_tag(registered_model_name, version, "deploy_model",
+                                                     f"runs:/{run_id}/{ARTIFACT_DIRS['deploy_model']}/{deploy_files[0]}")
+                    client.set_model_version_tag(registered_model_name, version, "target", str(tags.get("target")))
+            model_uri = info.model_uri
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # Failures deep inside MLflow (e.g. the server went away mid-run): name the URI.
+        raise TrackingError(f"logging to MLflow tracking server {uri} failed: {type(e).__name__}: {e}") from e
+    return TrackingResult(uri, exp.experiment_id, run_id, run_url(uri, exp.experiment_id, run_id), model_uri,
+                          registered_model_name, version)
