@@ -5,6 +5,8 @@ renamed into place (FORMATS §1).
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,19 @@ from .onnx.trace import TracedModel, trace_quant_model
 from .quant.modules import is_quant_module
 from .record import DEFAULT_RECORD_FILE, LayerInfo, LayerRecord, format_record, validate_record
 from .targets import DEFAULT_OPSET, Target, check_opset, get_target
+
+# Seconds per stage of the last save_distill_model call in this process (read by benchmarks and the flow).
+last_stage_seconds: dict[str, float] = {}
+
+
+@contextmanager
+def _stage(name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        last_stage_seconds[name] = time.perf_counter() - t0
+
 
 FAKE_QUANT_SUFFIX = "fake_quant_model.onnx"
 DEPLOY_SUFFIX = "deploy_model.onnx"
@@ -105,21 +120,6 @@ def export_quant_model(model: nn.Module, input_data, input_names=None, output_na
         raise ExportError(str(e)) from None
     input_names = _check_names(input_names, "input_names", len(inputs))
     output_names = _check_names(output_names, "output_names", None)
-    # Run the model once, as handed over, to check input_data and count outputs (eval, no grad).
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            outputs = model(*inputs)
-    except Exception as e:  # noqa: BLE001
-        shapes = [(tuple(t.shape), str(t.dtype)) for t in inputs]
-        raise ExportError(f"input_data {shapes} does not fit the model: forward() raised {type(e).__name__}: {e}") from e
-    finally:
-        for m, t in flags.items():
-            m.training = t
-    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
-    if output_names is not None and len(output_names) > n_out:
-        raise ExportError(f"output_names has {len(output_names)} names but the model returns {n_out} output(s)")
     known = (input_names or []) + (output_names or [])
     axes = normalize_dynamic_axes(dynamic_axes, known) if dynamic_axes is not None else None
     if axes:
@@ -154,15 +154,21 @@ def save_distill_model(model, save_path, input_data, record_file=None, input_nam
     ``opset_version`` (default 11) are keyword-only additions to AMCT's signature. The model itself is
     not modified. On any error nothing is written or overwritten.
     """
+    last_stage_seconds.clear()
     paths = output_paths(save_path, record_file)
     for p, what in ((paths.fake_quant, "save_path"), (paths.record, "record_file")):
         check_dir_creatable(p.parent, what)
-    traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
-                                            target, opset_version)
-    validate_record(traced.records, layer_infos(traced), tgt, source="record of the model")
-    fake = build_fake_quant(traced.model, traced.layers, traced.records, opset)
-    deploy = build_deploy(traced.model, traced.layers, traced.records, opset)
-    write_outputs(paths, fake, deploy, traced.records)
+    with _stage("trace"):
+        traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
+                                                target, opset_version)
+    with _stage("record"):
+        validate_record(traced.records, layer_infos(traced), tgt, source="record of the model")
+    with _stage("fake_quant_build"):
+        fake = build_fake_quant(traced.model, traced.layers, traced.records, opset)
+    with _stage("deploy_build"):
+        deploy = build_deploy(traced.model, traced.layers, traced.records, opset)
+    with _stage("write"):
+        write_outputs(paths, fake, deploy, traced.records)
 
 
 def write_outputs(paths: OutputPaths, fake, deploy, records: dict[str, LayerRecord]) -> None:

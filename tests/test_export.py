@@ -369,6 +369,14 @@ def test_dynamic_axes_naming_an_unknown_input(outputs_with_old_content):
     _assert_untouched(tmp_path, paths)
 
 
+def test_more_output_names_than_outputs(outputs_with_old_content):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    with pytest.raises(ExportError, match=r"output_names \['a', 'b'\] do not fit"):
+        _save(qat, tmp_path, models.example_inputs("mlp"), output_names=["a", "b"])
+    _assert_untouched(tmp_path, paths)
+
+
 def test_save_path_whose_directory_cannot_be_created(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

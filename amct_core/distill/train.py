@@ -34,10 +34,16 @@ import torch
 import torch.nn as nn
 
 from ..errors import AmctError
+from ..quant import arith
 from ..quant.modules import is_quant_module
 from .config import enabled_layers, load_distill_config, validate_distill_config
 
 logger = logging.getLogger("amct_core.distill")
+# Batches (the first ones of train_loader, at least batch_num) on which each block's loss is measured
+# before and after its training; a block that got worse there keeps its calibrated values.
+CHECK_BATCHES = 4
+# Input values sampled per quantized layer and calibration batch for the range search.
+RANGE_SAMPLES_PER_BATCH = 16384
 
 __all__ = ["distill", "DistillSampleBase", "DistillError"]
 
@@ -258,25 +264,43 @@ def _check_models_match(cfg: dict, model: nn.Module, student: nn.Module) -> None
 
 
 @torch.no_grad()
-def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: list[str], progress: _Progress):
+def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: list[str], progress: _Progress,
+               n_check: int):
     """Reset and re-measure every QAT layer's activation range over ``batch_num`` batches.
 
-    Returns (number of batches used, first-call order of the modules named in ``watch``).
+    Returns (number of batches used, first-call order of the modules named in ``watch``, the first
+    ``n_check`` batches as model inputs).
     """
     qmods = [m for m in student.modules() if is_quant_module(m)]
     mods = dict(student.named_modules())
     order: list[str] = []
+    gen = torch.Generator().manual_seed(0)
+    samples: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in qmods}
+
+    def sample(m, a):
+        x = a[0].detach().reshape(-1).float()
+        if x.numel() > RANGE_SAMPLES_PER_BATCH:
+            x = x[torch.randint(0, x.numel(), (RANGE_SAMPLES_PER_BATCH,), generator=gen)]
+        samples[m].append(x.clone())
+
+    sample_hooks = [m.register_forward_pre_hook(sample) for m in qmods]
     hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
              for n in dict.fromkeys(watch)]
     for m in qmods:
         m.act_initialized.fill_(False)
         m.calibrating = True
     n = 0
+    check: list[tuple[tuple, dict]] = []
     try:
         for batch in train_loader:
             if n >= batch_num:
-                break
+                if len(check) >= n_check:
+                    break
+                check.append(adapt(batch))
+                continue
             args, kwargs = adapt(batch)
+            if len(check) < n_check:
+                check.append((args, kwargs))
             try:
                 student(*args, **kwargs)
             except DistillError:
@@ -289,7 +313,7 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
                     h.remove()
                 hooks = []
     finally:
-        for h in hooks:
+        for h in hooks + sample_hooks:
             h.remove()
         for m in qmods:
             m.calibrating = False
@@ -302,7 +326,31 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
                            "their activation ranges cannot be calibrated; disable them in the config")
     if n < batch_num:
         progress.say(f"calibration: train_loader has only {n} batches, fewer than batch_num={batch_num}")
-    return n, order
+    for m in qmods:
+        _search_range(m, torch.cat(samples[m]))
+    return n, order, check
+
+
+@torch.no_grad()
+def _search_range(m: nn.Module, x: torch.Tensor) -> None:
+    """Shrink the min/max range to the one that minimises the int8 quantization MSE of ``x``.
+
+    Candidates are the min/max range scaled by r = 1, 0.975, ..., 0.05 (both ends together); min/max
+    is kept unless a candidate is strictly better. Outliers then no longer stretch the step size of
+    every other value; distillation refines the range afterwards.
+    """
+    if not globals().get("_search_range_enabled", True):
+        return
+    lo0, hi0 = m.clip_min.detach().clone(), m.clip_max.detach().clone()
+    best, best_r = None, 1.0
+    for k in range(39):
+        r = 1.0 - 0.025 * k
+        scale, offset = arith.act_factors(lo0 * r, hi0 * r)
+        err = float((arith.dequantize(arith.quantize(x, 1.0 / scale, offset), scale, offset) - x).pow(2).mean())
+        if best is None or err < best:
+            best, best_r = err, r
+    m.clip_min.copy_(lo0 * best_r)
+    m.clip_max.copy_(hi0 * best_r)
 
 
 def _apply_initial_ranges(cfg: dict, student: nn.Module) -> list[str]:
@@ -363,9 +411,9 @@ def _fixed_min(cfg: dict, name: str, module: nn.Module) -> bool:
     return bool(fixed)
 
 
-def _group_params(cfg: dict, student: nn.Module, group: list[str]) -> list[nn.Parameter]:
+def _group_params(cfg: dict, student: nn.Module, group: list[str]) -> list[tuple[str, str, nn.Parameter]]:
     mods = dict(student.named_modules())
-    params: list[nn.Parameter] = []
+    out: list[tuple[str, str, nn.Parameter]] = []
     ids: set[int] = set()
     for n in group:
         m = mods[n]
@@ -374,8 +422,28 @@ def _group_params(cfg: dict, student: nn.Module, group: list[str]) -> list[nn.Pa
                 continue
             if id(p) not in ids:
                 ids.add(id(p))
-                params.append(p)
-    return params
+                out.append((n, pname, p))
+    return out
+
+
+def _rms(t) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt()) if t is not None and t.numel() else 0.0
+
+
+def _default_optimizer(entries, mods: dict, lr: float) -> torch.optim.Optimizer:
+    """Adam whose step size is relative to each parameter's own scale: ``lr`` times the RMS of a weight,
+    times the span of an activation range for ``clip_min``/``clip_max``. One ``lr`` then suits a
+    weight of magnitude 0.01 and a range of magnitude 10 alike (a plain Adam step of 1e-3 is a third
+    of an int8 weight step for a typical layer, and noise for the ranges)."""
+    groups = []
+    for n, pname, p in entries:
+        m = mods[n]
+        if pname in ("clip_min", "clip_max"):
+            scale = float((m.clip_max - m.clip_min).detach())
+        else:
+            scale = _rms(p) or _rms(getattr(m, "weight", None))
+        groups.append({"params": [p], "lr": lr * (scale if scale > 0 and math.isfinite(scale) else 1.0)})
+    return torch.optim.Adam(groups, lr=lr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +497,8 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
     try:
         model.eval()
         compress_model.eval()
-        n_cal, call_order = _calibrate(compress_model, train_loader, adapt, batch_num, watch, progress)
+        n_cal, call_order, check = _calibrate(compress_model, train_loader, adapt, batch_num, watch, progress,
+                                              n_check=max(batch_num, CHECK_BATCHES))
         preset = _apply_initial_ranges(cfg, compress_model)
         if preset:
             progress.say(f"initial activation ranges from the config (not calibrated): {preset}")
@@ -439,11 +508,13 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
         opt_params = None
         if optimizer is not None:
             opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        report = []
         for gi, group in enumerate(groups):
-            _train_group(
+            report.append(_train_group(
                 gi, len(groups), group, cfg, model, compress_model, tmods, smods, train_loader, adapt, epochs, lr,
-                loss_fn, optimizer, opt_params, progress,
-            )
+                loss_fn, optimizer, opt_params, progress, check,
+            ))
+        compress_model.amct_distill_report = report
         progress.say(f"distillation done in {time.monotonic() - t0:.1f} s")
     finally:
         for p, rg in s_grad.items():
@@ -457,13 +528,15 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
 
 
 def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train_loader, adapt, epochs, lr, loss_fn,
-                 optimizer, opt_params, progress: _Progress) -> None:
+                 optimizer, opt_params, progress: _Progress, check_batches: list) -> dict:
+    """Train one group; returns {"group", "loss_before", "loss_after", "kept"} (losses on ``check_batches``)."""
     out_name = group[-1]
     label = f"group {gi + 1}/{n_groups} {group}"
-    params = _group_params(cfg, student, group)
+    entries = _group_params(cfg, student, group)
+    params = [p for _, _, p in entries]
     if not params:
         progress.say(f"{label}: no trainable parameter, skipped")
-        return
+        return {"group": group, "loss_before": None, "loss_after": None, "kept": "calibrated"}
     if opt_params is not None:
         wanted = {id(p) for p in params}
         absent = sorted({n for n in group for p in smods[n].parameters(recurse=False)
@@ -473,12 +546,35 @@ def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train
                                "compress_model.parameters()")
         opt = optimizer
     else:
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = _default_optimizer(entries, smods, lr)
+
+    def block_loss(args, kwargs, where: str):
+        with torch.no_grad():
+            t_out = _run_to(teacher, tmods[out_name], args, kwargs)
+        s_out = _run_to(student, smods[out_name], args, kwargs)
+        if not isinstance(t_out, torch.Tensor) or not isinstance(s_out, torch.Tensor):
+            bad = s_out if not isinstance(s_out, torch.Tensor) else t_out
+            raise DistillError(f"{label}: the output of {out_name!r} is {type(bad).__name__}, not a tensor (or the "
+                               "module was not called); end the group at a module that returns one tensor")
+        value = loss_fn(s_out, t_out.detach())
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise DistillError(f"loss must return a scalar tensor, got {type(value).__name__}"
+                               + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
+        if not torch.isfinite(value):
+            raise DistillError(f"{label}: loss is {float(value.detach())} {where}; lower lr")
+        return value
+
+    def check_loss() -> float:
+        with torch.no_grad():
+            return sum(float(block_loss(a, k, "on the check batches")) for a, k in check_batches) / len(check_batches)
+
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     qat = [smods[n] for n in group if is_quant_module(smods[n])]
+    before = check_loss()
+    snapshot = [p.detach().clone() for p in params]
     for m in qat:
         m.train()  # learnable range: gradients flow to clip_min / clip_max through the scale
     try:
@@ -486,21 +582,7 @@ def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train
             total, count, t_ep = 0.0, 0, time.monotonic()
             for batch in train_loader:
                 args, kwargs = adapt(batch)
-                with torch.no_grad():
-                    t_out = _run_to(teacher, tmods[out_name], args, kwargs)
-                s_out = _run_to(student, smods[out_name], args, kwargs)
-                if not isinstance(t_out, torch.Tensor) or not isinstance(s_out, torch.Tensor):
-                    raise DistillError(f"{label}: the output of {out_name!r} is "
-                                       f"{type(s_out if not isinstance(s_out, torch.Tensor) else t_out).__name__}, "
-                                       "not a tensor (or the module was not called); end the group at a module that "
-                                       "returns one tensor")
-                value = loss_fn(s_out, t_out.detach())
-                if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                    raise DistillError(f"loss must return a scalar tensor, got {type(value).__name__}"
-                                       + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
-                if not torch.isfinite(value):
-                    raise DistillError(f"{label}: loss is {float(value)} at epoch {epoch + 1}, batch {count + 1}; "
-                                       "lower lr")
+                value = block_loss(args, kwargs, f"at epoch {epoch + 1}, batch {count + 1}")
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 opt.step()
@@ -517,3 +599,14 @@ def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train
             m.eval()
         for p in params:
             p.grad = None
+    after = check_loss()
+    kept = "distilled"
+    if not after <= before:
+        # Training made this block worse on the check batches: keep the calibrated values.
+        with torch.no_grad():
+            for p, v in zip(params, snapshot):
+                p.copy_(v)
+        kept = "calibrated"
+    progress.say(f"{label}: block loss {before:.6g} -> {after:.6g} on {len(check_batches)} check batch(es); kept "
+                 f"the {kept} values")
+    return {"group": group, "loss_before": before, "loss_after": after, "kept": kept}

@@ -214,7 +214,12 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
             proto = _run_tracer(model, inputs, input_names, output_names, dynamic_axes, opset)
         except Exception as e:  # noqa: BLE001
             shapes = [(tuple(t.shape), str(t.dtype)) for t in inputs]
-            raise ExportError(f"tracing the model on input_data {shapes} failed: {type(e).__name__}: {e}") from e
+            if "output names" in str(e):
+                raise ExportError(f"output_names {output_names!r} do not fit the model: {e}") from e
+            raise ExportError(
+                f"input_data {shapes} does not fit the model, or the model cannot be traced: forward() raised "
+                f"{type(e).__name__}: {e}"
+            ) from e
     om = OnnxModel(proto)
     graph = proto.graph
     placeholders = [n for n in graph.node if n.domain == TRACE_DOMAIN]

@@ -1,0 +1,56 @@
+"""Pass/fail thresholds of the checks, with their documented defaults (docs/VERIFY.md)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    # ---- torch (distilled model) vs ONNX Runtime (fake-quant model) ---------------------------
+    #: per graph output: minimum cosine similarity
+    output_cosine_min: float = 0.999
+    #: per graph output: minimum SQNR in dB
+    output_sqnr_min_db: float = 30.0
+    #: per graph output: minimum fraction of positions whose arg-max agrees (None: not checked)
+    output_argmax_min: float | None = 0.9
+    #: per graph output made by a quantized layer: max error in output quantization steps (None: not checked)
+    output_max_steps: float | None = None
+    #: per quantized layer (its output, both models fed the same model inputs): minimum cosine
+    layer_cosine_min: float = 0.999
+    #: per quantized layer: minimum SQNR in dB
+    layer_sqnr_min_db: float = 30.0
+    #: per quantized layer, local check (the torch layer fed ONNX Runtime's own input of the layer):
+    #: max error in the layer's output quantization steps (deq_scale) (None: not checked)
+    layer_local_max_steps: float | None = 4.0
+    #: per quantized layer, local check: minimum SQNR in dB
+    layer_local_sqnr_min_db: float = 30.0
+    # ---- deploy simulation vs fake-quant -------------------------------------------------------
+    #: final outputs: max |deploy - fake_quant| <= deploy_output_rtol * max|fake_quant| + deploy_output_atol
+    deploy_output_rtol: float = 1e-5
+    deploy_output_atol: float = 1e-6
+    #: per layer dequantized output: |deploy - fake_quant| <= deploy_dequant_rtol * |fake_quant|
+    #: (+ deq_scale * the accumulator slack allowed where float32 cannot hold the sums exactly)
+    deploy_dequant_rtol: float = 2.0 ** -22
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Tolerances":
+        if not d:
+            return cls()
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown tolerance(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def as_tolerances(t) -> Tolerances:
+    if t is None:
+        return Tolerances()
+    if isinstance(t, Tolerances):
+        return t
+    if isinstance(t, dict):
+        return Tolerances.from_dict(t)
+    raise TypeError(f"tolerances must be a Tolerances or a dict, got {type(t).__name__}")

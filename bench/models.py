@@ -1,0 +1,112 @@
+"""Model shapes for the benchmarks, written out here (no torchvision): ResNet-50 and BERT-base shapes,
+plus a width-scalable transformer for the size sweep and the multi-GB case."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * 4
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50(nn.Module):
+    """The ResNet-50 layer shapes (25.6M parameters at 1000 classes)."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            stage = []
+            for i in range(blocks):
+                stage.append(Bottleneck(cin, width, stride if i == 0 else 1))
+                cin = width * 4
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(2048, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d: int, heads: int, ff: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.attn_out = nn.Linear(d, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.ff_in = nn.Linear(d, ff)
+        self.ff_out = nn.Linear(ff, d)
+        self.ln2 = nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        hd = d // self.heads
+
+        def split(z):
+            return z.reshape(b, t, self.heads, hd).transpose(1, 2)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)
+        x = self.ln1(x + self.attn_out((att @ v).transpose(1, 2).reshape(b, t, d)))
+        return self.ln2(x + self.ff_out(F.gelu(self.ff_in(x))))
+
+
+class Encoder(nn.Module):
+    """BERT-style encoder: token + position embeddings, N post-LN layers, a pooled classifier."""
+
+    def __init__(self, vocab: int = 30522, d: int = 768, layers: int = 12, heads: int = 12, ff: int = 3072,
+                 max_len: int = 512, classes: int = 2):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(max_len, d)
+        self.ln = nn.LayerNorm(d)
+        self.layers = nn.ModuleList(EncoderLayer(d, heads, ff) for _ in range(layers))
+        self.pooler = nn.Linear(d, d)
+        self.cls = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        x = self.ln(self.tok(ids) + self.pos(torch.arange(t).unsqueeze(0)))
+        for layer in self.layers:
+            x = layer(x)
+        return self.cls(torch.tanh(self.pooler(x[:, 0])))
+
+
+def resnet50():
+    return ResNet50().eval(), torch.randn(1, 3, 224, 224)
+
+
+def bert_base():
+    return Encoder().eval(), torch.randint(0, 30522, (1, 128))
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
