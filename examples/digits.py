@@ -118,6 +118,14 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndar
             m.training = t
 
 
+@torch.no_grad()
+def logit_mse(model: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    """Mean squared difference of the logits of ``model`` and ``teacher`` on ``x`` (both in eval mode)."""
+    model.eval()
+    teacher.eval()
+    return float(((model(x) - teacher(x)) ** 2).mean())
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return float((predict(model, x) == y.numpy()).mean() * 100.0)
@@ -164,6 +172,8 @@ class DemoResult:
     int8_calibration_only: float
     int8_distilled_torch: float
     int8_distilled_ort: float | None
+    logit_mse_calibration_only: float  # vs the teacher, held-out split
+    logit_mse_distilled: float
     ort_torch_agreement: float | None  # percent of held-out inputs with the same class
     seconds_teacher: float
     seconds_distill: float
@@ -176,7 +186,7 @@ def run_demo(out_dir: str | os.PathLike = "digits_out", seed: int = 0, epochs: i
              split: DigitsSplit | None = None, verbose: bool = True) -> DemoResult:
     """The whole demo; returns the figures (and prints the table when ``verbose``)."""
     import amct_core
-    from amct_core.distill import calibrate
+    from amct_core.distill import calibrate_distill_model
 
     t_start = time.monotonic()
     out = Path(out_dir)
@@ -197,12 +207,9 @@ def run_demo(out_dir: str | os.PathLike = "digits_out", seed: int = 0, epochs: i
     amct_core.create_distill_config(str(cfg_file), teacher, sample, config_defination=str(simple))
     files["config"] = str(cfg_file)
 
-    # int8 with calibration only: the same batches distill() calibrates on
+    # int8 with calibration only: exactly the calibration distill() starts with (same batches)
     cal_student = amct_core.create_distill_model(str(cfg_file), teacher, sample)
-    for m in cal_student.modules():
-        if hasattr(m, "act_initialized"):
-            m.act_initialized.fill_(False)
-    calibrate(cal_student, [(xb,) for xb, _ in make_loader(split.x_train, split.y_train, seed=seed)], batch_num)
+    calibrate_distill_model(cal_student, str(cfg_file), make_loader(split.x_train, split.y_train, seed=seed), model=teacher)
     acc_cal = accuracy(cal_student, split.x_test, split.y_test)
 
     # int8 distilled
@@ -235,6 +242,8 @@ def run_demo(out_dir: str | os.PathLike = "digits_out", seed: int = 0, epochs: i
         seed=seed, n_train=len(split.y_train), n_test=len(split.y_test),
         fp32_teacher=accuracy(teacher, split.x_test, split.y_test), int8_calibration_only=acc_cal,
         int8_distilled_torch=acc_torch, int8_distilled_ort=acc_ort, ort_torch_agreement=agree,
+        logit_mse_calibration_only=logit_mse(cal_student, teacher, split.x_test),
+        logit_mse_distilled=logit_mse(student, teacher, split.x_test),
         seconds_teacher=seconds_teacher, seconds_distill=seconds_distill,
         seconds_total=time.monotonic() - t_start, files=files,
     )
@@ -248,16 +257,20 @@ def format_table(r: DemoResult) -> str:
     def pct(v):
         return "n/a" if v is None else f"{v:6.2f} %"
 
+    def mse(v):
+        return "" if v is None else f"{v:.3g}"
+
     rows = [
-        ("fp32 teacher (torch)", pct(r.fp32_teacher)),
-        ("int8, calibration only (torch)", pct(r.int8_calibration_only)),
-        ("int8, distilled (torch)", pct(r.int8_distilled_torch)),
-        ("int8, distilled (fake-quant ONNX, ONNX Runtime)", pct(r.int8_distilled_ort)),
+        ("fp32 teacher (torch)", pct(r.fp32_teacher), "0"),
+        ("int8, calibration only (torch)", pct(r.int8_calibration_only), mse(r.logit_mse_calibration_only)),
+        ("int8, distilled (torch)", pct(r.int8_distilled_torch), mse(r.logit_mse_distilled)),
+        ("int8, distilled (fake-quant ONNX, ONNX Runtime)", pct(r.int8_distilled_ort), ""),
     ]
-    w = max(len(a) for a, _ in rows)
+    w = max(len(a) for a, _, _ in rows)
     lines = [f"digits held-out split: {r.n_test} images (train {r.n_train}), seed {r.seed}",
-             f"| {'model':<{w}} | accuracy |", f"|{'-' * (w + 2)}|----------|"]
-    lines += [f"| {a:<{w}} | {b:>8} |" for a, b in rows]
+             f"| {'model':<{w}} | accuracy | logit MSE vs teacher |",
+             f"|{'-' * (w + 2)}|----------|----------------------|"]
+    lines += [f"| {a:<{w}} | {b:>8} | {c:>20} |" for a, b, c in rows]
     if r.ort_torch_agreement is not None:
         lines.append(f"ONNX Runtime vs torch: same class on {r.ort_torch_agreement:.2f} % of held-out inputs")
     lines.append(f"time: teacher {r.seconds_teacher:.1f} s, distill {r.seconds_distill:.1f} s, "

@@ -1,7 +1,7 @@
 """Distill config, model wrapping and the distillation loop."""
 from .config import create_distill_config, load_distill_config, quantizable_layers
 from .model import create_distill_model, calibrate
-from .train import DistillError, DistillSampleBase, distill
+from .train import DistillError, DistillSampleBase, calibrate_distill_model, distill
 
 __all__ = [
     "create_distill_config",
@@ -10,6 +10,7 @@ __all__ = [
     "create_distill_model",
     "calibrate",
     "distill",
+    "calibrate_distill_model",
     "DistillSampleBase",
     "DistillError",
 ]

@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 
 from ..errors import AmctError
-from ..quant import arith
 from ..quant.modules import is_quant_module
 from .config import enabled_layers, load_distill_config, validate_distill_config
 
@@ -42,10 +41,12 @@ logger = logging.getLogger("amct_core.distill")
 # Batches (the first ones of train_loader, at least batch_num) on which each block's loss is measured
 # before and after its training; a block that got worse there keeps its calibrated values.
 CHECK_BATCHES = 4
-# Input values sampled per quantized layer and calibration batch for the range search.
-RANGE_SAMPLES_PER_BATCH = 16384
+# What a block's first module receives while the block trains: "student" (the student's own,
+# quantized upstream activations) or "teacher" (the teacher's activations at that point).
+# Measured on the digits demo and a transformer block (docs/BENCHMARKS.md): "student" is the default.
+BLOCK_INPUT = "student"
 
-__all__ = ["distill", "DistillSampleBase", "DistillError"]
+__all__ = ["distill", "calibrate_distill_model", "DistillSampleBase", "DistillError"]
 
 
 class DistillError(AmctError, ValueError):
@@ -274,16 +275,7 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
     qmods = [m for m in student.modules() if is_quant_module(m)]
     mods = dict(student.named_modules())
     order: list[str] = []
-    gen = torch.Generator().manual_seed(0)
-    samples: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in qmods}
 
-    def sample(m, a):
-        x = a[0].detach().reshape(-1).float()
-        if x.numel() > RANGE_SAMPLES_PER_BATCH:
-            x = x[torch.randint(0, x.numel(), (RANGE_SAMPLES_PER_BATCH,), generator=gen)]
-        samples[m].append(x.clone())
-
-    sample_hooks = [m.register_forward_pre_hook(sample) for m in qmods]
     hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
              for n in dict.fromkeys(watch)]
     for m in qmods:
@@ -313,7 +305,7 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
                     h.remove()
                 hooks = []
     finally:
-        for h in hooks + sample_hooks:
+        for h in hooks:
             h.remove()
         for m in qmods:
             m.calibrating = False
@@ -326,31 +318,7 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
                            "their activation ranges cannot be calibrated; disable them in the config")
     if n < batch_num:
         progress.say(f"calibration: train_loader has only {n} batches, fewer than batch_num={batch_num}")
-    for m in qmods:
-        _search_range(m, torch.cat(samples[m]))
     return n, order, check
-
-
-@torch.no_grad()
-def _search_range(m: nn.Module, x: torch.Tensor) -> None:
-    """Shrink the min/max range to the one that minimises the int8 quantization MSE of ``x``.
-
-    Candidates are the min/max range scaled by r = 1, 0.975, ..., 0.05 (both ends together); min/max
-    is kept unless a candidate is strictly better. Outliers then no longer stretch the step size of
-    every other value; distillation refines the range afterwards.
-    """
-    if not globals().get("_search_range_enabled", True):
-        return
-    lo0, hi0 = m.clip_min.detach().clone(), m.clip_max.detach().clone()
-    best, best_r = None, 1.0
-    for k in range(39):
-        r = 1.0 - 0.025 * k
-        scale, offset = arith.act_factors(lo0 * r, hi0 * r)
-        err = float((arith.dequantize(arith.quantize(x, 1.0 / scale, offset), scale, offset) - x).pow(2).mean())
-        if best is None or err < best:
-            best, best_r = err, r
-    m.clip_min.copy_(lo0 * best_r)
-    m.clip_max.copy_(hi0 * best_r)
 
 
 def _apply_initial_ranges(cfg: dict, student: nn.Module) -> list[str]:
@@ -447,7 +415,34 @@ def _default_optimizer(entries, mods: dict, lr: float) -> torch.optim.Optimizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# the public entry point
+# the public entry points
+
+
+def calibrate_distill_model(compress_model, config_file, train_loader, sample_instance=None, model=None) -> int:
+    """Only the calibration step of :func:`distill`: reset and re-measure the activation ranges of
+    ``compress_model`` over the config's ``batch_num`` first batches of ``train_loader`` (initial
+    ranges given in the config win). Returns the number of batches used.
+
+    This is "int8 with calibration only": what :func:`distill` starts from before any training.
+    ``model`` (the teacher) is only needed when batches must be mapped to inputs without
+    ``sample_instance`` and the student's forward signature differs from the teacher's.
+    """
+    if not isinstance(compress_model, nn.Module) or not any(is_quant_module(m) for m in compress_model.modules()):
+        raise DistillError("compress_model must be the model returned by create_distill_model")
+    if train_loader is None or not hasattr(train_loader, "__iter__"):
+        raise DistillError(f"train_loader must be an iterable of batches (e.g. a DataLoader), got "
+                           f"{type(train_loader).__name__}")
+    cfg = load_distill_config(config_file)
+    adapt = _make_adapter(sample_instance, model if model is not None else compress_model)
+    flags = {m: m.training for m in compress_model.modules()}
+    try:
+        compress_model.eval()
+        n, _, _ = _calibrate(compress_model, train_loader, adapt, int(cfg.get("batch_num", 1)), [], _Progress(), 0)
+        _apply_initial_ranges(cfg, compress_model)
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    return n
 
 
 def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3, sample_instance=None, loss=None,
@@ -548,10 +543,17 @@ def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train
     else:
         opt = _default_optimizer(entries, smods, lr)
 
+    first = group[0]
+
     def block_loss(args, kwargs, where: str):
+        t_in: list = []
         with torch.no_grad():
-            t_out = _run_to(teacher, tmods[out_name], args, kwargs)
-        s_out = _run_to(student, smods[out_name], args, kwargs)
+            t_out = _run_to(teacher, tmods[out_name], args, kwargs,
+                            capture_in=(tmods[first], t_in) if BLOCK_INPUT == "teacher" else None)
+        pre = None
+        if BLOCK_INPUT == "teacher" and t_in:
+            pre = (smods[first], lambda m, a: (t_in[0],) + tuple(a[1:]))
+        s_out = _run_to(student, smods[out_name], args, kwargs, pre=pre)
         if not isinstance(t_out, torch.Tensor) or not isinstance(s_out, torch.Tensor):
             bad = s_out if not isinstance(s_out, torch.Tensor) else t_out
             raise DistillError(f"{label}: the output of {out_name!r} is {type(bad).__name__}, not a tensor (or the "
