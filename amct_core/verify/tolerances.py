@@ -20,10 +20,13 @@ class Tolerances:
     #: per quantized layer: minimum SQNR in dB
     layer_sqnr_min_db: float = 30.0
     #: per quantized layer, local check (the torch layer fed ONNX Runtime's own input of the layer):
-    #: max error in the layer's output quantization steps (deq_scale) (None: not checked)
+    #: a layer fails when its max error exceeds BOTH ``layer_local_max_steps`` output quantization
+    #: steps (deq_scale; bias rounding alone gives 0.5) AND ``layer_local_max_rel`` of the output's
+    #: max |value| (float32 summation noise of large layers stays far below it). None: not checked.
     layer_local_max_steps: float | None = 4.0
+    layer_local_max_rel: float = 1e-4
     #: per quantized layer, local check: minimum SQNR in dB
-    layer_local_sqnr_min_db: float = 30.0
+    layer_local_sqnr_min_db: float = 40.0
     # ---- deploy simulation vs fake-quant -------------------------------------------------------
     #: final outputs: max |deploy - fake_quant| <= deploy_output_rtol * max|fake_quant| + deploy_output_atol
     deploy_output_rtol: float = 1e-5

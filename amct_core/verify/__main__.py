@@ -1,0 +1,187 @@
+"""``python -m amct_core.verify``: ATC preflight, deploy simulation and (optionally) torch parity on
+files given by path. Exits 0 when every check passes, 1 when one fails, 2 on a usage error."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+_EPILOG = """\
+examples:
+  # the two files save_distill_model wrote for save_path ./out/resnet
+  python -m amct_core.verify ./out/resnet --report-dir ./out/verify
+
+  # explicit files, target, inputs from an .npz (keys = graph input names, or arr_0, arr_1, ...)
+  python -m amct_core.verify --deploy d.onnx --fake-quant f.onnx --target 950 --inputs batch.npz
+
+  # preflight only (any deploy model, ours or AMCT's)
+  python -m amct_core.verify --deploy resnet_deploy_model.onnx
+
+  # with torch parity: a callable that returns the distilled model, and its state_dict
+  python -m amct_core.verify ./out/resnet --model mypkg.models:build_distilled --checkpoint ckpt.pt
+
+exit status: 0 all checks passed, 1 a check failed (the summary names the worst layer and the
+figure), 2 usage error (missing file, bad option).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m amct_core.verify",
+        description="Check exported models on a CPU: ATC preflight of the deploy model (FORMATS §5/§6), "
+                    "simulation of the deploy model against the fake-quant model (int32 accumulators must be "
+                    "equal), and optionally parity of the fake-quant model with the torch model.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", help="ONNX files (classified by 'deploy' / 'fake_quant' in the name) or "
+                                           "a save_path prefix such as ./out/resnet")
+    p.add_argument("--deploy", help="deploy model (*_deploy_model.onnx)")
+    p.add_argument("--fake-quant", help="fake-quant model (*_fake_quant_model.onnx)")
+    p.add_argument("--target", default=None, help="A2 (default), A3 or 950: the opset range preflight accepts")
+    p.add_argument("--inputs", help=".npz with the model inputs (default: seeded random inputs from the graph's shapes)")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                   help="size of a symbolic input dimension for generated inputs (repeatable; default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated inputs (default 0)")
+    p.add_argument("--model", help="package.module:callable returning the distilled torch model (enables parity)")
+    p.add_argument("--checkpoint", help="state_dict file loaded into --model's result (torch.load, weights only)")
+    p.add_argument("--tolerances", help="JSON file with tolerance overrides (see docs/VERIFY.md)")
+    p.add_argument("--tol", action="append", default=[], metavar="NAME=VALUE", help="one tolerance override (repeatable)")
+    p.add_argument("--report-dir", help="write verify_report.json / .html / _layers.png here")
+    p.add_argument("--report-name", default="verify_report", help="base name of the report files")
+    p.add_argument("--json", action="store_true", help="print the whole JSON report to stdout")
+    return p
+
+
+def _classify(paths: list[str]) -> tuple[str | None, str | None]:
+    deploy = fake = None
+    for s in paths:
+        path = Path(s)
+        if path.is_file():
+            if "fake_quant" in path.name:
+                fake = str(path)
+            elif "deploy" in path.name:
+                deploy = str(path)
+            else:
+                raise SystemExit(_usage(f"cannot tell whether {s!r} is a deploy or a fake-quant model "
+                                        "(name contains neither); use --deploy / --fake-quant"))
+        else:
+            prefix = s if s.endswith(("/", "\\")) or path.is_dir() else s + "_"
+            if path.is_dir() and not s.endswith(("/", "\\")):
+                prefix = s + "/"
+            d, f = Path(prefix + "deploy_model.onnx"), Path(prefix + "fake_quant_model.onnx")
+            if not d.is_file() and not f.is_file():
+                raise SystemExit(_usage(f"{s!r} is neither a file nor a save_path prefix with "
+                                        f"{d.name} / {f.name} next to it"))
+            deploy = str(d) if d.is_file() else deploy
+            fake = str(f) if f.is_file() else fake
+    return deploy, fake
+
+
+def _usage(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _parse_value(v: str):
+    if v.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _load_model(ref: str, checkpoint: str | None):
+    import torch
+    if ":" not in ref:
+        raise ValueError(f"--model {ref!r} must look like package.module:callable")
+    mod_name, fn_name = ref.split(":", 1)
+    sys.path.insert(0, str(Path.cwd()))
+    fn = importlib.import_module(mod_name)
+    for part in fn_name.split("."):
+        fn = getattr(fn, part)
+    model = fn() if callable(fn) and not isinstance(fn, torch.nn.Module) else fn
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model {ref!r} returned {type(model).__name__}, expected a torch.nn.Module")
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        deploy, fake = _classify(args.paths)
+    except SystemExit as e:
+        return int(e.code)
+    deploy = args.deploy or deploy
+    fake = args.fake_quant or fake
+    for what, p in (("--deploy", deploy), ("--fake-quant", fake)):
+        if p is not None and not Path(p).is_file():
+            return _usage(f"{what} {p!r} does not exist")
+    if deploy is None and fake is None:
+        return _usage("give a deploy model and/or a fake-quant model (paths, a save_path prefix, or --deploy/--fake-quant)")
+    tol = {}
+    try:
+        if args.tolerances:
+            tol.update(json.loads(Path(args.tolerances).read_text()))
+        for kv in args.tol:
+            k, _, v = kv.partition("=")
+            tol[k.strip()] = _parse_value(v.strip())
+        from ..targets import get_target
+        from .tolerances import Tolerances
+        Tolerances.from_dict(tol)
+        get_target(args.target)
+        dims = {}
+        for kv in args.dim:
+            k, _, v = kv.partition("=")
+            dims[k] = int(v)
+    except (ValueError, OSError, TypeError) as e:
+        return _usage(str(e))
+    inputs = None
+    if args.inputs:
+        import numpy as np
+        try:
+            with np.load(args.inputs) as z:
+                keys = list(z.keys())
+                inputs = [z[k] for k in keys] if all(k.startswith("arr_") for k in keys) else {k: z[k] for k in keys}
+        except OSError as e:
+            return _usage(f"--inputs {args.inputs!r}: {e}")
+    torch_model = None
+    if args.model:
+        if fake is None:
+            return _usage("--model needs the fake-quant model")
+        try:
+            torch_model = _load_model(args.model, args.checkpoint)
+        except Exception as e:  # noqa: BLE001
+            return _usage(f"--model {args.model!r}: {type(e).__name__}: {e}")
+    elif args.checkpoint:
+        return _usage("--checkpoint needs --model")
+    from . import verify
+    try:
+        report, paths = verify(deploy=deploy, fake_quant=fake, torch_model=torch_model, inputs=inputs,
+                               target=args.target, seed=args.seed, dims=dims, tolerances=tol or None,
+                               report_dir=args.report_dir, report_name=args.report_name)
+    except Exception as e:  # noqa: BLE001 - e.g. unknown target
+        return _usage(f"{type(e).__name__}: {e}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(report["summary"])
+        pf = report.get("preflight")
+        if pf:
+            for f in pf["findings"]:
+                print(f"  preflight [{f['severity']}] {f['code']} at {f['node']}: {f['message']}; expected {f['expected']}")
+        if paths is not None:
+            print(f"report: {paths.html}")
+    return EXIT_PASS if report["verdict"] == "pass" else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
