@@ -410,16 +410,17 @@ def test_a_crash_while_writing_leaves_the_old_files(outputs_with_old_content, mo
     qat = models.make_qat("mlp", tmp_path)
     import amct_core.onnx.io as oio
 
-    real = oio._embed
+    real = oio._write_embedded
     calls = {"n": 0}
 
-    def crash_on_second(model):
+    def crash_on_second(model, f):
         calls["n"] += 1
         if calls["n"] == 2:
+            f.write(b"half a model")
             raise KeyboardInterrupt("simulated kill while serializing the deploy model")
-        return real(model)
+        return real(model, f)
 
-    monkeypatch.setattr(oio, "_embed", crash_on_second)
+    monkeypatch.setattr(oio, "_write_embedded", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         _save(qat, tmp_path, models.example_inputs("mlp"))
     _assert_untouched(tmp_path, paths)
@@ -448,3 +449,27 @@ def test_external_data_path_loads_runs_and_replaces_old_data(tmp_path, monkeypat
     assert np.array_equal(got, want)
     dm = onnx.load(str(tmp_path / "big" / "m_deploy_model.onnx"))
     assert {t.name: t.data_type for t in dm.graph.initializer}["conv2.weight"] == TensorProto.INT8
+
+
+def test_streamed_file_parses_as_the_same_model(tmp_path):
+    """The streaming writer's bytes parse to exactly the proto with the arrays as initializers."""
+    from amct_core.onnx.io import prepare_write
+    from amct_core.onnx.store import OnnxModel
+
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 300])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 300])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    arrays = {"w": np.random.default_rng(0).standard_normal((3, 300)).astype(np.float32),
+              "q": np.arange(-128, 128, dtype=np.int8).reshape(16, 16),
+              "p": np.array([1, 2**32 - 1], dtype=np.uint64)}
+    prepare_write(OnnxModel(proto, dict(arrays)), tmp_path / "s.onnx").commit()
+    back = onnx.load(str(tmp_path / "s.onnx"))
+    want = onnx.ModelProto()
+    want.CopyFrom(proto)
+    for k, v in arrays.items():
+        want.graph.initializer.append(numpy_helper.from_array(v, k))
+    assert back == want
+    out = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.ones((3, 300), np.float32)})[0]
+    assert np.array_equal(out, arrays["w"] + 1)

@@ -54,12 +54,58 @@ class PendingWrite:
         return [self.final] + ([self.final.parent / self.data.name] if self.data else [])
 
 
-def _embed(model: OnnxModel) -> onnx.ModelProto:
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+# Field numbers of onnx.proto used by the streaming writer.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _write_embedded(model: OnnxModel, f) -> None:
+    """Serialize ``model`` with its array tensors embedded, without copying them into protobuf.
+
+    Protobuf readers merge a message's fields in any order, so the graph can be written as its
+    small part followed by one initializer entry per array; each entry is a TensorProto header
+    (name, dims, type) followed by its raw_data field, streamed from the array's own memory. The
+    result parses exactly as if the tensors had been in ``graph.initializer``.
+    """
+    headers = []
+    size = 0
     for name, arr in model.tensors.items():
-        proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-    return proto
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        head = TensorProto(name=name, dims=list(arr.shape), data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+        h = head.SerializeToString()
+        raw_tag = _field(_TENSOR_RAW_DATA, arr.nbytes)
+        entry_len = len(h) + len(raw_tag) + arr.nbytes
+        entry_tag = _field(_GRAPH_INITIALIZER, entry_len)
+        headers.append((entry_tag + h + raw_tag, arr))
+        size += len(entry_tag) + entry_len
+    graph_bytes = model.proto.graph.SerializeToString()
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model.proto)
+    rest.ClearField("graph")
+    f.write(rest.SerializeToString())
+    f.write(_field(_MODEL_GRAPH, len(graph_bytes) + size))
+    f.write(graph_bytes)
+    for head, arr in headers:
+        f.write(head)
+        f.write(memoryview(arr).cast("B"))
 
 
 def prepare_write(model: OnnxModel, final, threshold: int | None = None) -> PendingWrite:
@@ -71,9 +117,8 @@ def prepare_write(model: OnnxModel, final, threshold: int | None = None) -> Pend
     data_path = None
     try:
         if total < limit:
-            proto = _embed(model)
             with open(tmp, "wb") as f:
-                f.write(proto.SerializeToString())
+                _write_embedded(model, f)
                 f.flush()
                 os.fsync(f.fileno())
         else:

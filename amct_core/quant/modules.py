@@ -101,10 +101,19 @@ class _QuantBase(nn.Module):
         if torch.onnx.is_in_onnx_export() and self._export_name is not None:
             # Every tensor the forward reads is passed explicitly: the tracer must know them as inputs.
             state = [t for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)) if t is not None]
-            return _TraceQuantLayer.apply(x, self._eval_forward, self._export_name, self._kind(x), *state)
+            return _TraceQuantLayer.apply(x, self._trace_forward, self._export_name, self._kind(x), *state)
         return self._eval_forward(x)
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _trace_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output the tracer sees: the float layer on the unquantized input.
+
+        Only the shape and dtype reach the exported graph; the values matter only to Python control
+        flow in forward(), for which they are close to the real ones. Skipping fake quantization
+        here makes the trace cost what a float trace costs.
+        """
         raise NotImplementedError
 
     def _kind(self, x: torch.Tensor) -> str:
@@ -138,6 +147,9 @@ class QuantConv2d(_QuantBase):
             self.fake_quant_input(x), self.fake_quant_weight(), self.bias,
             self.stride, self.padding, self.dilation, self.groups,
         )
+
+    def _trace_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _kind(self, x: torch.Tensor) -> str:
         return "conv"
@@ -174,6 +186,9 @@ class QuantLinear(_QuantBase):
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.fake_quant_input(x), self.fake_quant_weight(), self.bias)
+
+    def _trace_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def _kind(self, x: torch.Tensor) -> str:
         return "gemm" if x.dim() == 2 else "matmul"
