@@ -1,0 +1,390 @@
+"""amct-export: run the distill-export flow locally, validate a record file, inspect an exported model.
+
+Exit codes (for scripts):
+  0  success
+  1  the run failed in a stage (see the message)
+  2  invalid arguments or parameters (the message names the parameter)
+  3  MLflow logging failed after its retries (every exported file is still on disk)
+  4  parity failed (files written and logged; the report says which output/layer)
+  5  validate-record: the record file is invalid / inspect: the file is not a readable ONNX model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TRACKING, EXIT_PARITY, EXIT_INVALID = 0, 1, 2, 3, 4, 5
+
+MAIN_EPILOG = """\
+examples:
+  # export a distilled checkpoint (file or MLflow URI), check it, log it to MLflow
+  amct-export run --checkpoint digits_out/student.safetensors --model examples.digits:build_model \\
+      --distill-config digits_out/distill_config.json --input-shape 1,1,8,8 \\
+      --output-dir digits_out/export --name digits --input-names input --output-names output \\
+      --dynamic-axes '{"input": [0], "output": [0]}' --target A2
+  # the digits example end to end: train, distill, then run the flow on the checkpoint
+  amct-export demo
+  # check a record file (syntax and values; against the model when --model/--checkpoint are given)
+  amct-export validate-record out/model_scale_offset_record.txt
+  # what is inside an exported model
+  amct-export inspect out/model_deploy_model.onnx
+
+Without configuration the flow runs on Prefect's ephemeral API and logs to ./mlflow.db; set
+PREFECT_API_URL and MLFLOW_TRACKING_URI (or --mlflow-tracking-uri) to use real servers.
+See the MLflow UI with:  mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)
+
+exit codes: 0 ok, 1 stage failed, 2 bad arguments/parameters, 3 MLflow logging failed (files kept),
+4 parity failed, 5 invalid record file / unreadable model
+"""
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        vals = [int(v) for v in s.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 1,3,224,224, got {s!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one dimension")
+    return vals
+
+
+def _json_obj(s: str):
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {s!r}") from None
+    if v is not None and not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return v
+
+
+def _names(s: str) -> list[str]:
+    return [n.strip() for n in s.split(",") if n.strip()]
+
+
+def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model and checkpoint")
+    g.add_argument("--checkpoint", required=False, help="distilled state_dict (.pt/.pth/.safetensors) or MLflow URI "
+                   "(runs:/<run_id>/<path>, models:/<name>/<version>); loaded without executing code")
+    g.add_argument("--model", required=False, help="package.module:callable (or path/file.py:callable) building the float model")
+    g.add_argument("--model-kwargs", type=_json_obj, default=None, metavar="JSON", help="keyword arguments, e.g. '{\"width\": 16}'")
+    g.add_argument("--distill-config", default=None, help="distill config JSON the model was wrapped with (default: all Conv2d/Linear)")
+    g.add_argument("--input-shape", type=_ints, default=None, metavar="N,C,H,W", help="example input shape, e.g. 1,1,8,8")
+    g.add_argument("--input-dtype", default=None, help="example input dtype (default float32)")
+    g = p.add_argument_group("export")
+    g.add_argument("--output-dir", default=None, help="where files are written (default ./out)")
+    g.add_argument("--name", default=None, help="file name prefix (default 'model')")
+    g.add_argument("--record-file", default=None, help="use (after validating) this record file instead of the model's factors")
+    g.add_argument("--target", default=None, help="A2, A3 or 950 (default A2)")
+    g.add_argument("--opset", type=int, default=None, help="ONNX opset (default 11, within the target's range)")
+    g.add_argument("--input-names", type=_names, default=None, metavar="A,B", help="graph input names")
+    g.add_argument("--output-names", type=_names, default=None, metavar="A,B", help="graph output names")
+    g.add_argument("--dynamic-axes", type=_json_obj, default=None, metavar="JSON", help="e.g. '{\"input\": [0], \"output\": [0]}'")
+    g = p.add_argument_group("checks and tracking")
+    g.add_argument("--parity-tolerances", type=_json_obj, default=None, metavar="JSON",
+                   help="e.g. '{\"min_cosine\": 0.999, \"max_abs_error\": null, \"min_argmax_agreement\": 0.99}'")
+    g.add_argument("--mlflow-experiment", default=None, help="MLflow experiment (default amct-export)")
+    g.add_argument("--mlflow-tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    g.add_argument("--registered-model-name", default=None, help="register the logged fake-quant model under this name")
+    g.add_argument("--mlflow-retries", type=int, default=None, help="retries of the logging task (default 3)")
+    g.add_argument("--mlflow-retry-delay-seconds", type=float, default=None, help="first retry delay, doubled each time (default 2)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the example/parity inputs (default 0)")
+    g.add_argument("--force", action="store_true", default=None, help="recompute every stage even if its inputs are unchanged")
+    g.add_argument("--params-file", default=None, metavar="JSON_FILE",
+                   help="flow parameters as a JSON object (same names as the Prefect deployment); flags override it")
+    g.add_argument("--json", action="store_true", help="print the result summary as JSON")
+
+
+RUN_KEYS = ("checkpoint", "model", "model_kwargs", "distill_config", "input_shape", "input_dtype", "output_dir", "name",
+            "record_file", "target", "opset", "input_names", "output_names", "dynamic_axes", "parity_tolerances",
+            "mlflow_experiment", "mlflow_tracking_uri", "registered_model_name", "mlflow_retries",
+            "mlflow_retry_delay_seconds", "seed", "force")
+
+
+def _collect_params(a: argparse.Namespace) -> dict:
+    params: dict = {}
+    if a.params_file:
+        try:
+            params = json.loads(Path(a.params_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(_usage_error(f"--params-file {a.params_file!r}: {e}"))
+        if not isinstance(params, dict):
+            raise SystemExit(_usage_error(f"--params-file {a.params_file!r} must hold a JSON object"))
+        unknown = sorted(set(params) - set(RUN_KEYS))
+        if unknown:
+            raise SystemExit(_usage_error(f"--params-file {a.params_file!r}: unknown parameter(s) {unknown}; known: {list(RUN_KEYS)}"))
+    for k in RUN_KEYS:
+        v = getattr(a, k, None)
+        if v is not None:
+            params[k] = v
+    for k in ("checkpoint", "model", "input_shape"):
+        if k not in params:
+            raise SystemExit(_usage_error(f"--{k.replace('_', '-')} is required (or give it in --params-file)"))
+    return params
+
+
+def _usage_error(msg: str) -> int:
+    print(f"amct-export: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _classify(exc: BaseException | None) -> int:
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.distill_export import LoggingFailed, ParityFailed
+    from tasks._common import ParameterError
+
+    if exc is None:
+        return EXIT_FAILED
+    if isinstance(exc, (ParameterError, ParameterTypeError)):
+        return EXIT_USAGE
+    if isinstance(exc, LoggingFailed):
+        return EXIT_TRACKING
+    if isinstance(exc, ParityFailed):
+        return EXIT_PARITY
+    return EXIT_FAILED
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    params = _collect_params(a)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.distill_export import distill_export
+
+    try:
+        state = distill_export(**params, return_state=True)
+    except Exception as e:  # noqa: BLE001 - parameter binding errors surface before a state exists
+        print(f"amct-export: error: {e}", file=sys.stderr)
+        return _classify(e)
+    if state.is_completed():
+        summary = state.result()
+        if a.json:
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            print(f"fake-quant model : {summary['fake_quant_model']}")
+            print(f"deploy model     : {summary['deploy_model']}")
+            print(f"record file      : {summary['record_file']}")
+            print(f"manifest         : {summary['manifest']}")
+            print(f"parity report    : {summary['parity_report']} ({summary['parity_summary']})")
+            print(f"MLflow run       : {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
+            uri = summary["mlflow_tracking_uri"]
+            if not uri.startswith(("http://", "https://")):
+                print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then {summary['mlflow_run_url']}")
+            else:
+                print(f"open: {summary['mlflow_run_url']}")
+        return EXIT_OK
+    exc = state.result(raise_on_failure=False)
+    exc = exc if isinstance(exc, BaseException) else None
+    print(f"amct-export: run failed: {exc if exc is not None else state.message}", file=sys.stderr)
+    return _classify(exc)
+
+
+def cmd_validate_record(a: argparse.Namespace) -> int:
+    from amct_core.errors import AmctError
+    from amct_core.record import LayerInfo, read_record, validate_record
+
+    try:
+        if a.model or a.checkpoint:
+            if not (a.model and a.checkpoint and a.input_shape):
+                return _usage_error("validating against the model needs --model, --checkpoint and --input-shape")
+            import tempfile
+
+            from amct_core.stages import trace_to_file, validate_record_file
+            from tasks._common import ModelSpec, build_model, spec_inputs
+
+            spec = ModelSpec(a.checkpoint, a.model, a.model_kwargs or {}, a.distill_config, a.input_shape,
+                             a.input_dtype or "float32")
+            model = build_model(spec)
+            with tempfile.TemporaryDirectory() as d:
+                trace_to_file(model, spec_inputs(spec), f"{d}/traced.onnx", f"{d}/record.txt", target=a.target,
+                              opset_version=a.opset)
+                records = validate_record_file(a.record_file, f"{d}/traced.onnx", a.target)
+            how = f"against model {a.model} with checkpoint {a.checkpoint}"
+        else:
+            records = read_record(a.record_file)
+            validate_record(records, {k: LayerInfo(c_out=max(1, len(r.scale_w))) for k, r in records.items()},
+                            a.target, source=f"record file {a.record_file!r}")
+            how = "syntax and values only (give --model/--checkpoint/--input-shape to check layers and biases)"
+    except AmctError as e:
+        print(f"INVALID: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except ValueError as e:  # ParameterError and friends
+        print(f"amct-export: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"OK: {a.record_file}: {len(records)} layer record(s) valid for target {a.target or 'A2'} ({how})")
+    for k, r in records.items():
+        print(f"  {k}: scale_d={r.scale_d:.6g} offset_d={r.offset_d} scale_w[{len(r.scale_w)}]")
+    return EXIT_OK
+
+
+def inspect_model(path: str) -> dict:
+    """Facts of an ONNX file: opsets, inputs/outputs, op counts, quantized layers, initializer types, hashes."""
+    import collections
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from tasks._common import onnx_files
+
+    m = onnx.load(path, load_external_data=False)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+
+    def shape(vi):
+        return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
+
+    def dtype(vi):
+        return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
+
+    ops = collections.Counter((n.domain or "") + ("::" if n.domain else "") + n.op_type for n in g.node)
+    quant_layers = []
+    for n in g.node:
+        if n.op_type == "AscendQuant":
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            quant_layers.append({"node": n.name, "op": "AscendQuant", "scale": attrs.get("scale"),
+                                 "offset": attrs.get("offset"),
+                                 "dst_type": (attrs.get("dst_type") or b"").decode() if isinstance(attrs.get("dst_type"), bytes) else attrs.get("dst_type")})
+        elif n.op_type == "AscendDequant":
+            quant_layers.append({"node": n.name, "op": "AscendDequant", "param": n.input[1] if len(n.input) > 1 else None})
+    fakequant = sorted({n.name.split(".quant.fakequant.")[0] for n in g.node if ".quant.fakequant." in n.name})
+    init_types = collections.Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in inits.values())
+    external = [t.name for t in inits.values() if t.data_location == onnx.TensorProto.EXTERNAL]
+    kind = "deploy" if any(q["op"] == "AscendQuant" for q in quant_layers) else "fake_quant" if fakequant else "float"
+    facts = {
+        "path": str(Path(path).resolve()),
+        "kind": kind,
+        "ir_version": m.ir_version,
+        "producer": f"{m.producer_name} {m.producer_version}".strip(),
+        "opset_import": [{"domain": o.domain or "", "version": o.version} for o in m.opset_import],
+        "inputs": [{"name": i.name, "dtype": dtype(i), "shape": shape(i)} for i in g.input if i.name not in inits],
+        "outputs": [{"name": o.name, "dtype": dtype(o), "shape": shape(o)} for o in g.output],
+        "nodes": len(g.node),
+        "op_counts": dict(sorted(ops.items())),
+        "ascend_nodes": quant_layers,
+        "fake_quant_layers": fakequant,
+        "initializer_types": dict(init_types),
+        "external_data_tensors": len(external),
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in onnx_files(path)],
+        "metadata": {p.key: p.value for p in m.metadata_props},
+    }
+    del numpy_helper
+    return facts
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    if not Path(a.model_file).is_file():
+        print(f"amct-export: error: {a.model_file!r} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        facts = inspect_model(a.model_file)
+    except Exception as e:  # noqa: BLE001
+        print(f"INVALID: {a.model_file!r} is not a readable ONNX model: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if a.json:
+        print(json.dumps(facts, indent=2, default=str))
+        return EXIT_OK
+    print(f"{facts['path']}  ({facts['kind']} model)")
+    print(f"  opset_import: " + ", ".join(f"{o['domain'] or 'ai.onnx'}={o['version']}" for o in facts["opset_import"]))
+    for io in ("inputs", "outputs"):
+        for t in facts[io]:
+            print(f"  {io[:-1]:6s} {t['name']}: {t['dtype']} {t['shape']}")
+    print(f"  nodes: {facts['nodes']}  ops: " + ", ".join(f"{k}x{v}" for k, v in facts["op_counts"].items()))
+    if facts["ascend_nodes"]:
+        print("  Ascend nodes:")
+        for q in facts["ascend_nodes"]:
+            extra = f"scale={q.get('scale')} offset={q.get('offset')} dst_type={q.get('dst_type')}" if q["op"] == "AscendQuant" else f"param={q.get('param')}"
+            print(f"    {q['op']:14s} {q['node']}  {extra}")
+    if facts["fake_quant_layers"]:
+        print(f"  fake-quant layers: {', '.join(facts['fake_quant_layers'])}")
+    print(f"  initializers: " + ", ".join(f"{k}x{v}" for k, v in facts["initializer_types"].items()))
+    for f in facts["files"]:
+        print(f"  file {f['path']}  {f['size']} bytes  sha256 {f['sha256']}")
+    return EXIT_OK
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Train and distill the digits example, then run the flow on the checkpoint it wrote."""
+    import torch
+
+    torch.set_num_threads(max(1, a.threads))
+    from examples.digits import run_demo
+
+    out = Path(a.out)
+    res = run_demo(out, seed=a.seed, epochs=a.epochs, export=False)
+    ns = argparse.Namespace(
+        params_file=None, checkpoint=res.files["student"], model="examples.digits:build_model", model_kwargs=None,
+        distill_config=res.files["config"], input_shape=[1, 1, 8, 8], input_dtype=None,
+        output_dir=str(out / "export"), name="digits", record_file=None, target=a.target, opset=None,
+        input_names=["input"], output_names=["output"], dynamic_axes={"input": [0], "output": [0]},
+        parity_tolerances=None, mlflow_experiment=a.mlflow_experiment, mlflow_tracking_uri=a.mlflow_tracking_uri,
+        registered_model_name=a.registered_model_name, mlflow_retries=None, mlflow_retry_delay_seconds=None,
+        seed=None, force=None, json=False,
+    )
+    return cmd_run(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="amct-export",
+        description="Export distilled checkpoints to Ascend-ready int8 ONNX (fake-quant + deploy), check them, "
+                    "track them in MLflow. Runs the Prefect flow 'distill-export' locally.",
+        epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("run", help="run the distill-export flow on a checkpoint",
+                       description="Run the distill-export flow: checkpoint -> trace -> record -> fake-quant and deploy "
+                                   "models -> parity -> manifest -> MLflow. Re-runs skip unchanged stages.",
+                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("validate-record", help="validate a record file (FORMATS §2), optionally against the model",
+                       description="Validate a record file. Alone: syntax and value rules. With --model, --checkpoint "
+                                   "and --input-shape: also that every quantized layer has exactly one record, "
+                                   "C_out matches and each bias fits int32.",
+                       epilog="exit codes: 0 valid, 5 invalid, 2 bad arguments")
+    p.add_argument("record_file")
+    p.add_argument("--target", default=None, help="A2, A3 or 950 (default A2)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--model-kwargs", type=_json_obj, default=None, metavar="JSON")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--distill-config", default=None)
+    p.add_argument("--input-shape", type=_ints, default=None, metavar="N,C,H,W")
+    p.add_argument("--input-dtype", default=None)
+    p.add_argument("--opset", type=int, default=None)
+    p.set_defaults(fn=cmd_validate_record)
+    p = sub.add_parser("inspect", help="show what is inside an exported ONNX model",
+                       description="Print opsets, inputs/outputs, op counts, Ascend quant/dequant nodes, fake-quant "
+                                   "layers, initializer types and file hashes of an ONNX model.",
+                       epilog="exit codes: 0 ok, 5 not a readable ONNX model, 2 no such file")
+    p.add_argument("model_file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("demo", help="the digits example end to end: train, distill, then run the flow",
+                       description="Train a small CNN on scikit-learn's digits, distill it to int8 (examples/digits.py), "
+                                   "then run the distill-export flow on the checkpoint it wrote and log to MLflow.")
+    p.add_argument("--out", default="digits_out", help="output directory (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=4, help="distillation epochs per block (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--target", default=None, help="A2, A3 or 950 (default A2)")
+    p.add_argument("--mlflow-experiment", default=None)
+    p.add_argument("--mlflow-tracking-uri", default=None)
+    p.add_argument("--registered-model-name", default=None)
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if not getattr(a, "fn", None):
+        ap.print_help()
+        return EXIT_USAGE
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

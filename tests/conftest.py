@@ -1,0 +1,100 @@
+"""Shared fixtures. Prefect never touches ~/.prefect: PREFECT_HOME is a fresh temporary directory for
+the whole session, set before anything imports prefect. Services (Prefect server, MLflow server) are
+started by fixtures in tests/services.py and stopped in their teardown, by PID."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="amct-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_server(session_dir):
+    """One real `prefect server` for the session (SQLite in its own PREFECT_HOME), on a free port."""
+    from tests import services
+
+    svc = services.start_prefect_server(session_dir / "prefect-server-home")
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_server):
+    """Point this process's Prefect client at the session's server (flows called in-process run there)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
+        yield prefect_server.url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(session_dir):
+    """One real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts) for the session."""
+    from tests import services
+
+    svc = services.start_mlflow_server(session_dir / "mlflow-server")
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@dataclass
+class DistilledCheckpoint:
+    """A distilled model on disk, as the flow takes it."""
+
+    checkpoint: str
+    model: str
+    model_kwargs: dict
+    distill_config: str
+    input_shape: list
+    state_dict_keys: list
+
+    def params(self, output_dir, **extra) -> dict:
+        p = dict(checkpoint=self.checkpoint, model=self.model, model_kwargs=self.model_kwargs,
+                 distill_config=self.distill_config, input_shape=self.input_shape, output_dir=str(output_dir),
+                 name="cnn", input_names=["input"], output_names=["logits"],
+                 dynamic_axes={"input": [0], "logits": [0]})
+        p.update(extra)
+        return p
+
+
+@pytest.fixture(scope="session")
+def cnn_checkpoint(session_dir) -> DistilledCheckpoint:
+    """tests.models' SmallCNN (conv+BN folds, depthwise, dilated, residual, Linear head), QAT-wrapped,
+    calibrated, saved as a state_dict with torch.save."""
+    import torch
+
+    from tests import models
+
+    d = session_dir / "cnn-checkpoint"
+    d.mkdir(parents=True, exist_ok=True)
+    qat = models.make_qat("cnn", d)
+    ckpt = d / "cnn_distilled.pt"
+    torch.save(qat.state_dict(), ckpt)
+    return DistilledCheckpoint(str(ckpt), "tests.models:build", {"name": "cnn"}, str(d / "cnn_distill_config.json"),
+                               [1, 3, 16, 16], list(qat.state_dict()))

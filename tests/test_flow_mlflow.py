@@ -1,0 +1,166 @@
+"""The flow logs one run to a real `mlflow server`; everything is read back through MLflow's client and REST API."""
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.services import api_json
+
+pytestmark = pytest.mark.integration
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def logged(prefect_api, mlflow_server, cnn_checkpoint, tmp_path_factory):
+    from flows.distill_export import distill_export
+
+    out = tmp_path_factory.mktemp("flow-mlflow") / "export"
+    state = distill_export(**cnn_checkpoint.params(out, mlflow_tracking_uri=mlflow_server.url,
+                                                   mlflow_experiment="flow-mlflow-test",
+                                                   registered_model_name="cnn-int8"), return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), out
+
+
+def test_run_has_params_metrics_and_tags(logged, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    summary, _ = logged
+    run = MlflowClient(mlflow_server.url).get_run(summary["mlflow_run_id"])
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["target"] == "A2" and p["opset"] == "11"
+    assert p["quantized_layer_count"] == "6"  # conv1, conv2, dw, pw, dilated, fc
+    for k in ("torch_version", "onnx_version", "onnxruntime_version", "amct_core_version"):
+        assert p[k] and p[k] != "not installed"
+    assert m["parity.passed"] == 1.0
+    assert any(k.startswith("parity.") and k.endswith("cosine") for k in m)
+    for k in ("fake_quant_model_bytes", "deploy_model_bytes", "compression_ratio", "peak_rss_mb",
+              "stage_seconds.trace", "stage_seconds.deploy-build"):
+        assert k in m, k
+    assert m["compression_ratio"] > 1.5  # int8 weights vs float32 integer grid
+    assert t["target"] == "A2"
+    assert t["prefect.flow_run_id"]
+
+
+def test_checkpoint_hash_tag_matches_the_file(logged, mlflow_server, cnn_checkpoint):
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(mlflow_server.url).get_run(logged[0]["mlflow_run_id"])
+    assert run.data.tags["checkpoint.sha256"] == _sha(Path(cnn_checkpoint.checkpoint))
+
+
+def _rest_list(base: str, run_id: str, path: str = "") -> list[dict]:
+    q = urllib.parse.urlencode({"run_id": run_id, **({"path": path} if path else {})})
+    return api_json(f"{base}/api/2.0/mlflow/artifacts/list?{q}").get("files", [])
+
+
+def _rest_walk(base: str, run_id: str, path: str = "") -> list[str]:
+    files = []
+    for f in _rest_list(base, run_id, path):
+        if f["is_dir"]:
+            files += _rest_walk(base, run_id, f["path"])
+        else:
+            files.append(f["path"])
+    return files
+
+
+def test_every_artifact_downloads_and_matches_the_manifest(logged, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    summary, out = logged
+    run_id = summary["mlflow_run_id"]
+    # the layout, listed through the REST API
+    listed = set(_rest_walk(mlflow_server.url, run_id))
+    assert "manifest.json" in listed
+    assert "models/fake_quant/cnn_fake_quant_model.onnx" in listed
+    assert "models/deploy/cnn_deploy_model.onnx" in listed
+    assert "record/cnn_scale_offset_record.txt" in listed
+    assert {"parity/report.html", "parity/report.json"} <= listed
+    assert any(p.startswith("plots/") and p.endswith(".png") for p in listed)
+    # every file through the client
+    local = Path(MlflowClient(mlflow_server.url).download_artifacts(run_id, "", str(tmp_path / "client")))
+    client_files = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
+    assert listed <= client_files
+    # and every file through the REST download endpoint, byte-identical to the client's copy
+    for rel in sorted(listed):
+        q = urllib.parse.urlencode({"path": rel, "run_uuid": run_id})
+        with urllib.request.urlopen(f"{mlflow_server.url}/get-artifact?{q}", timeout=30) as r:
+            assert r.read() == (local / rel).read_bytes(), rel
+    manifest = json.loads((local / "manifest.json").read_text())
+    assert manifest["target"] == "A2" and "Ascend910B1" in manifest["soc_family"]
+    assert manifest["atc_command"].startswith("atc ") and "--soc_version=Ascend910B1" in manifest["atc_command"]
+    assert "--input_shape=\"input:1,3,16,16\"" in manifest["atc_command"]
+    assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"]
+    checked = 0
+    for role, entries in manifest["files"].items():
+        for e in entries:
+            f = local / e["artifact_path"]
+            assert f.is_file(), f"manifest names {e['artifact_path']} ({role}) but the run has no such artifact"
+            assert _sha(f) == e["sha256"], f"{e['artifact_path']}: SHA-256 differs from the manifest"
+            assert _sha(out / e["path"]) == e["sha256"]
+            checked += 1
+    assert checked >= 6
+    # the two models load: fake-quant runs in ONNX Runtime, deploy has the Ascend ops and int8 weights
+    import onnxruntime as ort
+
+    fq = local / "models/fake_quant/cnn_fake_quant_model.onnx"
+    onnx.checker.check_model(onnx.load(str(fq)))
+    sess = ort.InferenceSession(str(fq), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"input": np.zeros((2, 3, 16, 16), np.float32)})[0]
+    assert y.shape == (2, 10)
+    dm = onnx.load(str(local / "models/deploy/cnn_deploy_model.onnx"))
+    ops = {n.op_type for n in dm.graph.node}
+    assert {"AscendQuant", "AscendDequant"} <= ops
+    assert [(o.domain, o.version) for o in dm.opset_import] == [("", 11)]
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in dm.graph.initializer)
+
+
+def test_registered_version_runs_in_pyfunc_and_leads_to_the_deploy_model(logged, mlflow_server, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    summary, _ = logged
+    assert summary["registered_model"] == "cnn-int8" and summary["registered_version"] == "1"
+    mlflow.set_tracking_uri(mlflow_server.url)
+    model = mlflow.pyfunc.load_model("models:/cnn-int8/1")
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    pred = model.predict({"input": x})
+    y = pred["logits"] if isinstance(pred, dict) else np.asarray(pred)
+    assert np.asarray(y).shape == (3, 10)
+    client = MlflowClient(mlflow_server.url)
+    mv = client.get_model_version("cnn-int8", "1")
+    assert mv.run_id == summary["mlflow_run_id"]
+    deploy = client.download_artifacts(mv.run_id, "models/deploy/cnn_deploy_model.onnx", str(tmp_path))
+    assert {"AscendQuant"} <= {n.op_type for n in onnx.load(deploy).graph.node}
+    assert mv.tags["deploy_model"] == f"runs:/{mv.run_id}/models/deploy/cnn_deploy_model.onnx"
+
+
+def test_prefect_artifacts_show_parity_table_and_mlflow_link(logged, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary, _ = logged
+
+    async def read():
+        async with get_client() as c:
+            table = await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["parity-summary"])))
+            link = await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mlflow-run"])))
+            return table, link
+
+    import asyncio
+
+    table, link = asyncio.run(read())
+    assert table and table[0].type == "table"
+    assert "cosine" in json.dumps(table[0].data)
+    assert link
+    assert summary["mlflow_run_id"] in json.dumps(link[-1].data)
