@@ -45,6 +45,12 @@ CHECK_BATCHES = 4
 # quantized upstream activations) or "teacher" (the teacher's activations at that point).
 # Measured on the digits demo and a transformer block (docs/BENCHMARKS.md): "student" is the default.
 BLOCK_INPUT = "student"
+# Step sizes of the default optimizer relative to ``lr``: a weight moves by about
+# lr * WEIGHT_LR_SCALE * rms(weight) per step, an activation range end by lr * RANGE_LR_SCALE * span.
+# Chosen on three cases (digits CNN, a transformer block with outliers, a LayerNorm'd encoder block;
+# docs/BENCHMARKS.md): larger weight steps add rounding noise, smaller range steps barely move the range.
+RANGE_LR_SCALE = 3.0
+WEIGHT_LR_SCALE = 0.1
 
 __all__ = ["distill", "calibrate_distill_model", "DistillSampleBase", "DistillError"]
 
@@ -399,17 +405,18 @@ def _rms(t) -> float:
 
 
 def _default_optimizer(entries, mods: dict, lr: float) -> torch.optim.Optimizer:
-    """Adam whose step size is relative to each parameter's own scale: ``lr`` times the RMS of a weight,
-    times the span of an activation range for ``clip_min``/``clip_max``. One ``lr`` then suits a
-    weight of magnitude 0.01 and a range of magnitude 10 alike (a plain Adam step of 1e-3 is a third
-    of an int8 weight step for a typical layer, and noise for the ranges)."""
+    """Adam whose step size is relative to each parameter's own scale: ``lr`` times the RMS of a weight
+    (times WEIGHT_LR_SCALE), times the span of an activation range for ``clip_min``/``clip_max`` (times
+    RANGE_LR_SCALE). One ``lr`` then suits a weight of magnitude 0.01 and a range of magnitude 10 alike
+    (a plain Adam step of 1e-3 is a third of an int8 weight step for a typical layer, and noise for
+    the ranges)."""
     groups = []
     for n, pname, p in entries:
         m = mods[n]
         if pname in ("clip_min", "clip_max"):
-            scale = float((m.clip_max - m.clip_min).detach())
+            scale = float((m.clip_max - m.clip_min).detach()) * RANGE_LR_SCALE
         else:
-            scale = _rms(p) or _rms(getattr(m, "weight", None))
+            scale = (_rms(p) or _rms(getattr(m, "weight", None))) * WEIGHT_LR_SCALE
         groups.append({"params": [p], "lr": lr * (scale if scale > 0 and math.isfinite(scale) else 1.0)})
     return torch.optim.Adam(groups, lr=lr)
 

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from ..errors import ExportError
 from ..quant.arith import INT32_MAX, INT32_MIN, QMAX, QMIN, deq_scale, pack_deq_scale, quantize_bias
 from ..record import LayerRecord
-from .store import OnnxModel, producers, set_single_opset
+from .store import LazyTensor, OnnxModel, materialize, set_single_opset
 from .trace import BIAS_ADD_SUFFIX, LayerMeta
 
 FAKE_QUANT_MIN_OPSET = 11  # Round exists from opset 11
@@ -70,14 +70,27 @@ def _deq_shape(meta: LayerMeta, n: int) -> list[int]:
     return [n]
 
 
+def _lazy_weight_grid(traced: OnnxModel, w_name: str, scale_w: np.ndarray, axis: int):
+    """The weight's integer grid as a function of its dtype, computed only when the file is written."""
+    source = traced.tensors.get(w_name)
+    if source is None:  # a small initializer inside the proto
+        source = traced.get_array(w_name)
+    shape = tuple(source.shape)
+
+    def grid(dtype) -> LazyTensor:
+        return LazyTensor(shape, np.dtype(dtype),
+                          lambda: quantized_weight(materialize(source), scale_w, axis).astype(dtype))
+
+    return grid
+
+
 def _prepare(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord]):
     """Per layer: (view, record, int weight grid, int bias grid or None, deq_scale float32)."""
     out = []
     for name, meta in layers.items():
         rec = records[name]
         view = _LayerView(traced, meta)
-        w = traced.get_array(view.w_name)
-        q_w = quantized_weight(w, np.asarray(rec.scale_w, np.float32), meta.channel_axis)
+        q_w = _lazy_weight_grid(traced, view.w_name, np.asarray(rec.scale_w, np.float32), meta.channel_axis)
         deq = deq_scale(rec.scale_d, np.asarray(rec.scale_w, np.float32))
         q_b = None
         if view.b_name is not None:
@@ -117,7 +130,7 @@ def build_fake_quant(traced: OnnxModel, layers: dict[str, LayerMeta], records: d
             ]
             xq = shared[key] = f"{p}.output"
         view.node.input[0] = xq
-        model.set_array(view.w_name, q_w.astype(np.float32))
+        model.set_array(view.w_name, q_w(np.float32))
         if q_b is not None:
             model.set_array(view.b_name, q_b.astype(np.float32))
         y = view.y
@@ -153,7 +166,7 @@ def build_deploy(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[
             ))
             shared[key] = xq
         view.node.input[0] = xq
-        model.set_array(view.w_name, q_w.astype(np.int8))
+        model.set_array(view.w_name, q_w(np.int8))
         if q_b is not None:
             model.set_array(view.b_name, q_b.astype(np.int32))
         y = view.y

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .._io import temp_path_for
-from .store import OnnxModel
+from .store import OnnxModel, materialize
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it with a margin for the graph.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
@@ -54,6 +54,11 @@ class PendingWrite:
         return [self.final] + ([self.final.parent / self.data.name] if self.data else [])
 
 
+def _little_endian(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -85,16 +90,14 @@ def _write_embedded(model: OnnxModel, f) -> None:
     """
     headers = []
     size = 0
-    for name, arr in model.tensors.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        head = TensorProto(name=name, dims=list(arr.shape), data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+    for name, t in model.tensors.items():
+        dtype = np.dtype(t.dtype)
+        head = TensorProto(name=name, dims=list(t.shape), data_type=helper.np_dtype_to_tensor_dtype(dtype))
         h = head.SerializeToString()
-        raw_tag = _field(_TENSOR_RAW_DATA, arr.nbytes)
-        entry_len = len(h) + len(raw_tag) + arr.nbytes
+        raw_tag = _field(_TENSOR_RAW_DATA, t.nbytes)
+        entry_len = len(h) + len(raw_tag) + t.nbytes
         entry_tag = _field(_GRAPH_INITIALIZER, entry_len)
-        headers.append((entry_tag + h + raw_tag, arr))
+        headers.append((entry_tag + h + raw_tag, name, t.nbytes))
         size += len(entry_tag) + entry_len
     graph_bytes = model.proto.graph.SerializeToString()
     rest = onnx.ModelProto()
@@ -103,9 +106,13 @@ def _write_embedded(model: OnnxModel, f) -> None:
     f.write(rest.SerializeToString())
     f.write(_field(_MODEL_GRAPH, len(graph_bytes) + size))
     f.write(graph_bytes)
-    for head, arr in headers:
+    for head, name, nbytes in headers:
+        arr = _little_endian(materialize(model.tensors[name]))
+        if arr.nbytes != nbytes:
+            raise AssertionError(f"tensor {name!r} has {arr.nbytes} bytes, declared {nbytes}")
         f.write(head)
         f.write(memoryview(arr).cast("B"))
+        del arr  # a lazy tensor's array lives only while it is written
 
 
 def prepare_write(model: OnnxModel, final, threshold: int | None = None) -> PendingWrite:
@@ -172,8 +179,8 @@ def _write_external(model: OnnxModel, data_path: Path) -> onnx.ModelProto:
                 for k, v in (("location", data_path.name), ("offset", str(start)), ("length", str(length))):
                     e = t.external_data.add()
                     e.key, e.value = k, v
-        for name, arr in model.tensors.items():
-            arr = np.ascontiguousarray(arr)
+        for name, t in model.tensors.items():
+            arr = _little_endian(materialize(t))
             dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
             if arr.nbytes >= EXTERNAL_MIN_TENSOR_BYTES:
                 start, length = put(memoryview(arr).cast("B"))

@@ -1,23 +1,52 @@
-"""A model in memory: the ONNX graph plus its large tensors kept as numpy arrays beside it.
+"""A model in memory: the ONNX graph plus its large tensors kept beside it.
 
-Large weights live in ``tensors`` (name -> array) instead of inside the protobuf, so a model of any
-size can be rewritten without copying its weights into protobuf fields (and past protobuf's 2 GB
-limit); the writer decides whether they are embedded or go to an external data file.
+Large weights live in ``tensors`` (name -> array, or a :class:`LazyTensor` that computes the array
+when asked) instead of inside the protobuf, so a model of any size can be rewritten without copying
+its weights into protobuf fields (and past protobuf's 2 GB limit). The writer decides whether they
+are embedded or go to an external data file, and materializes lazy tensors one at a time while it
+writes, so a quantized copy of every weight never has to exist in memory at once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 
+@dataclass(frozen=True)
+class LazyTensor:
+    """An initializer computed on demand (shape and dtype known up front)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    compute: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def materialize(self) -> np.ndarray:
+        a = np.ascontiguousarray(self.compute(), dtype=self.dtype)
+        if a.shape != tuple(self.shape):
+            raise AssertionError(f"lazy tensor computed shape {a.shape}, declared {self.shape}")
+        return a
+
+
+Tensor = Union[np.ndarray, LazyTensor]
+
+
+def materialize(t: Tensor) -> np.ndarray:
+    return t.materialize() if isinstance(t, LazyTensor) else t
+
+
 @dataclass
 class OnnxModel:
     proto: onnx.ModelProto
     # Initializers that are not (yet) in proto.graph.initializer, by name.
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -28,13 +57,21 @@ class OnnxModel:
 
     def get_array(self, name: str) -> np.ndarray:
         if name in self.tensors:
-            return self.tensors[name]
+            return materialize(self.tensors[name])
         for t in self.graph.initializer:
             if t.name == name:
                 return numpy_helper.to_array(t)
         raise KeyError(name)
 
-    def set_array(self, name: str, value: np.ndarray) -> None:
+    def get_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.tensors:
+            return tuple(self.tensors[name].shape)
+        for t in self.graph.initializer:
+            if t.name == name:
+                return tuple(t.dims)
+        raise KeyError(name)
+
+    def set_array(self, name: str, value: Tensor) -> None:
         """Add or replace an initializer (kept beside the proto until written)."""
         self.remove_initializer(name)
         self.tensors[name] = value

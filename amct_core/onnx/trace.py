@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from ..errors import ExportError
 from ..quant.modules import LayerFactors, QuantConv2d, QuantLinear, is_quant_module
 from ..record import LayerRecord
-from .store import OnnxModel, consumers, drop_value_info, producers, rename_tensor_uses, set_single_opset
+from .store import LazyTensor, OnnxModel, consumers, drop_value_info, producers, rename_tensor_uses, set_single_opset
 
 TRACE_DOMAIN = "amct_trace"
 MAX_TRACER_OPSET = 20  # the TorchScript exporter's highest opset
@@ -103,10 +103,11 @@ def _run_tracer(model: nn.Module, inputs: tuple, input_names, output_names, dyna
     return onnx.load_from_string(buf.getvalue())
 
 
-def _fold_bn(graph, model: OnnxModel, placeholder, f: LayerFactors, eps_of) -> str | None:
+def _fold_bn(graph, model: OnnxModel, placeholder, f: LayerFactors, eps_of):
     """If a BatchNormalization solely consumes the conv ``placeholder``, fold it into ``f`` in place.
 
-    Returns the BN node's output name (the layer's new output) or None when nothing was folded.
+    Returns (the BN node's output name, the per-channel sign of its factor k) or None when nothing
+    was folded. The weight grid is multiplied by the sign; the record's scale_w by |k|.
     """
     y = placeholder.output[0]
     users = consumers(graph).get(y, [])
@@ -122,7 +123,6 @@ def _fold_bn(graph, model: OnnxModel, placeholder, f: LayerFactors, eps_of) -> s
     eps = np.float32(eps_of(bn))
     k = (gamma / np.sqrt(var + eps)).astype(np.float32)
     sign = np.where(k < 0, np.float32(-1), np.float32(1))
-    f.q_w = f.q_w * sign.reshape(-1, 1, 1, 1)
     f.scale_w = (f.scale_w * np.abs(k)).astype(np.float32)
     b = f.bias if f.bias is not None else np.zeros_like(k)
     f.bias = ((b - mean) * k + beta).astype(np.float32)
@@ -131,7 +131,7 @@ def _fold_bn(graph, model: OnnxModel, placeholder, f: LayerFactors, eps_of) -> s
     for i in bn.input[1:5]:
         if not consumers(graph).get(i):
             model.remove_initializer(i)
-    return out
+    return out, sign
 
 
 def _bn_eps(node) -> float:
@@ -141,7 +141,22 @@ def _bn_eps(node) -> float:
     return 1e-5
 
 
-def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, out_name: str, opset: int) -> LayerMeta:
+def _dequantized_weight(module, scale_w: np.ndarray, sign: np.ndarray | None, transpose: bool) -> LazyTensor:
+    """``q_w * scale_w`` (BN sign folded in), computed from the module's parameters when written."""
+    shape = tuple(module.weight.shape)
+
+    def compute() -> np.ndarray:
+        q = module.quant_factors().q_w
+        if sign is not None:
+            q = q * sign.reshape((-1,) + (1,) * (q.ndim - 1))
+        w = (q * scale_w.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)
+        return np.ascontiguousarray(w.T) if transpose else w
+
+    return LazyTensor(shape[::-1] if transpose else shape, np.dtype(np.float32), compute)
+
+
+def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, sign, out_name: str,
+           opset: int) -> LayerMeta:
     """Replace placeholder ``ph`` by the standard op(s) of the layer, with dequantized weights."""
     x = ph.input[0]
     kind = next(helper.get_attribute_value(a) for a in ph.attribute if a.name == "kind")
@@ -151,8 +166,7 @@ def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, out_
     graph.node.remove(ph)
     new_nodes = []
     if isinstance(module, QuantConv2d):
-        scale = f.scale_w.reshape(-1, 1, 1, 1) if f.scale_w.size > 1 else f.scale_w.reshape(1, 1, 1, 1)
-        model.set_array(w_name, (f.q_w * scale).astype(np.float32))
+        model.set_array(w_name, _dequantized_weight(module, f.scale_w, sign, transpose=False))
         inputs = [x, w_name]
         if f.bias is not None:
             model.set_array(b_name, f.bias.astype(np.float32))
@@ -164,8 +178,7 @@ def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, out_
         ))
         meta = LayerMeta(name, "Conv", module.out_channels, 0, f.bias is not None)
     elif isinstance(module, QuantLinear):
-        w = (f.q_w * f.scale_w.reshape(-1, 1)).astype(np.float32).T.copy()  # [in, out]
-        model.set_array(w_name, w)
+        model.set_array(w_name, _dequantized_weight(module, f.scale_w, None, transpose=True))  # [in, out]
         bias = f.bias
         if kind == "gemm":
             if bias is None and opset < 11:
@@ -206,7 +219,7 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
     factors: dict[str, LayerFactors] = {}
     for n, m in modules.items():
         try:
-            factors[n] = m.quant_factors()
+            factors[n] = m.quant_factors(with_weights=False)
         except RuntimeError as e:
             raise ExportError(f"layer {n!r}: {e}") from None
     with _ExportMode(model), torch.no_grad():
@@ -233,11 +246,12 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
             raise ExportError(f"layer {name!r} is called more than once in forward(); a quantized layer must run once")
         module, f = modules[name], factors[name]
         out_name = ph.output[0]
+        sign = None
         if isinstance(module, QuantConv2d):
             folded = _fold_bn(graph, om, ph, f, _bn_eps)
             if folded is not None:
                 dropped.add(out_name)
-                out_name = folded
+                out_name, sign = folded
         graph_outputs = {o.name for o in graph.output}
         if out_name not in graph_outputs:
             # Give the layer's output a readable name; graph outputs keep theirs (output_names hold).
@@ -251,7 +265,7 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
                     if o == out_name:
                         n.output[i] = new_name
             out_name = new_name
-        layers[name] = _lower(graph, om, ph, name, module, f, out_name, opset)
+        layers[name] = _lower(graph, om, ph, name, module, f, sign, out_name, opset)
         records[name] = LayerRecord(scale_d=f.scale_d, offset_d=f.offset_d, scale_w=[float(s) for s in f.scale_w])
     # A graph output produced by a placeholder got the tracer's made-up dim names; name them after the output.
     for o in graph.output:

@@ -47,6 +47,7 @@ class SimLayer:
     kind: str
     quant: str  # AscendQuant node name
     quant_output: str  # int8 tensor
+    quant_input: str  # the float tensor AscendQuant reads
     offset: int
     acc: str  # int32 accumulator tensor (after the bias)
     output: str  # dequant output tensor
@@ -80,7 +81,7 @@ class _Rewriter:
         self.used: set[str] = {t.name for t in model.graph.initializer}
         for n in model.graph.node:
             self.used.update(n.output)
-        self.quant_info: dict[str, tuple[str, int]] = {}  # AscendQuant output -> (node name, offset)
+        self.quant_info: dict[str, tuple[str, int, str]] = {}  # AscendQuant output -> (node name, offset, input)
         self.layers: list[SimLayer] = []
 
     def fresh(self, base: str) -> str:
@@ -124,7 +125,7 @@ class _Rewriter:
         r = self.node("Max", [r, self.const(f"{b}.sim.qmin", np.float64(-128))], base=b)
         r = self.node("Min", [r, self.const(f"{b}.sim.qmax", np.float64(127))], base=b)
         self.node("Cast", [r], output=n.output[0], base=b, to=TensorProto.INT8)
-        self.quant_info[n.output[0]] = (lab, int(offset))
+        self.quant_info[n.output[0]] = (lab, int(offset), n.input[0])
 
     def round(self, v: str, mode: str, b: str, lab: str) -> str:
         """Exact rounding of float64 values with Floor (all opsets): half to even for 'Round'."""
@@ -159,7 +160,7 @@ class _Rewriter:
         xq = n.input[0]
         if xq not in self.quant_info:
             raise SimulationError(f"layer {lab!r}: its AscendQuant {node_label(L.quant)!r} comes after it in the graph")
-        qname, offset = self.quant_info[xq]
+        qname, offset, q_in = self.quant_info[xq]
         zp = self.const(f"{lab}.sim.x_zero_point", np.int8(offset))
         bias = None
         if L.bias is not None:
@@ -208,7 +209,7 @@ class _Rewriter:
         if self.with_bounds and k_terms * 255.0 * 128.0 + bmax > F32_EXACT:
             abs_acc = self.abs_bound(L, lab, xq, offset, w_abs, bias, k_terms, channel_axis, a if L.kind != "Conv" else None)
         self.layers.append(SimLayer(
-            name=L.name, kind=L.kind, quant=qname, quant_output=xq, offset=offset, acc=L.acc,
+            name=L.name, kind=L.kind, quant=qname, quant_output=xq, quant_input=q_in, offset=offset, acc=L.acc,
             output=L.dequant.output[0], deq_scale=deq, channel_axis=channel_axis, n_terms=n_terms, abs_acc=abs_acc,
         ))
         if c_out is not None and deq.size not in (1, c_out):
@@ -348,6 +349,10 @@ class DeployLayerResult:
     dequant_max_rel_diff: float
     dequant_violations: int
     static: dict = field(default_factory=dict)
+    #: the layer's float input already differs from the fake-quant model's (an upstream layer failed)
+    inherited: bool = False
+    input_max_rel_diff: float | None = None
+    order: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -381,7 +386,7 @@ class DeployCheckResult:
         return self.layers_sorted()[0] if self.layers else None
 
     def layers_sorted(self) -> list[DeployLayerResult]:
-        return sorted(self.layers, key=_deploy_badness, reverse=True)
+        return sorted(self.layers, key=_deploy_badness)
 
     def to_dict(self) -> dict:
         return {
@@ -393,7 +398,9 @@ class DeployCheckResult:
 
 
 def _deploy_badness(r: DeployLayerResult) -> tuple:
-    return (not r.ok, r.input_grid_mismatches > 0, r.acc_mismatches, r.acc_max_abs_diff, r.dequant_max_rel_diff)
+    """Sort key, worst first: failing layers whose own data is wrong (their input agrees with the
+    fake-quant model) in graph order, then failures inherited from upstream, then the passing layers."""
+    return (r.ok, r.inherited, r.order if not r.ok else -r.acc_max_abs_diff, r.order)
 
 
 def _static_compare(dix: GraphIndex, L: DeployLayer, fix: GraphIndex, F) -> dict:
@@ -446,7 +453,7 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     dlayers = {L.name: L for L in find_deploy_layers(dix)}
     sim_extra = []
     for sl, _ in pairs:
-        sim_extra += [sl.quant_output, sl.acc, sl.output] + ([sl.abs_acc] if sl.abs_acc else [])
+        sim_extra += [sl.quant_input, sl.quant_output, sl.acc, sl.output] + ([sl.abs_acc] if sl.abs_acc else [])
     types = {}
     for sl, _ in pairs:
         types[sl.quant_output] = TensorProto.INT8
@@ -457,12 +464,20 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     douts = run(sim_model, remap_feeds(feeds, sim_model), "disabled")
     fq_extra = []
     for _, F in pairs:
-        fq_extra += [F.grid_input, F.acc, F.output]
+        fq_extra += [F.grid_input, F.acc, F.output] + ([F.float_input] if F.float_input else [])
     fouts = run(with_extra_outputs(fmodel, fq_extra), feeds, "disabled")
 
     layer_results = []
-    for sl, F in pairs:
-        layer_results.append(_compare_layer(sl, F, douts, fouts, tol, _static_compare(dix, dlayers[sl.name], fix, F)))
+    for k, (sl, F) in enumerate(pairs):
+        r = _compare_layer(sl, F, douts, fouts, tol, _static_compare(dix, dlayers[sl.name], fix, F))
+        r.order = k
+        if F.float_input is not None:
+            a, b = douts[sl.quant_input].astype(np.float64), fouts[F.float_input].astype(np.float64)
+            if a.shape == b.shape and a.size:
+                scale = float(np.max(np.abs(b))) or 1.0
+                r.input_max_rel_diff = float(np.max(np.abs(a - b))) / scale
+                r.inherited = (not r.ok) and r.input_max_rel_diff > 1e-6
+        layer_results.append(r)
 
     out_results = []
     d_names = [o.name for o in sim.model.graph.output]
@@ -489,10 +504,11 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
                f"{'identical' if all(r.acc_max_abs_diff == 0 for r in layer_results) else 'within float32 summation bounds'}, "
                f"{len(out_results)} output(s) within rtol {tol.deploy_output_rtol:g}")
     elif failing:
-        w = sorted(failing, key=_deploy_badness, reverse=True)[0]
+        w = sorted(failing, key=_deploy_badness)[0]
         msg = f"deploy simulation FAILED: worst layer {w.name!r}: {w.message}"
         if len(failing) > 1:
-            msg += f" (and {len(failing) - 1} more failing layer(s))"
+            inh = sum(1 for r in failing if r.inherited)
+            msg += f" (and {len(failing) - 1} more failing layer(s), {inh} of them downstream of a failure)"
     elif bad_out:
         o = bad_out[0]
         msg = (f"deploy simulation FAILED: output {o.name!r} differs by {o.max_abs_diff:.6g} "
