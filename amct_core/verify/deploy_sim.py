@@ -72,10 +72,11 @@ def _c(name: str, arr) -> TensorProto:
 
 
 class _Rewriter:
-    def __init__(self, model: onnx.ModelProto, with_bounds: bool):
+    def __init__(self, model: onnx.ModelProto, with_bounds: bool, quant_rounding: str = "device"):
         self.src = model
         self.ix = GraphIndex(model)
         self.with_bounds = with_bounds
+        self.quant_rounding = quant_rounding
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.used: set[str] = {t.name for t in model.graph.initializer}
@@ -120,8 +121,11 @@ class _Rewriter:
         if sqrt_mode:
             t = self.node("Mul", [t, s], base=b)
         v = self.node("Cast", [t], base=b, to=TensorProto.DOUBLE)
-        v = self.node("Add", [v, self.const(f"{b}.sim.offset", np.float64(offset))], base=b)
-        r = self.round(v, mode, b, lab)
+        off = self.const(f"{b}.sim.offset", np.float64(offset))
+        if self.quant_rounding == "device":  # FORMATS §5: round(x * scale + offset)
+            r = self.round(self.node("Add", [v, off], base=b), mode, b, lab)
+        else:  # FORMATS §3/§4 (training, fake-quant): round(x * scale) + offset
+            r = self.node("Add", [self.round(v, mode, b, lab), off], base=b)
         r = self.node("Max", [r, self.const(f"{b}.sim.qmin", np.float64(-128))], base=b)
         r = self.node("Min", [r, self.const(f"{b}.sim.qmax", np.float64(127))], base=b)
         self.node("Cast", [r], output=n.output[0], base=b, to=TensorProto.INT8)
@@ -255,8 +259,13 @@ class _Rewriter:
         self.node("Identity", [y], output=n.output[0], base=lab)
 
 
-def build_simulation(deploy_model, with_bounds: bool = True) -> Simulation:
+def build_simulation(deploy_model, with_bounds: bool = True, quant_rounding: str = "device") -> Simulation:
     """Rewrite a deploy model into an ONNX Runtime-runnable model (see the module docstring).
+
+    ``quant_rounding``: ``"device"`` rounds ``x * scale + offset`` as FORMATS §5 defines AscendQuant;
+    ``"training"`` rounds ``x * scale`` and adds the offset after, as training and the fake-quant model
+    do (§3/§4). The two differ only where ``x * scale`` is exactly halfway between two integers and
+    the offset is odd (round half to even moves to the other neighbour).
 
     Raises SimulationError naming the node when the file cannot be simulated (run preflight for
     the full list of what is wrong)."""
@@ -269,7 +278,9 @@ def build_simulation(deploy_model, with_bounds: bool = True) -> Simulation:
         src = _upgrade_opset(src, SIM_MIN_OPSET)
         ix = GraphIndex(src)
     layers = {id(L.node): L for L in find_deploy_layers(ix)}
-    rw = _Rewriter(src, with_bounds)
+    if quant_rounding not in ("device", "training"):
+        raise ValueError(f"quant_rounding must be 'device' or 'training', got {quant_rounding!r}")
+    rw = _Rewriter(src, with_bounds, quant_rounding)
     rw.ix = ix
     by_dequant: dict[int, DeployLayer] = {id(L.dequant): L for L in layers.values() if L.dequant is not None}
     sim_by_name: dict[str, SimLayer] = {}
@@ -345,6 +356,7 @@ class DeployLayerResult:
     acc_max_abs: float
     acc_allowed_slack: float  # max allowed |diff| over the layer (0 where float32 is exact)
     acc_int32_overflow_risk: bool
+    acc_abs_sum_max: float  # max over outputs of sum |x - offset| * |w| + |bias| (bounds every partial sum)
     dequant_max_abs_diff: float
     dequant_max_rel_diff: float
     dequant_violations: int
@@ -353,6 +365,9 @@ class DeployLayerResult:
     inherited: bool = False
     input_max_rel_diff: float | None = None
     order: int = 0
+    #: inputs where the device's AscendQuant (round(x*scale + offset), §5) gives another int8 value than
+    #: training / fake-quant (round(x*scale) + offset): exact ties with an odd offset. Reported, not failed.
+    device_tie_differences: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -438,7 +453,10 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     the graph's input shapes; ``dims`` sizes symbolic dimensions)."""
     tol: Tolerances = as_tolerances(tolerances)
     dmodel, fmodel = load_model(deploy_model), load_model(fake_quant_model)
-    sim = build_simulation(dmodel, with_bounds=True)
+    # The file check uses the training order of rounding so that the integers compared are the ones the
+    # files encode; where the device's order (§5) would quantize differently (exact ties, odd offset)
+    # is counted separately and reported per layer as ``device_tie_differences``.
+    sim = build_simulation(dmodel, with_bounds=True, quant_rounding="training")
     feeds = feeds_for(fmodel, inputs) if inputs is not None else generate_inputs(fmodel, seed=seed, dims=dims)
     dix, fix = GraphIndex(dmodel), GraphIndex(fmodel)
     problems: list[str] = []
@@ -471,6 +489,7 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     for k, (sl, F) in enumerate(pairs):
         r = _compare_layer(sl, F, douts, fouts, tol, _static_compare(dix, dlayers[sl.name], fix, F))
         r.order = k
+        r.device_tie_differences = _device_tie_differences(douts[sl.quant_input], sim_quant_attrs(dmodel, sl.quant))
         if F.float_input is not None:
             a, b = douts[sl.quant_input].astype(np.float64), fouts[F.float_input].astype(np.float64)
             if a.shape == b.shape and a.size:
@@ -499,10 +518,14 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     failing = [r for r in layer_results if not r.ok]
     bad_out = [o for o in out_results if not o.ok]
     ok = not failing and not bad_out and not problems
+    ties = sum(r.device_tie_differences for r in layer_results)
     if ok:
         msg = (f"deploy simulation matches the fake-quant model: {len(layer_results)} layer(s), accumulators "
                f"{'identical' if all(r.acc_max_abs_diff == 0 for r in layer_results) else 'within float32 summation bounds'}, "
                f"{len(out_results)} output(s) within rtol {tol.deploy_output_rtol:g}")
+        if ties:
+            msg += (f"; note: {ties} int8 input(s) sit on an exact rounding tie where the device's AscendQuant "
+                    "(round(x*scale+offset)) differs by 1 from training (round(x*scale)+offset)")
     elif failing:
         w = sorted(failing, key=_deploy_badness)[0]
         msg = f"deploy simulation FAILED: worst layer {w.name!r}: {w.message}"
@@ -517,6 +540,28 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
         msg = "deploy simulation FAILED: " + problems[0]
     inputs_desc = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
     return DeployCheckResult(ok, msg, layer_results, out_results, problems, sim.opset, inputs_desc)
+
+
+def sim_quant_attrs(model: onnx.ModelProto, quant_name: str) -> tuple[float, int, int, str]:
+    for n in model.graph.node:
+        if n.name == quant_name and n.op_type == ASCEND_QUANT:
+            mode = attr_value(n, "round_mode", b"Round")
+            return (float(attr_value(n, "scale")), int(attr_value(n, "offset")), int(attr_value(n, "sqrt_mode", 0)),
+                    mode.decode() if isinstance(mode, bytes) else str(mode))
+    return (float("nan"), 0, 0, "Round")
+
+
+def _device_tie_differences(x: np.ndarray, attrs) -> int:
+    scale, offset, sqrt_mode, mode = attrs
+    if mode != "Round" or offset % 2 == 0 or not np.isfinite(scale):
+        return 0
+    t = np.asarray(x, np.float32) * np.float32(scale)
+    if sqrt_mode:
+        t = t * np.float32(scale)
+    t = t.astype(np.float64)
+    dev = np.clip(np.round(t + offset), -128, 127)
+    train = np.clip(np.round(t) + offset, -128, 127)
+    return int(np.count_nonzero(dev != train))
 
 
 def _compare_layer(sl: SimLayer, F, douts, fouts, tol: Tolerances, static: dict) -> DeployLayerResult:
@@ -536,9 +581,11 @@ def _compare_layer(sl: SimLayer, F, douts, fouts, tol: Tolerances, static: dict)
         gamma = sl.n_terms * U32 / (1 - sl.n_terms * U32)
         allowed = np.where(S <= F32_EXACT, 0.0, np.ceil(gamma * S))
         overflow = bool(np.any(S > 2.0 ** 31 - 1))
+        s_max = float(S.max(initial=0.0))
     else:
         allowed = np.zeros_like(diff)
         overflow = False
+        s_max = float("nan")
     acc_bad = int(np.count_nonzero(diff > allowed))
     # dequantized outputs
     od = douts[sl.output].astype(np.float64)
@@ -579,16 +626,18 @@ def _compare_layer(sl: SimLayer, F, douts, fouts, tol: Tolerances, static: dict)
         acc_exact_fraction=float(np.mean(diff == 0)) if n else 1.0,
         acc_max_abs_diff=float(diff.max(initial=0.0)), acc_max_abs=float(np.abs(acc_d).max(initial=0)),
         acc_allowed_slack=float(allowed.max(initial=0.0)), acc_int32_overflow_risk=overflow,
+        acc_abs_sum_max=s_max,
         dequant_max_abs_diff=d_max, dequant_max_rel_diff=d_rel, dequant_violations=d_bad, static=static,
     )
 
 
-def simulate_deploy(deploy_model, inputs=None, *, seed: int = 0, dims=None,
-                    accumulators: bool = False) -> dict[str, np.ndarray]:
-    """Run a deploy model on the CPU. Returns the graph outputs by name (and, with ``accumulators``,
-    each quantized layer's int32 accumulator under the key ``'<layer>:acc'``)."""
+def simulate_deploy(deploy_model, inputs=None, *, seed: int = 0, dims=None, accumulators: bool = False,
+                    quant_rounding: str = "device") -> dict[str, np.ndarray]:
+    """Run a deploy model on the CPU as the device defines it. Returns the graph outputs by name (and,
+    with ``accumulators``, each quantized layer's int32 accumulator under the key ``'<layer>:acc'``).
+    ``quant_rounding``: see :func:`build_simulation`."""
     model = load_model(deploy_model)
-    sim = build_simulation(model, with_bounds=False)
+    sim = build_simulation(model, with_bounds=False, quant_rounding=quant_rounding)
     feeds = feeds_for(model, inputs) if inputs is not None else generate_inputs(model, seed=seed, dims=dims)
     names = [o.name for o in sim.model.graph.output]
     extra = [l.acc for l in sim.layers] if accumulators else []
