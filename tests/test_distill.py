@@ -293,6 +293,13 @@ def test_exhausted_generator_is_an_error_not_a_silent_no_op(tmp_path):
         (lambda c: c["bn1"].update({"quant_enable": True}) if "bn1" in c else c.update({"bn1": {"quant_enable": True}}),
          "'bn1'"),
         (lambda c: c.update({"distill_group": [["conv1"], ["ghost"]]}), "'ghost'"),
+        (lambda c: c.update({"batch_num": "4"}), "'batch_num'"),
+        (lambda c: c["conv1"].update({"quant_enable": "yes"}), "conv1.quant_enable"),
+        (lambda c: c["conv1"].update({"distill_data_config": "INT8"}), "conv1.distill_data_config must be an object"),
+        (lambda c: c["conv1"]["distill_data_config"].update({"fixd_min": True}), "conv1.distill_data_config.fixd_min"),
+        (lambda c: c["conv2"]["distill_data_config"].update({"fixed_min": 1}), "conv2.distill_data_config.fixed_min"),
+        (lambda c: c["fc"]["distill_data_config"].update({"clip_max": -2.0, "clip_min": 0.0}), "fc.distill_data_config"),
+        (lambda c: c.update({"distill_group": "conv1"}), "'distill_group'"),
     ],
 )
 def test_bad_config_fails_before_training_and_names_the_key(tmp_path, edit, match):
@@ -354,3 +361,32 @@ def test_save_distill_model_accepts_the_distilled_student(tmp_path):
                                  record_file=str(tmp_path / "out" / "rec.txt"))
     assert (tmp_path / "out" / "cnn_fake_quant_model.onnx").exists()
     assert (tmp_path / "out" / "cnn_deploy_model.onnx").exists()
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.block1(x)).mean((2, 3)))
+
+
+def test_a_group_may_name_a_whole_container_block(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    teacher = TwoBlocks().eval()
+    data = cnn_data(n=3)
+    cfg, student = make_student(tmp_path, teacher, data[0][0])
+    c = json.loads(open(cfg).read())
+    c["distill_group"] = [["block1"], ["fc"]]
+    open(cfg, "w").write(json.dumps(c))
+    amct_core.distill(teacher, student, cfg, data, epochs=2)
+    assert [r["group"] for r in student.amct_distill_report] == [["block1"], ["fc"]]
+    assert all(r["loss_before"] is not None for r in student.amct_distill_report)
+    c["distill_group"] = [["block1", "block1.0"], ["fc"]]
+    open(cfg, "w").write(json.dumps(c))
+    with pytest.raises(DistillError, match="'block1' and its submodule 'block1.0'"):
+        amct_core.distill(teacher, student, cfg, data)

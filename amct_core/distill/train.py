@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..errors import AmctError
+from ..errors import AmctError, ConfigError
 from ..quant.modules import is_quant_module
 from .config import enabled_layers, load_distill_config, validate_distill_config
 
@@ -239,6 +239,41 @@ def _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader
                            f"{type(train_loader).__name__}")
 
 
+DATA_KEYS = ("algo", "dst_type", "fixed_min", "clip_max", "clip_min")
+WEIGHT_KEYS = ("algo", "dst_type", "channel_wise")
+
+
+def check_layer_fields(cfg: dict) -> None:
+    """Types and values of the per-layer sub-configs distill() reads; errors name the key."""
+    for name, entry in cfg.items():
+        if not isinstance(entry, dict) or "quant_enable" not in entry:
+            continue
+        for sub, allowed in (("distill_data_config", DATA_KEYS), ("distill_weight_config", WEIGHT_KEYS)):
+            if sub not in entry:
+                continue
+            val = entry[sub]
+            if not isinstance(val, dict):
+                raise ConfigError(f"config key {name}.{sub} must be an object, got {type(val).__name__}")
+            for k in val:
+                if k not in allowed:
+                    raise ConfigError(f"config key {name}.{sub}.{k} is unknown; expected one of {list(allowed)}")
+        data = entry.get("distill_data_config", {})
+        if "fixed_min" in data and not isinstance(data["fixed_min"], bool):
+            raise ConfigError(f"config key {name}.distill_data_config.fixed_min must be true or false, got "
+                              f"{data['fixed_min']!r}")
+        if ("clip_max" in data) != ("clip_min" in data):
+            raise ConfigError(f"config key {name}.distill_data_config: clip_max and clip_min go together")
+        if "clip_max" in data:
+            hi, lo = data["clip_max"], data["clip_min"]
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (hi, lo))
+            if not ok or not (lo <= 0 <= hi) or hi <= lo:
+                raise ConfigError(f"config key {name}.distill_data_config clip_min={lo!r}, clip_max={hi!r}: must be "
+                                  "finite numbers with clip_min <= 0 <= clip_max and clip_min < clip_max")
+        cw = entry.get("distill_weight_config", {}).get("channel_wise")
+        if cw is not None and not isinstance(cw, bool):
+            raise ConfigError(f"config key {name}.distill_weight_config.channel_wise must be true or false, got {cw!r}")
+
+
 def _check_models_match(cfg: dict, model: nn.Module, student: nn.Module) -> None:
     tmods = dict(model.named_modules())
     smods = dict(student.named_modules())
@@ -362,8 +397,15 @@ def _plan_groups(cfg: dict, student: nn.Module, call_order: list[str]) -> list[l
                 raise DistillError(f"config key 'distill_group': layer {n!r} is in group {seen[n]} and group {gi}; a "
                                    "layer belongs to one group")
             seen[n] = gi
+    for b in seen:
+        parts = b.split(".")
+        for i in range(1, len(parts)):
+            a = ".".join(parts[:i])
+            if a in seen:
+                raise DistillError(f"config key 'distill_group' names both {a!r} and its submodule {b!r}; name a "
+                                   "block or its parts, not both")
     for n in enabled_layers(cfg):
-        if n not in seen:
+        if n not in seen and not any(n.startswith(g + ".") for g in seen):
             groups.append([n])
     pos = {n: i for i, n in enumerate(call_order)}
     planned = []
@@ -386,17 +428,20 @@ def _fixed_min(cfg: dict, name: str, module: nn.Module) -> bool:
 
 
 def _group_params(cfg: dict, student: nn.Module, group: list[str]) -> list[tuple[str, str, nn.Parameter]]:
+    """(owner module name, parameter name, parameter) of every module the group names, submodules
+    included (a group may name a whole container block)."""
     mods = dict(student.named_modules())
     out: list[tuple[str, str, nn.Parameter]] = []
     ids: set[int] = set()
     for n in group:
-        m = mods[n]
-        for pname, p in m.named_parameters(recurse=False):
-            if is_quant_module(m) and pname == "clip_min" and _fixed_min(cfg, n, m):
-                continue
-            if id(p) not in ids:
-                ids.add(id(p))
-                out.append((n, pname, p))
+        for sub_name, m in mods[n].named_modules():
+            owner = f"{n}.{sub_name}" if sub_name else n
+            for pname, p in m.named_parameters(recurse=False):
+                if is_quant_module(m) and pname == "clip_min" and _fixed_min(cfg, owner, m):
+                    continue
+                if id(p) not in ids:
+                    ids.add(id(p))
+                    out.append((owner, pname, p))
     return out
 
 
@@ -440,6 +485,7 @@ def calibrate_distill_model(compress_model, config_file, train_loader, sample_in
         raise DistillError(f"train_loader must be an iterable of batches (e.g. a DataLoader), got "
                            f"{type(train_loader).__name__}")
     cfg = load_distill_config(config_file)
+    check_layer_fields(cfg)
     adapt = _make_adapter(sample_instance, model if model is not None else compress_model)
     flags = {m: m.training for m in compress_model.modules()}
     try:
@@ -478,6 +524,7 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
     """
     _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader)
     cfg = load_distill_config(config_file)
+    check_layer_fields(cfg)
     validate_distill_config(cfg, model)
     _check_models_match(cfg, model, compress_model)
     if cfg.get("data_dump"):
@@ -540,9 +587,7 @@ def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train
         progress.say(f"{label}: no trainable parameter, skipped")
         return {"group": group, "loss_before": None, "loss_after": None, "kept": "calibrated"}
     if opt_params is not None:
-        wanted = {id(p) for p in params}
-        absent = sorted({n for n in group for p in smods[n].parameters(recurse=False)
-                         if id(p) in wanted and id(p) not in opt_params})
+        absent = sorted({owner for owner, _, p in entries if id(p) not in opt_params})
         if absent:
             raise DistillError(f"optimizer does not hold the parameters of {absent} ({label}); build it over "
                                "compress_model.parameters()")
@@ -581,7 +626,7 @@ def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    qat = [smods[n] for n in group if is_quant_module(smods[n])]
+    qat = [m for n in group for m in smods[n].modules() if is_quant_module(m)]
     before = check_loss()
     snapshot = [p.detach().clone() for p in params]
     for m in qat:
