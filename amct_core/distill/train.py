@@ -11,13 +11,18 @@ How it works
    forward stops as soon as the group's last module has produced its output, so later layers
    cost nothing. The student sees its own (quantized, already distilled) upstream activations,
    so each block also learns to absorb the error of the blocks before it.
-   Trainable: the direct parameters of the group's modules, i.e. the QAT layers' ``weight``,
-   ``bias``, ``clip_min``, ``clip_max`` and the affine parameters of BatchNorms in the group.
+   Trainable: the parameters of the modules the group names (submodules included), i.e. the QAT
+   layers' ``weight``, ``bias``, ``clip_min``, ``clip_max`` and the affine parameters of BatchNorms
+   in the group. The default optimizer is Adam with steps relative to each parameter's scale.
    A layer whose calibrated input is never negative (after a ReLU, ``F.relu`` included) keeps
    ``clip_min`` fixed at 0 (``fixed_min``; a layer's ``distill_data_config.fixed_min`` in the config
    overrides this). Everything runs in eval mode (BatchNorm uses its frozen running statistics, so
    the exporter's BN fold stays exact; dropout is off); only the QAT layers of the group train
    their ranges.
+
+3. **Check.** Each block's loss is measured on the first ``max(batch_num, 4)`` batches before and
+   after its training; a block whose loss went up keeps its calibrated values. The figures are left
+   on the student as ``compress_model.amct_distill_report`` (one dict per group).
 
 The teacher is never modified; it runs under ``torch.no_grad`` in eval mode.
 """
