@@ -156,7 +156,18 @@ def check_parity(torch_model: nn.Module, fake_quant_model, inputs=None, example_
     ``inputs``: tensors (one, or a tuple in the model's argument order) used as they are; else seeded
     inputs shaped like ``example_inputs``; else seeded inputs from the ONNX graph's input shapes.
     ``tolerances``: :class:`Tolerances` or a dict of its fields. Returns a :class:`ParityResult`.
+    The torch model runs in eval mode; its train/eval flags and its state are left as they were.
     """
+    flags = {m: m.training for m in torch_model.modules()}
+    try:
+        torch_model.eval()
+        return _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, tolerances, opt_levels)
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, tolerances, opt_levels) -> ParityResult:
     tol = as_tolerances(tolerances)
     fmodel = load_model(fake_quant_model)
     fix = GraphIndex(fmodel)
@@ -196,15 +207,11 @@ def check_parity(torch_model: nn.Module, fake_quant_model, inputs=None, example_
     for name, m in modules.items():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             handles.append(m.register_forward_hook(bn_hook(name)))
-    flags = {m: m.training for m in torch_model.modules()}
     try:
-        torch_model.eval()
         t_out = _flatten_outputs(torch_model(*tin))
     finally:
         for h in handles:
             h.remove()
-        for m, f in flags.items():
-            m.training = f
 
     # ---- ORT ---------------------------------------------------------------------------------------
     flayers: dict[str, FakeQuantLayer] = {}

@@ -81,6 +81,10 @@ def build_report(*, preflight=None, parity=None, deploy=None, tolerances=None, f
         summary = "FAIL: no check ran"
     else:
         summary = "FAIL: " + failures[0]["message"]
+        if len(failures) > 1:
+            summary += f" | also failed: " + "; ".join(
+                f"{f['check']}" + (f" (layer {f['layer']!r}: {f['figure']})" if f.get("layer") else "")
+                for f in failures[1:])
     return _clean({
         "schema": REPORT_SCHEMA,
         "version": REPORT_VERSION,
@@ -137,8 +141,12 @@ def layer_chart_png(report: dict) -> bytes | None:
         frac = [100.0 * (l["acc_exact_fraction"] or 0.0) for l in layers][::-1]
         ax.barh(range(len(names)), frac, color=["#c0392b" if not l["ok"] else "#27ae60" for l in layers][::-1])
         for y, l in enumerate(layers[::-1]):
-            ax.text(1, y, f"max|diff| {l['acc_max_abs_diff'] if l['acc_max_abs_diff'] is not None else 'n/a'}",
-                    va="center", fontsize=7, color="white")
+            d = l["acc_max_abs_diff"]
+            label = f"max|diff| {d:.0f}" if d is not None else "n/a"
+            if l.get("inherited"):
+                label += " (input already differs upstream)"
+            ax.text(1.5, y, label, va="center", fontsize=7,
+                    color="white" if (l["acc_exact_fraction"] or 0) > 0.6 else "#1b2631")
         ax.set_yticks(list(range(len(names))), names, fontsize=8)
         ax.set_xlim(0, 100)
         ax.set_xlabel("int32 accumulators equal to fake-quant [%]")
@@ -251,9 +259,11 @@ def render_html(report: dict, png: bytes | None, png_name: str | None) -> str:
             parts.append("<ul>" + "".join(f"<li>{e(p)}</li>" for p in dep["problems"]) + "</ul>")
         parts.append("<h3>Per quantized layer (worst first)</h3>")
         parts.append(_table(
-            ["layer", "op", "int8 input mismatches", "int32 acc. equal [%]", "acc. max |diff|", "allowed slack",
+            ["layer", "op", "cause", "int8 input mismatches", "int32 acc. equal [%]", "acc. max |diff|", "allowed slack",
              "acc. max |value|", "dequant max rel. diff", "weights differing", "result"],
-            [[f"<code>{e(l['name'])}</code>", e(l["kind"]), _fmt(l["input_grid_mismatches"]),
+            [[f"<code>{e(l['name'])}</code>", e(l["kind"]),
+              "" if l["ok"] else ("upstream (its input already differs)" if l.get("inherited") else "<b>this layer</b>"),
+              _fmt(l["input_grid_mismatches"]),
               _fmt(100.0 * (l["acc_exact_fraction"] or 0.0), 3), _fmt(l["acc_max_abs_diff"]), _fmt(l["acc_allowed_slack"]),
               _fmt(l["acc_max_abs"]), _fmt(l["dequant_max_rel_diff"]),
               _fmt((l.get("static") or {}).get("weight_differences")), e(l["message"])] for l in dep["layers"]],

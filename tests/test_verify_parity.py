@@ -1,0 +1,105 @@
+"""Fake-quant parity: the distilled torch model vs the fake-quant ONNX model in ONNX Runtime."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from amct_core.verify import Tolerances, check_parity, make_inputs
+from tests import broken_models as bm
+
+EXPORTED = ["cnn", "mlp", "encoder", "two"]
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_parity_passes_on_exported_models(name):
+    e = bm.export(name)
+    r = check_parity(e.model, e.fake_quant, example_inputs=e.example, seed=1)
+    assert r.ok, r.message
+    assert {o.opt_level for o in r.outputs} == {"disabled", "all"}
+    for o in r.outputs:
+        assert o.figures["cosine"] > 0.9999 and o.figures["sqnr_db"] > 40
+    for l in r.layers:
+        # locally each layer agrees to within bias rounding (half a step) plus float noise
+        assert l.local is not None and l.local["max_error_steps"] < 1.0, (l.name, l.local)
+
+
+def test_every_quantized_layer_is_compared_and_bn_folds_are_followed():
+    e = bm.export("cnn")
+    r = check_parity(e.model, e.fake_quant, example_inputs=e.example)
+    by = {l.name: l for l in r.layers}
+    assert sorted(by) == sorted(["conv1", "conv2", "dw", "pw", "dilated", "fc"])
+    assert by["conv1"].folded_bn == "bn1" and by["conv2"].folded_bn == "bn2" and by["dw"].folded_bn is None
+
+
+def test_output_figures_include_steps_where_a_quantized_layer_makes_the_output():
+    e = bm.export("two")
+    r = check_parity(e.model, e.fake_quant, example_inputs=e.example)
+    figs = {o.name: o.figures for o in r.outputs if o.opt_level == "disabled"}
+    assert figs["feat"]["max_error_steps"] is not None and figs["feat"]["max_error_steps"] < 1.0
+    assert all(f["argmax_agreement"] == 1.0 for f in figs.values())
+
+
+@pytest.mark.parametrize("name,initializer,layer,factor", [
+    ("cnn", "conv2.fakedequant.deq_scale", "conv2", 1.1),
+    ("cnn", "dw.quant.fakequant.scale", "dw", 1.01),
+    ("cnn", "pw.fakedequant.deq_scale", "pw", 1.001),
+    ("mlp", "fc2.quant.fakequant.scale", "fc2", 0.5),
+    ("encoder", "proj.fakedequant.deq_scale", "proj", 1.02),
+    ("encoder", "ff1.quant.fakequant.scale", "ff1", 1.05),
+])
+def test_perturbed_scale_fails_and_names_the_layer(name, initializer, layer, factor):
+    e = bm.export(name)
+    bad = bm.perturb_fake_quant(bm.load(e.fake_quant), initializer, factor)
+    r = check_parity(e.model, bad, example_inputs=e.example)
+    assert not r.ok
+    assert r.worst_layer.name == layer
+    assert f"worst layer {layer!r}" in r.message
+    assert r.worst_layer.failed and r.worst_layer.failed[0] in r.message
+
+
+def test_perturbed_offset_fails():
+    e = bm.export("encoder")
+    bad = bm.perturb_fake_quant(bm.load(e.fake_quant), "ff2.quant.fakequant.offset", 0.5)
+    r = check_parity(e.model, bad, example_inputs=e.example)
+    assert not r.ok and r.worst_layer.name == "ff2"
+
+
+def test_given_inputs_are_used_as_they_are():
+    e = bm.export("mlp")
+    x = torch.full((2, 20), 0.25)
+    r = check_parity(e.model, e.fake_quant, inputs=(x,))
+    assert r.ok
+    # a constant input row gives identical rows in both models' outputs: check the figures reflect x
+    r2 = check_parity(e.model, e.fake_quant, inputs=x)
+    assert r2.outputs[0].figures == r.outputs[0].figures
+
+
+def test_generated_inputs_are_seeded_and_follow_the_example():
+    ex = torch.zeros(3, 4, dtype=torch.float32)
+    a, b, c = make_inputs(ex, seed=7)[0], make_inputs(ex, seed=7)[0], make_inputs(ex, seed=8)[0]
+    assert a.shape == ex.shape and a.dtype == ex.dtype
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    ints = make_inputs(torch.tensor([[0, 9]]), seed=1)[0]
+    assert ints.dtype == torch.int64 and int(ints.min()) >= 0 and int(ints.max()) <= 9
+
+
+def test_tolerances_are_parameters():
+    e = bm.export("mlp")
+    strict = check_parity(e.model, e.fake_quant, example_inputs=e.example,
+                          tolerances={"layer_sqnr_min_db": 200.0})
+    assert not strict.ok and "SQNR" in strict.message
+    assert check_parity(e.model, e.fake_quant, example_inputs=e.example, tolerances=Tolerances()).ok
+    with pytest.raises(ValueError, match="unknown tolerance"):
+        check_parity(e.model, e.fake_quant, example_inputs=e.example, tolerances={"sqnr": 1})
+
+
+def test_torch_model_state_is_left_alone():
+    e = bm.export("cnn")
+    before = {k: v.clone() for k, v in e.model.state_dict().items()}
+    e.model.train()
+    check_parity(e.model, e.fake_quant, example_inputs=e.example)
+    assert e.model.training
+    e.model.eval()
+    after = e.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
