@@ -85,7 +85,7 @@ def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--dynamic-axes", type=_json_obj, default=None, metavar="JSON", help="e.g. '{\"input\": [0], \"output\": [0]}'")
     g = p.add_argument_group("checks and tracking")
     g.add_argument("--parity-tolerances", type=_json_obj, default=None, metavar="JSON",
-                   help="e.g. '{\"min_cosine\": 0.999, \"max_abs_error\": null, \"min_argmax_agreement\": 0.99}'")
+                   help="overrides of amct_core.verify.Tolerances, e.g. '{\"output_cosine_min\": 0.999, \"layer_sqnr_min_db\": 30}'")
     g.add_argument("--mlflow-experiment", default=None, help="MLflow experiment (default amct-export)")
     g.add_argument("--mlflow-tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     g.add_argument("--registered-model-name", default=None, help="register the logged fake-quant model under this name")

@@ -221,7 +221,8 @@ def distill_export(
         record_file: a record file to validate and use instead of writing one from the model.
         target: A2, A3 or 950. opset: ONNX opset (default 11; within the target's range).
         input_names / output_names / dynamic_axes: as save_distill_model.
-        parity_tolerances: e.g. {"min_cosine": 0.999, "max_abs_error": null, "min_argmax_agreement": 0.99}.
+        parity_tolerances: overrides of amct_core.verify.Tolerances, e.g. {"output_cosine_min": 0.999,
+            "layer_sqnr_min_db": 30.0} (docs/VERIFY.md lists them and their defaults).
         mlflow_experiment / mlflow_tracking_uri: where to log (default: MLFLOW_TRACKING_URI or ./mlflow.db).
         registered_model_name: register the logged fake-quant model under this name (new version).
         force: recompute every stage even if its inputs are unchanged.

@@ -1,23 +1,23 @@
-"""Stage 6: parity of the exported models with the distilled torch model.
+"""Stage 6: checks of the exported models, by amct_core.verify (one call: :func:`amct_core.verify.verify`).
 
-Uses amct_core.verify (issue 4: fake-quant parity, deploy simulation, ATC preflight, HTML/JSON report)
-when it is importable. Until then a minimal check runs here: the fake-quant model in ONNX Runtime
-against the torch model on seeded inputs (max abs error, cosine, arg-max agreement), with a JSON
-report, an HTML page and one PNG plot.
+* ATC preflight of the deploy model (FORMATS §5/§6, no ATC needed);
+* deploy simulation on the CPU vs the fake-quant model (int32 accumulators must be identical);
+* parity of the fake-quant model in ONNX Runtime vs the distilled torch model (per output, per layer).
+
+Writes ``report.json``, ``report.html`` and ``report_layers.png`` into the stage's directory and
+returns the verdict with flat figures for MLflow and rows for Prefect's table artifact.
 """
 from __future__ import annotations
 
-import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
 
-from ._common import FileRef, ModelSpec, build_model, example_input, measured, stage_cache
+from ._common import FileRef, ModelSpec, build_model, measured, spec_inputs, stage_cache
 
-DEFAULT_TOLERANCES = {"min_cosine": 0.999, "max_abs_error": None, "min_argmax_agreement": 0.99}
-PARITY_SAMPLES = 4
+REPORT_NAME = "report"
+MAX_LAYER_ROWS = 10
 
 
 @dataclass
@@ -36,111 +36,84 @@ class ParityResult:
 
 
 def known_tolerance_keys() -> set[str]:
-    return set(DEFAULT_TOLERANCES)
+    from dataclasses import fields
+
+    from amct_core.verify import Tolerances
+
+    return {f.name for f in fields(Tolerances)}
 
 
-def _cos(a, b) -> float:
-    import numpy as np
-
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(a @ b / (na * nb))
+def _num(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _minimal_parity(spec: ModelSpec, fake_quant_path: str, out_dir: Path, tol: dict) -> tuple[bool, str, dict, list, list]:
-    import numpy as np
-    import onnxruntime as ort
-    import torch
+def summarize(report: dict) -> tuple[dict, list[dict]]:
+    """Flat metrics (MLflow) and table rows (Prefect) from a verify report."""
+    metrics: dict[str, float] = {"verify.passed": 1.0 if report.get("verdict") == "pass" else 0.0}
+    rows: list[dict] = []
+    figs = ("cosine", "sqnr_db", "max_abs_error", "max_error_steps", "argmax_agreement")
 
-    model = build_model(spec)
-    sess = ort.InferenceSession(fake_quant_path, providers=["CPUExecutionProvider"])
-    in_names = [i.name for i in sess.get_inputs()]
-    out_names = [o.name for o in sess.get_outputs()]
-    per_out: dict[str, dict[str, list]] = {n: {"ref": [], "got": []} for n in out_names}
-    for s in range(PARITY_SAMPLES):
-        x = example_input(spec.input_shape, spec.input_dtype, spec.seed + s)
-        with torch.no_grad():
-            ref = model(x)
-        refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-        got = sess.run(None, {in_names[0]: x.numpy()})
-        for n, r, g in zip(out_names, refs, got):
-            per_out[n]["ref"].append(r.detach().float().numpy())
-            per_out[n]["got"].append(np.asarray(g, dtype=np.float32))
-    rows, metrics, failures = [], {}, []
-    for n, d in per_out.items():
-        ref, got = np.concatenate(d["ref"]), np.concatenate(d["got"])
-        err = np.abs(ref - got)
-        row = {"output": n, "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
-               "cosine": _cos(ref, got)}
-        if ref.ndim >= 2 and ref.shape[-1] > 1:
-            row["argmax_agreement"] = float((ref.argmax(-1) == got.argmax(-1)).mean())
-        rows.append(row)
-        for k, v in row.items():
-            if k != "output":
-                metrics[f"parity.{n}.{k}"] = v
-        if tol.get("min_cosine") is not None and row["cosine"] < tol["min_cosine"]:
-            failures.append(f"output {n!r}: cosine {row['cosine']:.6f} < min_cosine {tol['min_cosine']}")
-        if tol.get("max_abs_error") is not None and row["max_abs_error"] > tol["max_abs_error"]:
-            failures.append(f"output {n!r}: max_abs_error {row['max_abs_error']:.6g} > max_abs_error {tol['max_abs_error']}")
-        if tol.get("min_argmax_agreement") is not None and "argmax_agreement" in row \
-                and row["argmax_agreement"] < tol["min_argmax_agreement"]:
-            failures.append(f"output {n!r}: argmax_agreement {row['argmax_agreement']:.4f} < "
-                            f"min_argmax_agreement {tol['min_argmax_agreement']}")
-        # plot
-        import matplotlib
+    def row(check, name, ok, f=None, message=""):
+        r = {"check": check, "name": name, "ok": bool(ok)}
+        for k in figs:
+            r[k] = None if f is None else _num(f.get(k))
+        r["message"] = message
+        rows.append(r)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.hist(err.ravel(), bins=50)
-        ax.set_title(f"|torch - fake-quant ONNX| for output {n}")
-        ax.set_xlabel("absolute error")
-        ax.set_ylabel("count")
-        fig.tight_layout()
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in n)
-        fig.savefig(out_dir / f"abs_error_{safe}.png", dpi=90)
-        plt.close(fig)
-    passed = not failures
-    summary = "parity passed" if passed else "parity failed: " + "; ".join(failures)
-    return passed, summary, metrics, rows, failures
-
-
-def _write_reports(out_dir: Path, passed: bool, summary: str, rows: list, tol: dict, checks: list) -> None:
-    from amct_core._io import atomic_write_bytes
-
-    report = {"version": 1, "verdict": "pass" if passed else "fail", "summary": summary, "tolerances": tol,
-              "checks": checks, "outputs": rows}
-    atomic_write_bytes(out_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    cols = sorted({k for r in rows for k in r}, key=lambda k: (k != "output", k))
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows)
-    imgs = "".join(f'<p><img src="{p.name}" alt="{p.name}"></p>' for p in sorted(out_dir.glob("*.png")))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Parity report</title></head><body>"
-            f"<h1>Parity: {'PASS' if passed else 'FAIL'}</h1><p>{html.escape(summary)}</p>"
-            f"<p>Tolerances: {html.escape(json.dumps(tol))}</p>"
-            f"<table border='1'><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}</tr>{trs}</table>"
-            f"{imgs}</body></html>")
-    atomic_write_bytes(out_dir / "report.html", page.encode())
+    pf = report.get("preflight")
+    if pf:
+        metrics["preflight.errors"] = float(pf.get("errors", 0))
+        metrics["preflight.warnings"] = float(pf.get("warnings", 0))
+        row("preflight", pf.get("model", "deploy"), pf.get("ok"),
+            message=f"{pf.get('errors', 0)} error(s), {pf.get('warnings', 0)} warning(s)")
+    par = report.get("parity")
+    if par:
+        for o in par.get("outputs", []):
+            lvl = o.get("opt_level", "disabled")
+            suffix = "" if lvl == "disabled" else f".ort_{lvl}"
+            for k in figs:
+                v = _num(o.get("figures", {}).get(k))
+                if v is not None:
+                    metrics[f"parity.{o['name']}{suffix}.{k}"] = v
+            row(f"parity output (ORT {lvl})", o["name"], o.get("ok"), o.get("figures"), ", ".join(o.get("failed", [])))
+        layers = par.get("layers", [])
+        sq = [_num(l.get("figures", {}).get("sqnr_db")) for l in layers]
+        cs = [_num(l.get("figures", {}).get("cosine")) for l in layers]
+        if any(v is not None for v in sq):
+            metrics["parity.worst_layer_sqnr_db"] = min(v for v in sq if v is not None)
+        if any(v is not None for v in cs):
+            metrics["parity.worst_layer_cosine"] = min(v for v in cs if v is not None)
+        worst = sorted(layers, key=lambda l: (bool(l.get("ok", True)), _num(l.get("figures", {}).get("sqnr_db")) or 0.0))
+        for l in worst[:MAX_LAYER_ROWS]:
+            row("parity layer", l["name"], l.get("ok", True), l.get("figures"), ", ".join(l.get("failed", []) or []))
+    dep = report.get("deploy_simulation")
+    if dep:
+        layers = dep.get("layers", [])
+        metrics["deploy_sim.acc_mismatches"] = float(sum(int(l.get("acc_mismatches") or 0) for l in layers))
+        outs = dep.get("outputs", [])
+        if outs:
+            metrics["deploy_sim.output_max_abs_diff"] = max(_num(o.get("max_abs_diff")) or 0.0 for o in outs)
+        row("deploy simulation", "all layers", dep.get("ok"), message=dep.get("message", ""))
+    for f in report.get("failures", []):
+        if f.get("check") == "error":
+            row("error", "", False, message=f.get("message", ""))
+    return metrics, rows
 
 
 @task(name="parity", cache_policy=stage_cache("out_dir"), persist_result=True)
 def parity(spec: ModelSpec, model_source_sha256: str, fake_quant_path: str, deploy_path: str, out_dir: str,
            tolerances: dict | None, target: str) -> ParityResult:
-    """Compare the exported models with the torch model; write the report (JSON, HTML, PNG) to ``out_dir``."""
-    tol = dict(DEFAULT_TOLERANCES)
-    tol.update(tolerances or {})
+    """Preflight + deploy simulation + parity of the exported models; the report goes to ``out_dir``."""
+    from amct_core.verify import verify
+
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    for old in d.glob("*.png"):
-        old.unlink()
     with measured() as m:
-        checks = ["fake_quant_parity(minimal, onnxruntime vs torch)"]
-        passed, summary, metrics, rows, _ = _minimal_parity(spec, fake_quant_path, d, tol)
-        _write_reports(d, passed, summary, rows, tol, checks)
-    files = [FileRef.of(d / "report.json"), FileRef.of(d / "report.html")] + [FileRef.of(p) for p in sorted(d.glob("*.png"))]
-    return ParityResult(passed, summary, metrics, rows, files, m.seconds, m.peak_rss_mb, checks)
+        model = build_model(spec)
+        report, paths = verify(deploy=deploy_path, fake_quant=fake_quant_path, torch_model=model,
+                               example_inputs=spec_inputs(spec), target=target, seed=spec.seed,
+                               tolerances=tolerances or None, report_dir=d, report_name=REPORT_NAME)
+    metrics, rows = summarize(report)
+    files = [FileRef.of(paths.json), FileRef.of(paths.html)] + ([FileRef.of(paths.png)] if paths.png else [])
+    return ParityResult(report.get("verdict") == "pass", report.get("summary", ""), metrics, rows, files,
+                        m.seconds, m.peak_rss_mb, list(report.get("checks_run", [])))
