@@ -403,6 +403,18 @@ class DeployCheckResult:
     def layers_sorted(self) -> list[DeployLayerResult]:
         return sorted(self.layers, key=_deploy_badness)
 
+    def summary(self) -> str:
+        return self.message
+
+    @property
+    def passed(self) -> bool:
+        """Alias of ``ok``."""
+        return self.ok
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.ok else "fail"
+
     def to_dict(self) -> dict:
         return {
             "ok": self.ok, "message": self.message, "opset": self.opset, "problems": list(self.problems),

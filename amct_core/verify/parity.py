@@ -69,6 +69,18 @@ class ParityResult:
         s = self.layers_sorted()
         return s[0] if s else None
 
+    def summary(self) -> str:
+        return self.message
+
+    @property
+    def passed(self) -> bool:
+        """Alias of ``ok``."""
+        return self.ok
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.ok else "fail"
+
     def to_dict(self) -> dict:
         return {
             "ok": self.ok, "message": self.message, "problems": list(self.problems), "inputs": self.inputs,

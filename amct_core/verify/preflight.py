@@ -87,6 +87,15 @@ class PreflightResult:
     def codes(self) -> set[str]:
         return {f.code for f in self.findings}
 
+    @property
+    def passed(self) -> bool:
+        """Alias of ``ok``."""
+        return self.ok
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.ok else "fail"
+
     def to_dict(self) -> dict:
         return {
             "model": self.model, "target": self.target, "opset": self.opset, "ok": self.ok,
