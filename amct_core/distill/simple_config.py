@@ -174,7 +174,6 @@ def apply_simple_config(cfg: dict, config_defination, model: nn.Module) -> dict:
     mods = dict(model.named_modules())
     layers = [k for k, v in cfg.items() if isinstance(v, dict) and "quant_enable" in v]
     quantizable = [k for k in layers if cfg[k].get("quant_enable")]
-    types_in_model = sorted({type(mods[k]).__name__ for k in quantizable})
 
     if msg.HasField("batch_num"):
         if msg.batch_num < 1:
