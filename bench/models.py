@@ -110,3 +110,79 @@ def bert_base():
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---- size sweep and the multi-GB model --------------------------------------------------------
+
+SWEEP_WIDTHS = (512, 1024, 1536, 2048)
+SWEEP_LAYERS = 6
+SWEEP_VOCAB = 1000
+SWEEP_SEQ = 64
+
+
+def seeded_fill_(model: nn.Module, seed: int = 0, block: int = 1 << 20) -> nn.Module:
+    """Fill every parameter deterministically and cheaply: one seeded block of N(0, 1) values, tiled
+    (a memcpy per tensor instead of a random draw per element), scaled by 1/sqrt(fan_in) for weights.
+    LayerNorm weights get 1, biases small values, so activations stay in a sane range."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(2 * block, generator=g)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.view(-1)
+            n = flat.numel()
+            if name.endswith("bias"):
+                scale = 0.02
+            elif p.dim() == 1:  # LayerNorm / BatchNorm weight
+                flat.fill_(1.0)
+                continue
+            else:
+                scale = 1.0 / math.sqrt(p[0].numel()) if p.dim() > 1 else 1.0
+            for i, s in enumerate(range(0, n, block)):
+                k = min(block, n - s)
+                o = (i * 7919 + len(name)) % block  # a different window of the seeded pool per chunk
+                flat[s:s + k].copy_(base[o:o + k])
+            flat.mul_(scale)
+        for b in model.buffers():
+            if b.dtype.is_floating_point:
+                b.zero_()
+    return model
+
+
+def _encoder_no_init(seed: int = 0, **kw) -> Encoder:
+    """An Encoder built without running torch's initialisers (fast for GBs), then seeded_fill_."""
+    with torch.device("meta"):
+        m = Encoder(**kw)
+    m = m.to_empty(device="cpu")
+    return seeded_fill_(m, seed).eval()
+
+
+def transformer_w(d: int, layers: int = SWEEP_LAYERS, seq: int = SWEEP_SEQ, vocab: int = SWEEP_VOCAB):
+    """The sweep architecture at width ``d`` (heads of 64, ff = 4d)."""
+    m = _encoder_no_init(vocab=vocab, d=d, layers=layers, heads=max(1, d // 64), ff=4 * d, max_len=max(seq, 64))
+    return m, torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(1))
+
+
+def large():
+    """A 2.65 GB (fp32) transformer: d=4096, 4 layers, ff=11008, vocab 8000 (662M parameters), sequence 32."""
+    m = _encoder_no_init(vocab=8000, d=4096, layers=4, heads=32, ff=11008, max_len=64)
+    return m, torch.randint(0, 8000, (1, 32), generator=torch.Generator().manual_seed(1))
+
+
+def tiny():
+    """The sweep architecture at width 64, one layer: for smoke runs (seconds)."""
+    return transformer_w(64, layers=1, seq=8, vocab=50)
+
+
+def by_name(name: str):
+    """``resnet50``, ``bert_base``, ``large``, ``tiny`` or ``tx<d>`` (the sweep architecture at width d)."""
+    if name.startswith("tx") and name[2:].isdigit():
+        return transformer_w(int(name[2:]))
+    fn = {"resnet50": resnet50, "bert_base": bert_base, "large": large, "tiny": tiny}.get(name)
+    if fn is None:
+        raise SystemExit(f"unknown model {name!r}: use resnet50, bert_base, large, tiny or tx<width> (e.g. tx1024)")
+    return fn()
+
+
+def float_model(name: str = "resnet50"):
+    """Only the float model of :func:`by_name` (the flow's ``model`` callable: 'bench.models:float_model')."""
+    return by_name(name)[0]

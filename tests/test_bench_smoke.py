@@ -1,0 +1,77 @@
+"""Smoke runs of the bench/ scripts on tiny models, so they cannot rot. No timing assertions: only that
+each script runs end to end, measures what it says (numbers present and positive) and writes its files."""
+from __future__ import annotations
+
+import json
+import math
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_export_bench_runs_all_three_exporters(tmp_path, capsys):
+    from bench import export
+
+    out = tmp_path / "export.json"
+    assert export.main(["--model", "tiny", "--smoke", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for label in export.LABELS.values():
+        assert label in text
+    res = json.loads(out.read_text())
+    for kind in export.KINDS:
+        m = res["median"][kind]
+        assert "error" not in m, m
+        assert _positive(m["seconds"]) and _positive(m["peak_rss_mb"]) and m["files_mb"] > 0
+    stages = res["median"]["ours"]["stages"]
+    assert set(stages) >= {"trace", "fake_quant_build", "deploy_build", "write"}
+    ours_files = res["runs"]["ours"][0]["files"]
+    assert any(n.endswith("_deploy_model.onnx") for n in ours_files)
+    assert any(n.endswith("_fake_quant_model.onnx") for n in ours_files)
+    assert "qdq.onnx" in res["runs"]["ort"][0]["files"]
+
+
+def test_export_bench_rejects_unknown_kind():
+    import pytest
+
+    from bench import export
+
+    with pytest.raises(SystemExit):
+        export.main(["--model", "tiny", "--smoke", "--kinds", "ours,nope"])
+
+
+def test_sweep_bench_reports_per_parameter_cost(capsys):
+    from bench import sweep
+
+    assert sweep.main(["--smoke", "--kinds", "ours"]) == 0
+    text = capsys.readouterr().out
+    assert "per-parameter time varies" in text
+    assert "s/Mparam" in text
+
+
+def test_profile_bench_finds_the_stages(capsys):
+    from bench import profile_export
+
+    assert profile_export.main(["--model", "tiny", "--smoke", "--passes", "cprofile,rss"]) == 0
+    text = capsys.readouterr().out
+    assert "own time by area" in text and "amct_core" in text
+    for stage in ("trace", "fake_quant_build", "deploy_build", "write"):
+        assert stage in text
+
+
+def test_flow_overhead_plain_call_path(capsys):
+    from bench import flow_overhead
+
+    assert flow_overhead.main(["--smoke"]) == 0
+    assert "_deploy_model.onnx" in capsys.readouterr().out
+
+
+def test_models_sizes():
+    from bench import models
+
+    m, x = models.by_name("tx64")
+    assert models.param_count(m) > 0 and tuple(x.shape) == (1, models.SWEEP_SEQ)
+    a, _ = models.transformer_w(64, layers=1)
+    b, _ = models.transformer_w(64, layers=1)
+    # the seeded fill is deterministic (the calibration of every exporter sees the same weights)
+    assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
