@@ -91,13 +91,21 @@ def quantizable_layers(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     return quant, skipped
 
 
-def execution_order(model: nn.Module, inputs: tuple, names: list[str]) -> list[str]:
-    """Names from ``names`` in the order the model's forward calls them on ``inputs`` (run once, no grad)."""
+def execution_order(model: nn.Module, inputs: tuple, names: list[str]) -> tuple[list[str], dict[str, int]]:
+    """Names from ``names`` in the order the model's forward calls them on ``inputs`` (run once, no grad),
+    and how many times each was called."""
     order: list[str] = []
+    calls: dict[str, int] = {}
     mods = dict(model.named_modules())
     hooks = []
+
+    def seen(n: str) -> None:
+        calls[n] = calls.get(n, 0) + 1
+        if calls[n] == 1:
+            order.append(n)
+
     for n in names:
-        hooks.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None))
+        hooks.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: seen(n)))
     was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -110,7 +118,7 @@ def execution_order(model: nn.Module, inputs: tuple, names: list[str]) -> list[s
             h.remove()
         for m, t in was_training.items():
             m.training = t
-    return order
+    return order, calls
 
 
 def _layer_entry(module: nn.Module) -> dict:
@@ -128,7 +136,11 @@ def _layer_entry(module: nn.Module) -> dict:
 def build_distill_config(model: nn.Module, input_data: Any) -> dict:
     inputs = as_input_tuple(input_data)
     quant, skipped = quantizable_layers(model)
-    executed = execution_order(model, inputs, quant)
+    executed, calls = execution_order(model, inputs, quant)
+    # A layer called several times would need one range and one exported node per call: not quantized.
+    for n in [n for n in executed if calls[n] > 1]:
+        executed.remove(n)
+        skipped[n] = f"called {calls[n]} times by forward(); a quantized layer must run once per forward"
     mods = dict(model.named_modules())
     cfg: dict[str, Any] = {
         "version": CONFIG_VERSION,
@@ -219,6 +231,8 @@ def validate_distill_config(cfg: dict, model: nn.Module) -> None:
             if reason is not None:
                 raise ConfigError(f"config key {key!r}: layer of type {type(mods[key]).__name__} cannot be quantized: {reason}")
             for sub in ("distill_data_config", "distill_weight_config"):
+                if not isinstance(val.get(sub, {}), dict):
+                    raise ConfigError(f"config key {key}.{sub} must be an object, got {type(val[sub]).__name__}")
                 dst = val.get(sub, {}).get("dst_type", "INT8")
                 if dst != "INT8":
                     raise ConfigError(f"config key {key}.{sub}.dst_type must be 'INT8', got {dst!r}")
