@@ -184,3 +184,22 @@ def test_unwrapped_layer_cannot_be_simulated_and_the_error_names_it():
     e = bm.export("mlp")
     with pytest.raises(SimulationError, match="fc2"):
         build_simulation(bm.missing_dequant(bm.load(e.deploy), "fc2"))
+
+
+def test_a_wrong_weight_no_input_reaches_is_still_caught_from_the_stored_values():
+    fq, dep, info = bm.hand_built_pair()
+    x = np.zeros((2, 4, 9, 9), np.float32)  # q - offset = 0 everywhere: the conv weights multiply only zeros
+    bad = bm.corrupt_weight(dep, "features.0", index=4, delta=1)
+    ok = compare_deploy(dep, fq, inputs=[x])
+    assert ok.ok, ok.message
+    r = compare_deploy(bad, fq, inputs=[x])
+    assert not r.ok and r.worst_layer.name == "features.0"
+    assert r.worst_layer.acc_max_abs_diff == 0.0  # the simulation alone could not see it
+    assert r.worst_layer.failed_figure == "int8_weight" and r.worst_layer.static["weight_differences"] == 1
+
+
+def test_amct_style_gemm_weights_are_compared_in_one_layout():
+    fq, dep, info = bm.hand_built_pair(style="amct", hidden=6, c_out=6)  # square [6, 6] Gemm weight, transB=1
+    r = compare_deploy(dep, fq)
+    assert r.ok, r.message
+    assert {l.name: l.static["weight_differences"] for l in r.layers}["classifier"] == 0

@@ -431,9 +431,15 @@ def _deploy_badness(r: DeployLayerResult) -> tuple:
 
 
 def _static_compare(dix: GraphIndex, L: DeployLayer, fix: GraphIndex, F) -> dict:
-    """Diagnostics only: the deploy file's integers and scales next to the fake-quant file's."""
+    """The deploy file's integers and scales next to the fake-quant file's (same layout: a Gemm weight
+    is brought to [in, out] in both by its own ``transB``). ``None`` where they cannot be compared."""
     out: dict = {}
     wd, wf = dix.const_array(L.weight), fix.const_array(F.weight) if F.weight else None
+    if wd is not None and wf is not None and L.kind == "Gemm" and F.kind == "Gemm":
+        if attr_value(L.node, "transB", 0) and wd.ndim == 2:
+            wd = wd.T
+        if attr_value(F.node, "transB", 0) and wf.ndim == 2:
+            wf = wf.T
     if wd is not None and wf is not None and wd.shape == wf.shape:
         out["weight_differences"] = int(np.count_nonzero(wd.astype(np.float64) != wf.astype(np.float64)))
     else:
@@ -451,6 +457,28 @@ def _static_compare(dix: GraphIndex, L: DeployLayer, fix: GraphIndex, F) -> dict
                 rel = np.abs(a - b) / np.abs(b)
             out["deq_scale_max_rel_diff"] = float(np.nanmax(rel)) if rel.size else 0.0
     return out
+
+
+def _static_verdict(r: "DeployLayerResult", tol: Tolerances) -> None:
+    """A layer whose simulated figures agree can still hold a wrong value the inputs never reached
+    (e.g. the weights of a channel that only ever sees zeros): the stored values must agree too."""
+    if not r.ok:
+        return
+    st = r.static
+    if st.get("weight_differences"):
+        r.failed_figure = "int8_weight"
+        r.message = (f"{st['weight_differences']} int8 weight value(s) differ from the fake-quant model's weight grid "
+                     "(no accumulator on these inputs reached them)")
+    elif st.get("bias_differences"):
+        r.failed_figure = "int32_bias"
+        r.message = f"{st['bias_differences']} int32 bias value(s) differ from the fake-quant model's bias"
+    elif (st.get("deq_scale_max_rel_diff") or 0.0) > tol.deploy_dequant_rtol:
+        r.failed_figure = "deq_scale"
+        r.message = (f"deq_scale differs from the fake-quant dequant scale by {st['deq_scale_max_rel_diff']:.3g} "
+                     f"(relative; allowed {tol.deploy_dequant_rtol:.3g})")
+    else:
+        return
+    r.ok = False
 
 
 def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0, dims=None,
@@ -501,6 +529,7 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     for k, (sl, F) in enumerate(pairs):
         r = _compare_layer(sl, F, douts, fouts, tol, _static_compare(dix, dlayers[sl.name], fix, F))
         r.order = k
+        _static_verdict(r, tol)
         r.device_tie_differences = _device_tie_differences(douts[sl.quant_input], sim_quant_attrs(dmodel, sl.quant))
         if F.float_input is not None:
             a, b = douts[sl.quant_input].astype(np.float64), fouts[F.float_input].astype(np.float64)
