@@ -316,8 +316,9 @@ def distill_export(
         "quantized_layer_count": len(ck.quantized_layers),
     })
     metrics.update({f"stage_seconds.{k}": v for k, v in seconds.items()})
-    metrics.update({f"stage_compute_seconds.{r.stage if hasattr(r, 'stage') else 'parity'}": r.seconds
-                    for r in (tr, rec, fq, dp, par)})
+    compute = {"load-checkpoint": ck.seconds, "trace": tr.seconds, "record": rec.seconds, "fake-quant-build": fq.seconds,
+               "deploy-build": dp.seconds, "parity": par.seconds}
+    metrics.update({f"stage_compute_seconds.{k}": v for k, v in compute.items()})
     tags = {
         "target": tgt.name, "soc_family": tgt.soc_family[0], "checkpoint.sha256": ck.sha256,
         "prefect.flow_run_url": flow_run_url, "prefect.flow_run_name": runtime_flow_run.name,

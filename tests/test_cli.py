@@ -1,0 +1,131 @@
+"""amct-export: --help, exit codes, validate-record, inspect, run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import cli
+from tests import services
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The MLP test model exported with save_distill_model (no Prefect needed)."""
+    from amct_core import save_distill_model
+    from tests import models
+
+    d = tmp_path_factory.mktemp("cli-export")
+    qat = models.make_qat("mlp", d)
+    save_distill_model(qat, str(d / "mlp"), models.example_inputs("mlp", 1), record_file=str(d / "mlp_record.txt"),
+                       input_names=["x"], output_names=["y"])
+    return d
+
+
+def test_help_lists_the_commands_and_exit_codes():
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=services.REPO,
+                       timeout=60)
+    assert r.returncode == 0
+    for word in ("run", "validate-record", "inspect", "demo", "exit codes", "mlflow ui"):
+        assert word in r.stdout, word
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--help"], capture_output=True, text=True,
+                       cwd=services.REPO, timeout=60)
+    assert r.returncode == 0 and "--checkpoint" in r.stdout and "--dynamic-axes" in r.stdout and "--force" in r.stdout
+
+
+def test_no_command_and_bad_arguments_exit_2(capsys):
+    assert cli.main([]) == cli.EXIT_USAGE
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--input-shape", "1,x,3"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--model", "a:b", "--input-shape", "1,3"])  # no --checkpoint
+    assert e.value.code == cli.EXIT_USAGE
+    assert "--checkpoint is required" in capsys.readouterr().err
+
+
+def test_validate_record_ok_and_invalid(exported, capsys):
+    rec = exported / "mlp_record.txt"
+    assert cli.main(["validate-record", str(rec)]) == cli.EXIT_OK
+    assert "OK" in capsys.readouterr().out
+    bad = exported / "bad_record.txt"
+    bad.write_text(rec.read_text().replace("scale_d: ", "scale_d: -", 1))  # first layer (fc1): negative scale
+    assert cli.main(["validate-record", str(bad)]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "INVALID" in err and "scale_d" in err and "fc1" in err
+    assert cli.main(["validate-record", str(exported / "missing.txt")]) == cli.EXIT_INVALID
+
+
+def test_validate_record_against_the_model_names_missing_layers(exported, tmp_path, capsys):
+    import torch
+
+    from amct_core.record import read_record, write_record
+    from tests import models
+
+    qat = models.make_qat("mlp", tmp_path)
+    ck = tmp_path / "mlp.pt"
+    torch.save(qat.state_dict(), ck)
+    args = ["--model", "tests.models:build", "--model-kwargs", '{"name": "mlp"}', "--checkpoint", str(ck),
+            "--distill-config", str(tmp_path / "mlp_distill_config.json"), "--input-shape", "1,20"]
+    good = tmp_path / "good.txt"
+    write_record(good, read_record(exported / "mlp_record.txt"))
+    # the record of another calibration still names the same layers, so it validates
+    assert cli.main(["validate-record", str(good), *args]) == cli.EXIT_OK
+    recs = read_record(exported / "mlp_record.txt")
+    recs.pop("fc2")
+    partial = tmp_path / "partial.txt"
+    write_record(partial, recs)
+    assert cli.main(["validate-record", str(partial), *args]) == cli.EXIT_INVALID
+    assert "fc2" in capsys.readouterr().err
+
+
+def test_inspect_deploy_and_fake_quant(exported, capsys):
+    assert cli.main(["inspect", str(exported / "mlp_deploy_model.onnx"), "--json"]) == cli.EXIT_OK
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["kind"] == "deploy"
+    assert facts["opset_import"] == [{"domain": "", "version": 11}]
+    assert {q["node"] for q in facts["ascend_nodes"] if q["op"] == "AscendDequant"} == {"fc1.dequant", "fc2.dequant", "fc3.dequant"}
+    assert facts["inputs"][0]["name"] == "x" and facts["outputs"][0]["name"] == "y"
+    assert "INT8" in facts["initializer_types"] and "UINT64" in facts["initializer_types"]
+    assert len(facts["files"][0]["sha256"]) == 64
+    assert cli.main(["inspect", str(exported / "mlp_fake_quant_model.onnx")]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "fake_quant model" in out and "fc1, fc2, fc3" in out
+
+
+def test_inspect_missing_and_garbage(exported, tmp_path):
+    assert cli.main(["inspect", str(tmp_path / "none.onnx")]) == cli.EXIT_USAGE
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not a model" * 10)
+    assert cli.main(["inspect", str(junk)]) == cli.EXIT_INVALID
+
+
+def _cli(args, api_url, cwd):
+    env = services.base_env(PREFECT_API_URL=api_url, PYTHONPATH=str(services.REPO))
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.integration
+def test_run_exports_and_bad_target_exits_2(prefect_api, cnn_checkpoint, tmp_path):
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"model_kwargs": {"name": "cnn"}, "name": "cli"}))
+    base = ["run", "--params-file", str(params), "--checkpoint", cnn_checkpoint.checkpoint, "--model",
+            "tests.models:build", "--distill-config", cnn_checkpoint.distill_config, "--input-shape", "1,3,16,16",
+            "--output-dir", str(tmp_path / "out"), "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    r = _cli(base + ["--target", "B7"], prefect_api, tmp_path)
+    assert r.returncode == cli.EXIT_USAGE, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "parameter 'target'" in r.stderr
+    assert not (tmp_path / "out" / "cli_deploy_model.onnx").exists()
+    r = _cli(base + ["--target", "950", "--opset", "17", "--json"], prefect_api, tmp_path)
+    assert r.returncode == cli.EXIT_OK, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert summary["parity_passed"] and summary["deploy_model"].endswith("cli_deploy_model.onnx")
+    out = tmp_path / "out"
+    assert (out / "cli_deploy_model.onnx").is_file() and (out / "cli_fake_quant_model.onnx").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"] == "950" and manifest["opset"] == 17
+    assert "--soc_version=Ascend950" in manifest["atc_command"]
