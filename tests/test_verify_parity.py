@@ -73,6 +73,9 @@ def test_given_inputs_are_used_as_they_are():
     # a constant input row gives identical rows in both models' outputs: check the figures reflect x
     r2 = check_parity(e.model, e.fake_quant, inputs=x)
     assert r2.outputs[0].figures == r.outputs[0].figures
+    r3 = check_parity(e.model, e.fake_quant, inputs=x.numpy())
+    assert r3.outputs[0].figures == r.outputs[0].figures
+    assert r.inputs and list(r.inputs.values())[0]["shape"] == [2, 20]
 
 
 def test_generated_inputs_are_seeded_and_follow_the_example():

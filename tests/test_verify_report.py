@@ -120,3 +120,14 @@ def test_report_renders_in_headless_chromium_without_errors(tmp_path):
     assert dom.returncode == 0
     assert re.search(r'id="verdict"[^>]*>FAIL: ', dom.stdout) or 'class="verdict fail" id="verdict">FAIL' in dom.stdout
     assert dom.stdout.count("<tr") > 20
+
+
+def test_a_check_that_cannot_run_fails_the_verdict_with_its_reason(tmp_path):
+    e = bm.export("mlp")
+    broken = bm.missing_dequant(bm.load(e.deploy), "fc2")
+    report, paths = verify(deploy=broken, fake_quant=e.fake_quant, report_dir=tmp_path)
+    assert report["verdict"] == "fail"
+    checks = [f["check"] for f in report["failures"]]
+    assert checks == ["preflight", "error"]
+    assert "fc2" in report["failures"][1]["message"] and "deploy simulation could not run" in report["failures"][1]["message"]
+    assert paths.html.exists() and paths.png is None  # no per-layer figures, still a readable page

@@ -395,6 +395,7 @@ class DeployCheckResult:
     problems: list[str]
     opset: int | None
     inputs: dict
+    notes: list[str] = field(default_factory=list)  # information that does not fail the check
 
     @property
     def worst_layer(self) -> DeployLayerResult | None:
@@ -418,6 +419,7 @@ class DeployCheckResult:
     def to_dict(self) -> dict:
         return {
             "ok": self.ok, "message": self.message, "opset": self.opset, "problems": list(self.problems),
+            "notes": list(self.notes),
             "inputs": self.inputs,
             "layers": [l.to_dict() for l in self.layers_sorted()],
             "outputs": [o.to_dict() for o in self.outputs],
@@ -500,6 +502,7 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     feeds = feeds_for(fmodel, inputs) if inputs is not None else generate_inputs(fmodel, seed=seed, dims=dims)
     dix, fix = GraphIndex(dmodel), GraphIndex(fmodel)
     problems: list[str] = []
+    notes: list[str] = []
     pairs = []
     for sl in sim.layers:
         F = fake_quant_layer(fix, sl.name)
@@ -544,9 +547,11 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     f_names = [o.name for o in fmodel.graph.output]
     if len(d_names) != len(f_names):
         problems.append(f"the deploy model has {len(d_names)} outputs {d_names}, the fake-quant model {len(f_names)} {f_names}")
+    if sorted(d_names) == sorted(f_names):
+        d_names = list(f_names)  # same names: pair by name
     for dn, fn in zip(d_names, f_names):
         if dn != fn:
-            problems.append(f"output names differ: deploy {dn!r} vs fake-quant {fn!r} (paired by position)")
+            notes.append(f"output names differ: deploy {dn!r} vs fake-quant {fn!r} (paired by position)")
         d, f = douts[dn].astype(np.float64), fouts[fn].astype(np.float64)
         if d.shape != f.shape:
             problems.append(f"output {fn!r}: deploy shape {list(d.shape)} vs fake-quant {list(f.shape)}")
@@ -580,7 +585,7 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     else:
         msg = "deploy simulation FAILED: " + problems[0]
     inputs_desc = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
-    return DeployCheckResult(ok, msg, layer_results, out_results, problems, sim.opset, inputs_desc)
+    return DeployCheckResult(ok, msg, layer_results, out_results, problems, sim.opset, inputs_desc, notes)
 
 
 def sim_quant_attrs(model: onnx.ModelProto, quant_name: str) -> tuple[float, int, int, str]:

@@ -60,6 +60,7 @@ class ParityResult:
     inputs: dict
     opt_levels: tuple
     ort_opt_levels_max_diff: dict
+    notes: list[str] = field(default_factory=list)  # information that does not fail the check
 
     def layers_sorted(self) -> list[LayerParity]:
         return sorted(self.layers, key=_layer_badness)
@@ -83,7 +84,8 @@ class ParityResult:
 
     def to_dict(self) -> dict:
         return {
-            "ok": self.ok, "message": self.message, "problems": list(self.problems), "inputs": self.inputs,
+            "ok": self.ok, "message": self.message, "problems": list(self.problems), "notes": list(self.notes),
+            "inputs": self.inputs,
             "opt_levels": list(self.opt_levels), "ort_opt_levels_max_diff": self.ort_opt_levels_max_diff,
             "outputs": [o.to_dict() for o in self.outputs],
             "layers": [l.to_dict() for l in self.layers_sorted()],
@@ -183,9 +185,11 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, t
     tol = as_tolerances(tolerances)
     fmodel = load_model(fake_quant_model)
     fix = GraphIndex(fmodel)
+    if isinstance(inputs, dict):
+        inputs = tuple(inputs.values())
     if inputs is not None:
-        tin = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(
-            t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t)) for t in inputs)
+        seq = (inputs,) if isinstance(inputs, (torch.Tensor, np.ndarray)) else tuple(inputs)
+        tin = tuple(t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t)) for t in seq)
     elif example_inputs is not None:
         tin = make_inputs(example_inputs, seed)
     else:
@@ -199,6 +203,7 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, t
     modules = dict(torch_model.named_modules())
     layer_names = [n for n in modules if n and n in node_names]
     problems: list[str] = []
+    notes: list[str] = []
     seen_out: dict[str, list] = {}
     bn_seen: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
     handles = []
@@ -231,7 +236,7 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, t
         F = fake_quant_layer(fix, name)
         if F is None or name not in seen_out:
             if name not in seen_out:
-                problems.append(f"torch module {name!r} was not called in the forward pass; its fake-quant layer is not compared")
+                notes.append(f"torch module {name!r} was not called in the forward pass; its fake-quant layer is not compared")
             continue
         flayers[name] = F
     if not flayers:
@@ -277,7 +282,7 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, t
         outs = seen_out[name]
         t_layer = outs[0]
         if len(outs) > 1:
-            problems.append(f"torch module {name!r} was called {len(outs)} times; its first call is compared")
+            notes.append(f"torch module {name!r} was called {len(outs)} times; its first call is compared")
         bn_mod, bn_name = None, None
         consumers = fix.consumers.get(F.output, [])
         if not any(c.op_type == "BatchNormalization" for c in consumers):
@@ -338,4 +343,4 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, t
     else:
         msg = "parity FAILED: " + problems[0]
     inputs_desc = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
-    return ParityResult(ok, msg, outputs, layers, problems, inputs_desc, tuple(opt_levels), opt_diff)
+    return ParityResult(ok, msg, outputs, layers, problems, inputs_desc, tuple(opt_levels), opt_diff, notes)

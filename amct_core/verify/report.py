@@ -233,7 +233,9 @@ def render_html(report: dict, png: bytes | None, png_name: str | None) -> str:
         parts.append("<h2>Fake-quant parity: torch vs ONNX Runtime</h2>")
         parts.append(f"<p>{e(par['message'])}</p>")
         if par.get("problems"):
-            parts.append("<ul>" + "".join(f"<li>{e(p)}</li>" for p in par["problems"]) + "</ul>")
+            parts.append("<ul>" + "".join(f"<li><b>problem:</b> {e(p)}</li>" for p in par["problems"]) + "</ul>")
+        if par.get("notes"):
+            parts.append("<ul>" + "".join(f"<li>note: {e(p)}</li>" for p in par["notes"]) + "</ul>")
         parts.append("<h3>Per output</h3>")
         parts.append(_table(
             ["output", "ORT optimizations", "max abs error", "max error [output steps]", "cosine", "SQNR [dB]",
@@ -256,7 +258,9 @@ def render_html(report: dict, png: bytes | None, png_name: str | None) -> str:
         parts.append("<h2>Deploy simulation vs fake-quant model</h2>")
         parts.append(f"<p>{e(dep['message'])}</p>")
         if dep.get("problems"):
-            parts.append("<ul>" + "".join(f"<li>{e(p)}</li>" for p in dep["problems"]) + "</ul>")
+            parts.append("<ul>" + "".join(f"<li><b>problem:</b> {e(p)}</li>" for p in dep["problems"]) + "</ul>")
+        if dep.get("notes"):
+            parts.append("<ul>" + "".join(f"<li>note: {e(p)}</li>" for p in dep["notes"]) + "</ul>")
         parts.append("<h3>Per quantized layer (worst first)</h3>")
         parts.append(_table(
             ["layer", "op", "cause", "int8 input mismatches", "int32 acc. equal [%]", "acc. max |diff|", "allowed slack",
