@@ -1,0 +1,217 @@
+"""Stage helpers without a Prefect server: safe checkpoint loading, model references, the content-hash
+cache key, file records, the manifest, and the layering rules (no mlflow/prefect in amct_core)."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks._common import (
+    FileContentInputs, FileRef, ModelSpec, ParameterError, build_model, import_callable, read_state_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+def test_state_dict_from_torch_save_and_nested_dicts(tmp_path):
+    sd = {"a.weight": torch.ones(2)}
+    torch.save(sd, tmp_path / "plain.pt")
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "nested.pt")
+    assert list(read_state_dict(tmp_path / "plain.pt")) == ["a.weight"]
+    assert list(read_state_dict(tmp_path / "nested.pt")) == ["a.weight"]
+
+
+def test_safetensors_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.ones(3)}, str(tmp_path / "w.safetensors"))
+    assert torch.equal(read_state_dict(tmp_path / "w.safetensors")["a.weight"], torch.ones(3))
+
+
+def test_pickled_code_in_a_checkpoint_is_never_executed(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ParameterError, match="parameter 'checkpoint'.*weights_only=True"):
+        read_state_dict(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_whole_module_pickle_is_refused(tmp_path):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(ParameterError, match="checkpoint"):
+        read_state_dict(tmp_path / "module.pt")
+
+
+def _spec(tmp_path, name="mlp", shape=(1, 20)):
+    from tests import models
+
+    qat = models.make_qat(name, tmp_path)
+    torch.save(qat.state_dict(), tmp_path / f"{name}.pt")
+    return ModelSpec(str(tmp_path / f"{name}.pt"), "tests.models:build", {"name": name},
+                     str(tmp_path / f"{name}_distill_config.json"), list(shape)), qat
+
+
+def test_build_model_loads_the_distilled_weights_strictly(tmp_path):
+    spec, qat = _spec(tmp_path)
+    model = build_model(spec)
+    assert not model.training
+    for k, v in qat.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    x = torch.randn(4, 20)
+    assert torch.equal(model(x), qat(x))
+
+
+def test_float_checkpoint_is_reported_with_the_missing_range_keys(tmp_path):
+    from tests import models
+
+    spec, _ = _spec(tmp_path)
+    torch.save(models.build("mlp").state_dict(), tmp_path / "float.pt")
+    with pytest.raises(ParameterError) as e:
+        build_model(ModelSpec(str(tmp_path / "float.pt"), spec.model, spec.model_kwargs, spec.distill_config, spec.input_shape))
+    msg = str(e.value)
+    assert "missing keys" in msg and "fc1.clip_min" in msg and "float model" in msg
+
+
+def test_wrong_shapes_are_named(tmp_path):
+    spec, qat = _spec(tmp_path)
+    sd = qat.state_dict()
+    sd["fc1.weight"] = torch.zeros(3, 3)
+    torch.save(sd, tmp_path / "shape.pt")
+    with pytest.raises(ParameterError, match=r"fc1.weight \(3, 3\) \(model: \(64, 20\)\)"):
+        build_model(ModelSpec(str(tmp_path / "shape.pt"), spec.model, spec.model_kwargs, spec.distill_config, spec.input_shape))
+
+
+def test_bad_model_kwargs_name_model_kwargs(tmp_path):
+    spec, _ = _spec(tmp_path)
+    with pytest.raises(ParameterError, match="parameter 'model_kwargs'"):
+        build_model(ModelSpec(spec.checkpoint, spec.model, {"nam": "mlp"}, spec.distill_config, spec.input_shape))
+
+
+# ---- model references ------------------------------------------------------------------------
+
+def test_import_callable_forms(tmp_path):
+    assert import_callable("tests.models:build").__name__ == "build"
+    f = tmp_path / "my_net.py"
+    f.write_text("import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    assert isinstance(import_callable(f"{f}:make")(), torch.nn.Linear)
+
+
+@pytest.mark.parametrize("ref, words", [
+    ("nope_pkg.mod:fn", ["does not import", "nope_pkg"]),
+    ("tests.models:missing", ["no attribute", "missing"]),
+    ("tests.models", ["package.module:callable"]),
+    ("tests.models:MODELS", ["not callable"]),
+    ("/no/such/file.py:fn", ["does not exist"]),
+])
+def test_import_callable_errors_name_the_parameter(ref, words):
+    with pytest.raises(ParameterError) as e:
+        import_callable(ref)
+    assert str(e.value).startswith("parameter 'model'")
+    for w in words:
+        assert w in str(e.value)
+
+
+# ---- cache key -------------------------------------------------------------------------------
+
+def _key(policy, **inputs):
+    return policy.compute_key(None, inputs, {})
+
+
+def test_cache_key_follows_input_file_content_not_its_mtime(tmp_path):
+    p = FileContentInputs(outputs=("out_path",))
+    f = tmp_path / "in.onnx"
+    f.write_bytes(b"one")
+    k1 = _key(p, traced_path=str(f), out_path=str(tmp_path / "o.onnx"), opset=11)
+    f.write_bytes(b"one")  # same content, new mtime
+    assert _key(p, traced_path=str(f), out_path=str(tmp_path / "o.onnx"), opset=11) == k1
+    f.write_bytes(b"two")
+    assert _key(p, traced_path=str(f), out_path=str(tmp_path / "o.onnx"), opset=11) != k1
+
+
+def test_cache_key_ignores_what_the_stage_writes_but_not_where(tmp_path):
+    p = FileContentInputs(outputs=("out_path",))
+    out = tmp_path / "o.onnx"
+    k1 = _key(p, out_path=str(out), opset=11)
+    out.write_bytes(b"written by the stage")
+    assert _key(p, out_path=str(out), opset=11) == k1
+    assert _key(p, out_path=str(tmp_path / "other.onnx"), opset=11) != k1
+    assert _key(p, out_path=str(out), opset=13) != k1
+
+
+def test_cache_key_hashes_files_inside_a_spec(tmp_path):
+    p = FileContentInputs()
+    ck = tmp_path / "c.pt"
+    ck.write_bytes(b"a")
+    spec = ModelSpec(str(ck), "m:f", {}, None, [1, 2])
+    k1 = _key(p, spec=spec)
+    ck.write_bytes(b"b")
+    assert _key(p, spec=spec) != k1
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+def test_file_ref_detects_changes(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    ref = FileRef.of(f)
+    assert ref.intact() and ref.size == 3 and len(ref.sha256) == 64
+    f.write_bytes(b"abd")
+    assert not ref.intact()
+    f.unlink()
+    assert not ref.intact()
+
+
+def test_manifest_has_hashes_target_and_atc_command(tmp_path):
+    from amct_core import save_distill_model
+    from tasks.manifest import write_manifest
+    from tests import models
+
+    qat = models.make_qat("cnn", tmp_path)
+    save_distill_model(qat, str(tmp_path / "m"), models.example_inputs("cnn", 1), record_file=str(tmp_path / "r.txt"),
+                       input_names=["img"], output_names=["out"], dynamic_axes={"img": [0], "out": [0]}, target="A3")
+    files = {"fake_quant_model": [FileRef.of(tmp_path / "m_fake_quant_model.onnx")],
+             "deploy_model": [FileRef.of(tmp_path / "m_deploy_model.onnx")], "record": [FileRef.of(tmp_path / "r.txt")]}
+    ref = write_manifest.fn(str(tmp_path / "manifest.json"), "A3", 11, "m", [1, 3, 16, 16], "float32",
+                            {"source": "x", "sha256": "0" * 64, "size": 1}, files, {"passed": True}, {})
+    m = json.loads(Path(ref.path).read_text())
+    assert m["target"] == "A3" and m["soc_family"][0].startswith("Ascend910_93")
+    assert m["atc_command"] == ('atc --framework=5 --model=m_deploy_model.onnx --output=m_A3 '
+                                f'--soc_version={m["soc_family"][0]} --input_shape="img:1,3,16,16"')
+    for role, entries in m["files"].items():
+        for e in entries:
+            assert FileRef.of(tmp_path / e["path"]).sha256 == e["sha256"]
+            assert e["artifact_path"].endswith(Path(e["path"]).name)
+    assert m["versions"]["onnx"] and m["versions"]["torch"]
+
+
+# ---- layering --------------------------------------------------------------------------------
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_layering_mlflow_in_one_task_module_prefect_only_in_tasks_and_flows():
+    lib = list((REPO / "amct_core").rglob("*.py"))
+    assert lib
+    for f in lib:
+        assert not _imports(f) & {"prefect", "mlflow"}, f"{f} imports prefect/mlflow"
+    users = sorted(str(f.relative_to(REPO)) for d in ("tasks", "flows") for f in (REPO / d).rglob("*.py")
+                   if "mlflow" in _imports(f))
+    assert users == ["tasks/tracking.py"]
