@@ -6,7 +6,9 @@ Every breaker returns a modified copy; the input model is never changed.
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,9 @@ class Export:
 
 @functools.lru_cache(maxsize=None)
 def _export_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="amct_verify_exports_"))
+    d = Path(tempfile.mkdtemp(prefix="amct_verify_exports_"))
+    atexit.register(shutil.rmtree, d, True)
+    return d
 
 
 @functools.lru_cache(maxsize=None)

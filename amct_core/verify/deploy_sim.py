@@ -305,6 +305,7 @@ def build_simulation(deploy_model, with_bounds: bool = True, quant_rounding: str
     keep = [o for o in m.opset_import if o.domain not in ("", "ai.onnx")]
     del m.opset_import[:]
     m.opset_import.extend([helper.make_opsetid("", max(opset, SIM_MIN_OPSET))] + keep)
+    m.ir_version = max(int(m.ir_version), 5)  # opset >= 10 needs IR version 5
     for nd in g.node:
         if nd.op_type in (ASCEND_QUANT, ASCEND_DEQUANT):
             raise SimulationError(f"{nd.op_type} {node_label(nd)!r} is not attached to a quantized layer; run preflight")
@@ -324,6 +325,7 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             n.domain = dom
             moved.append(n.name)
     m.opset_import.append(helper.make_opsetid(dom, 1))
+    m.ir_version = max(int(m.ir_version), 4)  # IR 3 would want every initializer listed as a graph input
     try:
         conv = version_converter.convert_version(m, target)
     except Exception as e:  # noqa: BLE001

@@ -137,7 +137,7 @@ def _check(figs: dict, tol: Tolerances, prefix: str) -> list[str]:
         if figs["cosine"] < t.output_cosine_min:
             failed.append(f"cosine {figs['cosine']:.6f} < {t.output_cosine_min}")
         if figs["sqnr_db"] < t.output_sqnr_min_db:
-            failed.append(f"SQNR {figs['sqnr_db']:.2f} dB < {t.output_sqnr_min_db} dB")
+            failed.append(f"SQNR {figs['sqnr_db']:.3f} dB < {t.output_sqnr_min_db} dB")
         a = figs.get("argmax_agreement")
         if t.output_argmax_min is not None and a is not None and a < t.output_argmax_min:
             failed.append(f"arg-max agreement {a:.4f} < {t.output_argmax_min}")
@@ -148,10 +148,10 @@ def _check(figs: dict, tol: Tolerances, prefix: str) -> list[str]:
         if figs["cosine"] < t.layer_cosine_min:
             failed.append(f"cosine {figs['cosine']:.6f} < {t.layer_cosine_min}")
         if figs["sqnr_db"] < t.layer_sqnr_min_db:
-            failed.append(f"SQNR {figs['sqnr_db']:.2f} dB < {t.layer_sqnr_min_db} dB")
+            failed.append(f"SQNR {figs['sqnr_db']:.3f} dB < {t.layer_sqnr_min_db} dB")
     else:  # local
         if figs["sqnr_db"] < t.layer_local_sqnr_min_db:
-            failed.append(f"local SQNR {figs['sqnr_db']:.2f} dB < {t.layer_local_sqnr_min_db} dB")
+            failed.append(f"local SQNR {figs['sqnr_db']:.3f} dB < {t.layer_local_sqnr_min_db} dB")
         s = figs.get("max_error_steps")
         rel = figs["max_abs_error"] / figs["ref_max_abs"] if figs["ref_max_abs"] > 0 else (
             0.0 if figs["max_abs_error"] == 0 else float("inf"))
@@ -311,11 +311,11 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, t
             if bn_mod is not None:
                 y = bn_mod(y)
             local = tensor_figures(y.detach().float().cpu().numpy(), test, step=F.deq_scale, channel_axis=axis)
-        failed = _check(figs, tol, "layer")
+        # local figures first: they point at this layer's own factors, not at inherited error
+        failed = _check(local, tol, "local") if local is not None else []
+        failed += _check(figs, tol, "layer")
         if figs_all is not None:
             failed += [f"{f} (ONNX Runtime optimizations on)" for f in _check(figs_all, tol, "layer")]
-        if local is not None:
-            failed += _check(local, tol, "local")
         layers.append(LayerParity(name, F.kind, figs, figs_all, local, bn_name, not failed, failed))
 
     bad_layers = sorted([l for l in layers if not l.ok], key=_layer_badness)

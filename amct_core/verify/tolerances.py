@@ -8,17 +8,20 @@ from dataclasses import asdict, dataclass, fields
 class Tolerances:
     # ---- torch (distilled model) vs ONNX Runtime (fake-quant model) ---------------------------
     #: per graph output: minimum cosine similarity
-    output_cosine_min: float = 0.999
+    output_cosine_min: float = 0.995
     #: per graph output: minimum SQNR in dB
-    output_sqnr_min_db: float = 30.0
+    output_sqnr_min_db: float = 25.0
     #: per graph output: minimum fraction of positions whose arg-max agrees (None: not checked)
     output_argmax_min: float | None = 0.9
     #: per graph output made by a quantized layer: max error in output quantization steps (None: not checked)
     output_max_steps: float | None = None
-    #: per quantized layer (its output, both models fed the same model inputs): minimum cosine
-    layer_cosine_min: float = 0.999
+    #: per quantized layer (its output, both models fed the same model inputs): minimum cosine. Loose
+    #: on purpose: float32 differences flip a few int8 roundings, and flips add up with depth (a
+    #: 7-conv ResNet-like net measured 41.7 dB at its last layer); the local figures below isolate
+    #: a wrong layer precisely.
+    layer_cosine_min: float = 0.99
     #: per quantized layer: minimum SQNR in dB
-    layer_sqnr_min_db: float = 30.0
+    layer_sqnr_min_db: float = 20.0
     #: per quantized layer, local check (the torch layer fed ONNX Runtime's own input of the layer):
     #: a layer fails when its max error exceeds BOTH ``layer_local_max_steps`` output quantization
     #: steps (deq_scale; bias rounding alone gives 0.5) AND ``layer_local_max_rel`` of the output's
