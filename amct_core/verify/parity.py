@@ -322,11 +322,15 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, t
     bad_outputs = [o for o in outputs if not o.ok]
     ok = not bad_layers and not bad_outputs and not problems
     if ok:
-        worst = sorted(layers, key=_layer_badness)[0] if layers else None
         msg = (f"parity passed: {len(outputs)} output check(s) over ONNX Runtime optimization levels "
                f"{list(opt_levels)}, {len(layers)} layer(s)")
-        if worst is not None:
-            msg += f"; worst layer {worst.name!r} SQNR {worst.figures['sqnr_db']:.1f} dB"
+        if layers:
+            e2e = min(layers, key=lambda l: l.figures["sqnr_db"])
+            msg += f"; lowest layer SQNR {e2e.figures['sqnr_db']:.1f} dB ({e2e.name!r})"
+            with_local = [l for l in layers if l.local]
+            if with_local:
+                loc = min(with_local, key=lambda l: l.local["sqnr_db"])
+                msg += f", lowest local SQNR {loc.local['sqnr_db']:.1f} dB ({loc.name!r})"
     elif bad_layers:
         w = bad_layers[0]
         msg = f"parity FAILED: worst layer {w.name!r}: {w.failed[0]}"

@@ -130,7 +130,7 @@ def layer_chart_png(report: dict) -> bytes | None:
                 color=["#c0392b" if not l["ok"] else "#2e86c1" for l in layers][::-1])
         ax.barh([y - 0.2 for y in ys], loc, height=0.4, label="local (torch layer on ORT's input)", color="#7fb3d5")
         ax.axvline(tol.get("layer_sqnr_min_db", 20.0), color="#c0392b", ls="--", lw=1, label="layer threshold")
-        ax.axvline(tol.get("layer_local_sqnr_min_db", 40.0), color="#7fb3d5", ls=":", lw=1, label="local threshold")
+        ax.axvline(tol.get("layer_local_sqnr_min_db", 40.0), color="#1a5276", ls=":", lw=1.5, label="local threshold")
         ax.set_yticks(list(ys), names, fontsize=8)
         ax.set_xlabel("SQNR torch vs ONNX Runtime fake-quant [dB] (capped at 150)")
         ax.set_title("Fake-quant parity per layer (worst at top)")
