@@ -203,3 +203,17 @@ def test_amct_style_gemm_weights_are_compared_in_one_layout():
     r = compare_deploy(dep, fq)
     assert r.ok, r.message
     assert {l.name: l.static["weight_differences"] for l in r.layers}["classifier"] == 0
+
+
+def test_a_layer_whose_shapes_differ_between_the_files_fails_with_a_named_figure():
+    fq, dep, info = bm.hand_built_pair()
+    # the fake-quant conv gets stride 2: same weights, other output shape
+    conv = bm.node(fq, "features.0")
+    for a in conv.attribute:
+        if a.name == "strides":
+            a.ints[:] = [2, 2]
+    r = compare_deploy(dep, fq)
+    assert not r.ok
+    by = {l.name: l for l in r.layers}
+    assert by["features.0"].failed_figure == "accumulator_shape" and "shape" in by["features.0"].message
+    assert r.worst_layer.name == "features.0"

@@ -296,18 +296,6 @@ def fake_quant_layer(ix: GraphIndex, name: str) -> FakeQuantLayer | None:
     )
 
 
-def find_fake_quant_layers(ix: GraphIndex) -> list[FakeQuantLayer]:
-    """Every named Conv/Gemm/MatMul with a constant weight whose output is rescaled by a constant Mul
-    (the fake dequant) and whose input comes through a Round chain: the quantized layers."""
-    out = []
-    for node in ix.graph.node:
-        if node.op_type in LAYER_OPS and node.name and len(node.input) > 1 and ix.is_const(node.input[1]):
-            lay = fake_quant_layer(ix, node.name)
-            if lay is not None and lay.node is node and lay.dequant_mul is not None and lay.float_input is not None:
-                out.append(lay)
-    return out
-
-
 def with_extra_outputs(model: onnx.ModelProto, names: list[str],
                        types: dict[str, int] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` (in memory) whose graph also outputs ``names`` (existing outputs are kept)."""

@@ -620,9 +620,14 @@ def _compare_layer(sl: SimLayer, F, douts, fouts, tol: Tolerances, static: dict)
     acc_f = fouts[F.acc].astype(np.float64)
     n = int(acc_f.size)
     if acc_d.shape != acc_f.shape:
-        return DeployLayerResult(sl.name, sl.kind, False, "accumulator shape",
-                                 f"accumulator shape {list(acc_d.shape)} vs fake-quant {list(acc_f.shape)}",
-                                 n, grid_mis, n, 0.0, float("nan"), 0.0, 0.0, False, float("nan"), float("nan"), n, static)
+        nan = float("nan")
+        return DeployLayerResult(
+            name=sl.name, kind=sl.kind, ok=False, failed_figure="accumulator_shape",
+            message=f"int32 accumulator shape {list(acc_d.shape)} vs fake-quant pre-dequant shape {list(acc_f.shape)}",
+            elements=n, input_grid_mismatches=grid_mis, acc_mismatches=n, acc_exact_fraction=0.0,
+            acc_max_abs_diff=nan, acc_max_abs=nan, acc_allowed_slack=0.0, acc_int32_overflow_risk=False,
+            acc_abs_sum_max=nan, dequant_max_abs_diff=nan, dequant_max_rel_diff=nan, dequant_violations=n,
+            static=static)
     diff = np.abs(acc_d.astype(np.float64) - acc_f)
     if sl.abs_acc is not None:
         S = douts[sl.abs_acc].astype(np.float64)
