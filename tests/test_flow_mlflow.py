@@ -49,7 +49,7 @@ def test_run_has_params_metrics_and_tags(logged, mlflow_server):
         assert k in m, k
     assert m["compression_ratio"] > 1.5  # int8 weights vs float32 integer grid
     assert t["target"] == "A2"
-    assert t["prefect.flow_run_id"]
+    assert t["prefect.flow_run_id"] and t["prefect.flow_run_url"].endswith(t["prefect.flow_run_id"])
 
 
 def test_checkpoint_hash_tag_matches_the_file(logged, mlflow_server, cnn_checkpoint):
@@ -164,3 +164,36 @@ def test_prefect_artifacts_show_parity_table_and_mlflow_link(logged, prefect_api
     assert "cosine" in json.dumps(table[0].data)
     assert link
     assert summary["mlflow_run_id"] in json.dumps(link[-1].data)
+
+
+def test_checkpoint_from_mlflow_runs_and_models_uris(prefect_api, mlflow_server, cnn_checkpoint, tmp_path):
+    """A checkpoint given as runs:/... or models:/... is downloaded from the tracking server first."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.distill_export import distill_export
+
+    client = MlflowClient(mlflow_server.url)
+    exp = client.create_experiment("checkpoints")
+    run = client.create_run(exp)
+    client.log_artifact(run.info.run_id, cnn_checkpoint.checkpoint, "checkpoints")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("cnn-distilled-checkpoint")
+    client.create_model_version("cnn-distilled-checkpoint", f"runs:/{run.info.run_id}/checkpoints", run.info.run_id)
+    want = _sha(Path(cnn_checkpoint.checkpoint))
+    for i, uri in enumerate([f"runs:/{run.info.run_id}/checkpoints/{Path(cnn_checkpoint.checkpoint).name}",
+                             "models:/cnn-distilled-checkpoint/1"]):
+        params = cnn_checkpoint.params(tmp_path / f"export{i}", checkpoint=uri, mlflow_tracking_uri=mlflow_server.url,
+                                       mlflow_experiment="from-mlflow")
+        state = distill_export(**params, return_state=True)
+        assert state.is_completed(), state.message
+        logged = client.get_run(state.result()["mlflow_run_id"])
+        assert logged.data.tags["checkpoint.sha256"] == want
+        assert logged.data.params["checkpoint"] == uri
+        downloaded = list((tmp_path / f"export{i}" / ".amct_work" / "checkpoint").rglob("*.pt"))
+        assert len(downloaded) == 1 and _sha(downloaded[0]) == want
+    bad = cnn_checkpoint.params(tmp_path / "bad", checkpoint=f"runs:/{run.info.run_id}/checkpoints/nope.pt",
+                                mlflow_tracking_uri=mlflow_server.url)
+    state = distill_export(**bad, return_state=True)
+    assert state.is_failed()
+    msg = str(state.result(raise_on_failure=False))
+    assert "parameter 'checkpoint'" in msg and "nope.pt" in msg
