@@ -74,6 +74,13 @@ def test_files_are_written_with_the_prefix_names(exported, name):
     assert not [p for p in e["fq"].parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_written_files_get_the_usual_permissions(exported):
+    umask = os.umask(0)
+    os.umask(umask)
+    for key in ("fq", "deploy", "record"):
+        assert exported["mlp"][key].stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_trailing_slash_save_path_gives_unprefixed_names(tmp_path):
     qat = models.make_qat("mlp", tmp_path)
     save_distill_model(qat, str(tmp_path / "outdir") + "/", models.example_inputs("mlp"), record_file=str(tmp_path / "r.txt"))
