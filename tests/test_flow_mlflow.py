@@ -145,25 +145,28 @@ def test_registered_version_runs_in_pyfunc_and_leads_to_the_deploy_model(logged,
     assert mv.tags["deploy_model"] == f"runs:/{mv.run_id}/models/deploy/cnn_deploy_model.onnx"
 
 
-def test_prefect_artifacts_show_parity_table_and_mlflow_link(logged, prefect_api):
+def test_prefect_artifacts_show_parity_table_and_mlflow_link(logged, prefect_api, mlflow_server):
+    import asyncio
+
+    from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     summary, _ = logged
+    flow_run_id = MlflowClient(mlflow_server.url).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
 
     async def read():
         async with get_client() as c:
-            table = await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["parity-summary"])))
-            link = await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mlflow-run"])))
-            return table, link
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
-    import asyncio
-
-    table, link = asyncio.run(read())
-    assert table and table[0].type == "table"
-    assert "cosine" in json.dumps(table[0].data)
-    assert link
-    assert summary["mlflow_run_id"] in json.dumps(link[-1].data)
+    arts = {a.key: a for a in asyncio.run(read())}
+    table = arts["parity-summary"]
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert any(r["check"].startswith("parity output") and r["cosine"] > 0.99 for r in rows)
+    assert {r["check"] for r in rows} >= {"preflight", "deploy simulation"}
+    link = arts["mlflow-run"]
+    assert summary["mlflow_run_id"] in json.dumps(link.data) and mlflow_server.url in json.dumps(link.data)
 
 
 def test_checkpoint_from_mlflow_runs_and_models_uris(prefect_api, mlflow_server, cnn_checkpoint, tmp_path):
