@@ -23,6 +23,7 @@ from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
 CHUNK = 1 << 20
+MEMO_MIN_BYTES = 64 << 20
 
 
 class ParameterError(ValueError):
@@ -33,12 +34,29 @@ class ParameterError(ValueError):
         super().__init__(f"parameter {parameter!r}: {message}")
 
 
+_SHA_MEMO: dict[tuple, str] = {}
+
+
 def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file. Large files are memoised on (path, inode, size, mtime_ns, ctime_ns), so a
+    multi-GB checkpoint is read once per process although several stages' cache keys include it (small
+    files are always re-read: a same-size rewrite within one clock tick could keep its mtime)."""
+    st = os.stat(path)
+    memo_key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if st.st_size < MEMO_MIN_BYTES:
+        memo_key = None
+    elif memo_key in _SHA_MEMO:
+        return _SHA_MEMO[memo_key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if memo_key is not None:
+        if len(_SHA_MEMO) > 1024:
+            _SHA_MEMO.clear()
+        _SHA_MEMO[memo_key] = digest
+    return digest
 
 
 @dataclass

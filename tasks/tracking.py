@@ -178,7 +178,8 @@ def log_to_mlflow(tracking_uri: str | None, experiment: str, run_name: str, para
             info = mlflow.onnx.log_model(
                 onnx.load(fake_quant_path), name="fake_quant_onnx", signature=signature, input_example=example,
                 registered_model_name=registered_model_name or None, onnx_execution_providers=["CPUExecutionProvider"],
-                save_as_external_data=False,
+                # one file for small models; external data beside it when the export has external data (>2 GB)
+                save_as_external_data=len(artifacts.get("fake_quant_model", [])) > 1,
             )
             version = None
             if registered_model_name:
