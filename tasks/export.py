@@ -50,9 +50,16 @@ def record(traced_path: str, model_record_path: str, record_path: str, given_rec
     """Write the record file from the model, or validate a given record file against the traced model."""
     from amct_core.stages import validate_record_file
 
+    from amct_core.errors import RecordError
+
+    from ._common import ParameterError
+
     with measured() as m:
         if given_record_file:
-            records = validate_record_file(given_record_file, traced_path, target)
+            try:
+                records = validate_record_file(given_record_file, traced_path, target)
+            except RecordError as e:
+                raise ParameterError("record_file", str(e)) from None
             out = Path(given_record_file).resolve()
             source = "given"
         else:
