@@ -178,6 +178,12 @@ def run_stage(task_fn, force: bool, states: dict, seconds: dict, **kwargs):
     return result
 
 
+def _attempts(err, default: int) -> int:
+    """How many times the logging task ran (it records its run count on the error it raises)."""
+    n = getattr(err, "attempt", None)
+    return int(n) if isinstance(n, int) and n > 0 else default
+
+
 def _metric_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in s)
 
@@ -337,8 +343,9 @@ def distill_export(
                          p["input_shape"], input_dtype, registered_model_name, flow_run_id, return_state=True)
     if not log_state.is_completed():
         err = log_state.result(raise_on_failure=False)
+        attempts = _attempts(err, mlflow_retries + 1)
         raise LoggingFailed(
-            f"MLflow logging to tracking URI {uri} failed after {mlflow_retries + 1} attempt(s): {err}. "
+            f"MLflow logging to tracking URI {uri} failed after {attempts} attempt(s): {err}. "
             f"Every exported file is on disk in {out} (manifest {manifest.path})."
         )
     tracking = log_state.result()

@@ -326,6 +326,9 @@ def build_model(spec: ModelSpec):
         raise ParameterError("distill_config", f"{spec.distill_config or '(default)'}: {e}") from None
     state = read_state_dict(spec.checkpoint)
     expected = model.state_dict()
+    # torch.nn.DataParallel / DistributedDataParallel checkpoints prefix every key with "module."
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)
     wrong_shape = sorted(

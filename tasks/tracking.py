@@ -27,11 +27,39 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 
 
 class TrackingError(RuntimeError):
-    """Logging to MLflow failed; the message names the tracking URI."""
+    """Logging to MLflow failed; the message names the tracking URI. ``transient``: worth retrying."""
+
+    transient = False
 
 
 class TrackingUnavailable(TrackingError):
-    """The MLflow tracking server cannot be reached; the message names the URI."""
+    """The MLflow tracking server cannot be reached (or went away); the message names the URI."""
+
+    transient = True
+
+
+_TRANSIENT_WORDS = ("connection refused", "max retries exceeded", "failed to establish a new connection",
+                    "connection aborted", "connection reset", "timed out", "remote end closed",
+                    "bad gateway", "service unavailable", "gateway timeout")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """True when the failure looks like the server being unreachable/overloaded (not a bad request)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, urllib.error.URLError)):
+            return True
+        if any(w in str(exc).lower() for w in _TRANSIENT_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry unreachable-server failures, not bad requests."""
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    return True if exc is None else bool(getattr(exc, "transient", True))
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -147,12 +175,25 @@ def _signature(fake_quant_path: str, example_shape: list[int], dtype: str):
     return ModelSignature(inputs=inputs, outputs=outputs), {ins[0].name: example}
 
 
-@task(name="mlflow-log", cache_policy=NO_CACHE, persist_result=False, retries=3, retry_delay_seconds=[2, 4, 8])
+@task(name="mlflow-log", cache_policy=NO_CACHE, persist_result=False, retries=3, retry_delay_seconds=[2, 4, 8],
+      retry_condition_fn=retry_if_transient)
 def log_to_mlflow(tracking_uri: str | None, experiment: str, run_name: str, params: dict, metrics: dict, tags: dict,
                   artifacts: dict[str, list[str]], manifest_path: str, fake_quant_path: str, example_shape: list[int],
                   example_dtype: str, registered_model_name: str | None = None,
                   flow_run_id: str | None = None) -> TrackingResult:
     """Log the flow run to MLflow. ``artifacts`` maps a role (see ARTIFACT_DIRS) to local files."""
+    from prefect.runtime import task_run as runtime_task_run
+
+    try:
+        return _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, manifest_path,
+                    fake_quant_path, example_shape, example_dtype, registered_model_name, flow_run_id)
+    except TrackingError as e:
+        e.attempt = runtime_task_run.run_count  # the flow's final message says how many attempts were made
+        raise
+
+
+def _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, manifest_path, fake_quant_path,
+         example_shape, example_dtype, registered_model_name, flow_run_id) -> TrackingResult:
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     mlflow = _mlflow(uri)
@@ -198,6 +239,7 @@ def log_to_mlflow(tracking_uri: str | None, experiment: str, run_name: str, para
         raise
     except Exception as e:  # noqa: BLE001
         # Failures deep inside MLflow (e.g. the server went away mid-run): name the URI.
-        raise TrackingError(f"logging to MLflow tracking server {uri} failed: {type(e).__name__}: {e}") from e
+        cls = TrackingUnavailable if _is_transient(e) else TrackingError
+        raise cls(f"logging to MLflow tracking server {uri} failed: {type(e).__name__}: {e}") from e
     return TrackingResult(uri, exp.experiment_id, run_id, run_url(uri, exp.experiment_id, run_id), model_uri,
                           registered_model_name, version)

@@ -132,3 +132,20 @@ def test_stopped_tracking_server_is_retried_then_fails_naming_the_uri(prefect_ap
             assert hashlib.sha256((out / e["path"]).read_bytes()).hexdigest() == e["sha256"], e["path"]
             n += 1
     assert n >= 6 and (out / "cnn_fake_quant_model.onnx").is_file() and (out / "cnn_deploy_model.onnx").is_file()
+
+
+def test_non_transient_mlflow_error_is_not_retried(prefect_api, cnn_checkpoint, tmp_path):
+    """A request the server refuses (here: a file path where the SQLite store should be) fails at once."""
+    from flows.distill_export import distill_export
+
+    (tmp_path / "not-a-dir").write_text("x")
+    uri = f"sqlite:///{tmp_path / 'not-a-dir' / 'mlflow.db'}"
+    params = cnn_checkpoint.params(tmp_path / "export", mlflow_tracking_uri=uri, mlflow_retries=3,
+                                   mlflow_retry_delay_seconds=5)
+    t0 = time.monotonic()
+    state = distill_export(**params, return_state=True)
+    assert state.is_failed()
+    msg = str(state.result(raise_on_failure=False))
+    assert uri in msg and "after 1 attempt" in msg
+    assert time.monotonic() - t0 < 60  # no 5 + 10 + 20 s of retries
+    assert (tmp_path / "export" / "cnn_deploy_model.onnx").is_file()
