@@ -254,7 +254,8 @@ def run_child(kind: str, model_name: str, threads: int, timeout: float | None = 
 # ---- parent ------------------------------------------------------------------------------------
 
 def machine() -> dict:
-    import torch
+    """The machine and versions (without importing torch: the parent process stays small)."""
+    from importlib.metadata import version
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -265,11 +266,8 @@ def machine() -> dict:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import onnx
-    import onnxruntime
-
     return {"cpu": cpu, "cpus": os.cpu_count(), "mem_gib": round(mem_gib, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch": version("torch"), "onnx": version("onnx"), "onnxruntime": version("onnxruntime"),
             "kernel": platform.release(), "load_avg_at_start": os.getloadavg()}
 
 

@@ -3,6 +3,7 @@ plus a width-scalable transformer for the size sweep and the multi-GB case."""
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn as nn
@@ -139,7 +140,9 @@ def seeded_fill_(model: nn.Module, seed: int = 0, block: int = 1 << 20) -> nn.Mo
                 scale = 1.0 / math.sqrt(p[0].numel()) if p.dim() > 1 else 1.0
             for i, s in enumerate(range(0, n, block)):
                 k = min(block, n - s)
-                o = (i * 7919 + len(name)) % block  # a different window of the seeded pool per chunk
+                # a different window of the seeded pool per tensor and chunk: no two weights are equal
+                # (torch.onnx.export would deduplicate equal initializers and write less)
+                o = (zlib.crc32(name.encode()) + i * 7919) % block
                 flat[s:s + k].copy_(base[o:o + k])
             flat.mul_(scale)
         for b in model.buffers():

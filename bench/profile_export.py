@@ -178,6 +178,15 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     qat, x, d = _prepare(a.model, a.threads)
+    try:
+        return _run(a, qat, x, d)
+    finally:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(a, qat, x, d) -> int:
     _save(qat, x, d)  # warm-up: first-call imports and caches are not the exporter's steady cost
     out = {"model": a.model}
     passes = [p for p in a.passes.split(",") if p]
@@ -204,7 +213,9 @@ def main(argv=None) -> int:
         for m in r["stages"]:
             print(f"   {m['stage']:<18} peak {m['stage_peak_mb']:>8.1f} MB, held at end {m['current_mb']:>8.1f} MB")
         for name, sites in r["held_at_stage_end"].items():
-            print(f"   held at end of {name}: " + "; ".join(f"{s['site']} {s['mb']:.0f} MB" for s in sites[:4] if s['mb'] >= 1))
+            big = [s for s in sites[:4] if s["mb"] >= 1]
+            if big:
+                print(f"   held at end of {name}: " + "; ".join(f"{s['site']} {s['mb']:.0f} MB" for s in big))
     if not a.smoke:
         path = Path(a.json.format(model=a.model))
         path.parent.mkdir(parents=True, exist_ok=True)
