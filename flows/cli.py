@@ -41,7 +41,7 @@ exit codes: 0 ok, 1 stage failed, 2 bad arguments/parameters, 3 MLflow logging f
 """
 
 
-def _ints(s: str) -> list[int]:
+def _one_shape(s: str) -> list[int]:
     try:
         vals = [int(v) for v in s.replace("x", ",").split(",") if v.strip()]
     except ValueError:
@@ -49,6 +49,19 @@ def _ints(s: str) -> list[int]:
     if not vals:
         raise argparse.ArgumentTypeError("expected at least one dimension")
     return vals
+
+
+def _ints(s: str):
+    """``1,3,224,224`` -> one shape; ``1,16;1,16`` -> one shape per input."""
+    parts = [p for p in s.split(";") if p.strip()]
+    if len(parts) > 1:
+        return [_one_shape(p) for p in parts]
+    return _one_shape(s)
+
+
+def _dtypes(s: str):
+    parts = [p.strip() for p in s.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _json_obj(s: str):
@@ -72,8 +85,9 @@ def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--model", required=False, help="package.module:callable (or path/file.py:callable) building the float model")
     g.add_argument("--model-kwargs", type=_json_obj, default=None, metavar="JSON", help="keyword arguments, e.g. '{\"width\": 16}'")
     g.add_argument("--distill-config", default=None, help="distill config JSON the model was wrapped with (default: all Conv2d/Linear)")
-    g.add_argument("--input-shape", type=_ints, default=None, metavar="N,C,H,W", help="example input shape, e.g. 1,1,8,8")
-    g.add_argument("--input-dtype", default=None, help="example input dtype (default float32)")
+    g.add_argument("--input-shape", type=_ints, default=None, metavar="N,C,H,W",
+                   help="example input shape, e.g. 1,1,8,8; several inputs: 1,16;1,16")
+    g.add_argument("--input-dtype", type=_dtypes, default=None, help="example input dtype (default float32); several: int64,int64")
     g = p.add_argument_group("export")
     g.add_argument("--output-dir", default=None, help="where files are written (default ./out)")
     g.add_argument("--name", default=None, help="file name prefix (default 'model')")
@@ -361,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--distill-config", default=None)
     p.add_argument("--input-shape", type=_ints, default=None, metavar="N,C,H,W")
-    p.add_argument("--input-dtype", default=None)
+    p.add_argument("--input-dtype", type=_dtypes, default=None)
     p.add_argument("--opset", type=int, default=None)
     p.set_defaults(fn=cmd_validate_record)
     p = sub.add_parser("inspect", help="show what is inside an exported ONNX model",

@@ -15,13 +15,13 @@ import inspect
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run as runtime_flow_run
 
-from tasks._common import DTYPES, ModelSpec, ParameterError, import_callable, peak_rss_mb, sha256_file
+from tasks._common import ModelSpec, ParameterError, import_callable, input_list, peak_rss_mb, sha256_file
 from tasks.checkpoint import is_mlflow_uri, load_checkpoint
 from tasks.export import deploy_build, fake_quant_build, record, trace
 from tasks.manifest import versions, write_manifest
@@ -88,16 +88,13 @@ def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ParameterError("distill_config", f"{str(dc)!r} is not valid JSON: {e}") from None
         out["distill_config"] = str(dc.resolve())
-    shape = p["input_shape"]
-    if not isinstance(shape, (list, tuple)) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-        raise ParameterError("input_shape", f"must be a non-empty list of positive ints such as [1, 1, 8, 8], got {shape!r}")
-    out["input_shape"] = [int(d) for d in shape]
-    if p["input_dtype"] not in DTYPES:
-        raise ParameterError("input_dtype", f"{p['input_dtype']!r} is not one of {list(DTYPES)}")
+    inputs = input_list(p["input_shape"], p["input_dtype"])
     out["input_names"] = _names(p.get("input_names"), "input_names")
     out["output_names"] = _names(p.get("output_names"), "output_names")
-    if out["input_names"] is not None and len(out["input_names"]) != 1:
-        raise ParameterError("input_names", f"the flow feeds one example input, so give one name, got {out['input_names']!r}")
+    if out["input_names"] is not None and len(out["input_names"]) != len(inputs):
+        raise ParameterError("input_names", f"gives {len(out['input_names'])} name(s) for {len(inputs)} input(s) "
+                                            f"(input_shape {p['input_shape']!r}): {out['input_names']!r}")
+    ranks = dict(zip(out["input_names"] or [], [len(s) for s, _ in inputs]))
     axes = p.get("dynamic_axes")
     if axes is not None:
         known = (out["input_names"] or []) + (out["output_names"] or [])
@@ -113,8 +110,8 @@ def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
                 idx = [int(a) for a in idx]
             except (TypeError, ValueError):
                 raise ParameterError("dynamic_axes", f"[{n!r}] axes must be ints, got {ax!r}") from None
-            if n in (out["input_names"] or []) and any(not 0 <= a < len(out["input_shape"]) for a in idx):
-                raise ParameterError("dynamic_axes", f"[{n!r}] = {idx} is out of range for input_shape {out['input_shape']}")
+            if n in ranks and any(not 0 <= a < ranks[n] for a in idx):
+                raise ParameterError("dynamic_axes", f"[{n!r}] = {idx} is out of range for an input of rank {ranks[n]}")
         # JSON object keys are strings: give amct_core int axes.
         out["dynamic_axes"] = {n: ([int(a) for a in ax] if isinstance(ax, (list, tuple)) else {int(k): str(v) for k, v in ax.items()})
                                for n, ax in axes.items()}
@@ -192,10 +189,10 @@ def _metric_name(s: str) -> str:
 def distill_export(
     checkpoint: str,
     model: str,
-    input_shape: list[int],
+    input_shape: list[Any],
     model_kwargs: Optional[dict[str, Any]] = None,
     distill_config: Optional[str] = None,
-    input_dtype: str = "float32",
+    input_dtype: Union[str, list[str]] = "float32",
     output_dir: str = "out",
     name: str = "model",
     record_file: Optional[str] = None,
@@ -219,10 +216,11 @@ def distill_export(
         checkpoint: state_dict of the distilled model (.pt/.pth via torch.save, or .safetensors), or an
             MLflow URI ('runs:/<run_id>/<path>', 'models:/<name>/<version>'). Loaded with weights_only=True.
         model: 'package.module:callable' (or 'path/to/file.py:callable') returning the float torch model.
-        input_shape: shape of the example input, e.g. [1, 1, 8, 8].
+        input_shape: shape of the example input, e.g. [1, 1, 8, 8]; for several inputs one shape each,
+            e.g. [[1, 16], [1, 16]].
         model_kwargs: keyword arguments for the model callable.
         distill_config: the distill config JSON the model was wrapped with (default: every Conv2d/Linear).
-        input_dtype: dtype of the example input (float32, ...).
+        input_dtype: dtype of the example input(s) (float32, int64, ...), or one per input.
         output_dir: where the files go; name: their name prefix.
         record_file: a record file to validate and use instead of writing one from the model.
         target: A2, A3 or 950. opset: ONNX opset (default 11; within the target's range).
@@ -307,7 +305,7 @@ def distill_export(
         "target": tgt.name, "opset": opset, "quantized_layer_count": len(ck.quantized_layers),
         "torch_version": vers["torch"], "onnx_version": vers["onnx"], "onnxruntime_version": vers["onnxruntime"],
         "amct_core_version": vers["amct-core"], "model": model, "model_kwargs": json.dumps(p["model_kwargs"]),
-        "input_shape": json.dumps(p["input_shape"]), "input_dtype": input_dtype, "name": name,
+        "input_shape": json.dumps(p["input_shape"]), "input_dtype": input_dtype if isinstance(input_dtype, str) else json.dumps(input_dtype), "name": name,
         "record_source": rec.info.get("source"), "checkpoint": ck.source, "input_names": json.dumps(p["input_names"]),
         "output_names": json.dumps(p["output_names"]), "dynamic_axes": json.dumps(p.get("dynamic_axes")),
         "parity_tolerances": json.dumps(p.get("parity_tolerances")), "soc_family": ",".join(tgt.soc_family),

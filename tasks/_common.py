@@ -199,8 +199,8 @@ class ModelSpec:
     model: str  # "package.module:callable" or "path/to/file.py:callable"
     model_kwargs: dict = field(default_factory=dict)
     distill_config: str | None = None  # JSON distill config (None: every Conv2d/Linear, default config)
-    input_shape: list[int] = field(default_factory=list)
-    input_dtype: str = "float32"
+    input_shape: list = field(default_factory=list)  # [1, 3, 8, 8], or one shape per input: [[1, 3, 8, 8], [1, 4]]
+    input_dtype: str | list[str] = "float32"  # one dtype, or one per input
     seed: int = 0
 
 
@@ -239,6 +239,26 @@ def import_callable(ref: str, parameter: str = "model"):
     if not callable(obj):
         raise ParameterError(parameter, f"{ref!r}: {attr!r} is not callable")
     return obj
+
+
+def input_list(shape, dtype) -> list[tuple[list[int], str]]:
+    """[(shape, dtype)] per model input from ``input_shape`` (one shape or a list of shapes) and ``input_dtype``
+    (one dtype for all, or one per input). Raises ParameterError naming the parameter."""
+    if isinstance(shape, (list, tuple)) and shape and all(isinstance(s, (list, tuple)) for s in shape):
+        shapes = [list(s) for s in shape]
+    else:
+        shapes = [list(shape) if isinstance(shape, (list, tuple)) else shape]
+    for s in shapes:
+        if not isinstance(s, list) or not s or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s):
+            raise ParameterError("input_shape", f"must be a non-empty list of positive ints such as [1, 1, 8, 8] "
+                                                f"(or a list of such lists, one per input), got {shape!r}")
+    dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
+    if len(dtypes) != len(shapes):
+        raise ParameterError("input_dtype", f"gives {len(dtypes)} dtypes for {len(shapes)} inputs: {dtype!r}")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ParameterError("input_dtype", f"{d!r} is not one of {list(DTYPES)}")
+    return list(zip(shapes, dtypes))
 
 
 def example_input(shape: list[int], dtype: str, seed: int = 0):
@@ -311,7 +331,7 @@ def build_model(spec: ModelSpec):
     if not isinstance(float_model, torch.nn.Module):
         raise ParameterError("model", f"{spec.model} returned a {type(float_model).__name__}, not a torch.nn.Module")
     float_model.eval()
-    x = example_input(spec.input_shape, spec.input_dtype, spec.seed)
+    x = spec_inputs(spec)
     cfg = spec.distill_config
     try:
         if not cfg:
@@ -360,4 +380,6 @@ def build_model(spec: ModelSpec):
 
 
 def spec_inputs(spec: ModelSpec) -> tuple:
-    return (example_input(spec.input_shape, spec.input_dtype, spec.seed),)
+    """The example inputs (a tuple, one tensor per model input), seeded: input i uses seed + 1000 * i."""
+    return tuple(example_input(s, d, spec.seed + 1000 * i)
+                 for i, (s, d) in enumerate(input_list(spec.input_shape, spec.input_dtype)))

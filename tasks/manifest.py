@@ -40,27 +40,29 @@ def versions() -> dict[str, str]:
     return out
 
 
-def atc_command(deploy_path: str, soc_version: str, input_shape: list[int], output_prefix: str) -> str:
-    """A suggested ATC command line: static input shape (int8 inputs cannot be dynamic on the device)."""
+def atc_command(deploy_path: str, soc_version: str, inputs: list[tuple[list[int], str]], output_prefix: str) -> str:
+    """A suggested ATC command line: static input shapes (int8 inputs cannot be dynamic on the device)."""
     import onnx
 
     m = onnx.load(deploy_path, load_external_data=False)
     inits = {t.name for t in m.graph.initializer}
-    inputs = [i.name for i in m.graph.input if i.name not in inits]
-    shape = ",".join(str(int(d)) for d in input_shape)
-    shapes = ";".join(f"{n}:{shape}" for n in inputs[:1])
+    names = [i.name for i in m.graph.input if i.name not in inits]
+    shapes = ";".join(f"{n}:{','.join(str(int(d)) for d in shape)}" for n, (shape, _) in zip(names, inputs))
     return (f"atc --framework=5 --model={Path(deploy_path).name} --output={output_prefix} "
             f"--soc_version={soc_version} --input_shape=\"{shapes}\"")
 
 
 @task(name="manifest", cache_policy=NO_CACHE, persist_result=False)
-def write_manifest(out_path: str, target: str, opset: int, name: str, input_shape: list[int], input_dtype: str,
+def write_manifest(out_path: str, target: str, opset: int, name: str, input_shape: list, input_dtype: str | list[str],
                    checkpoint: dict, files: dict[str, list[FileRef]], parity: dict, parameters: dict) -> FileRef:
     """Write ``manifest.json``: target, SoC family, suggested ATC command, every file's SHA-256, versions."""
     from amct_core._io import atomic_write_bytes
     from amct_core.targets import get_target
 
+    from ._common import input_list
+
     tgt = get_target(target)
+    inputs = input_list(input_shape, input_dtype)
     deploy = files["deploy_model"][0].path
     out_dir = Path(out_path).resolve().parent
     manifest = {
@@ -73,7 +75,8 @@ def write_manifest(out_path: str, target: str, opset: int, name: str, input_shap
         "cann": tgt.cann,
         "opset": opset,
         "input": {"shape": list(input_shape), "dtype": input_dtype},
-        "atc_command": atc_command(deploy, tgt.soc_family[0], input_shape, f"{name}_{tgt.name}"),
+        "inputs": [{"shape": s, "dtype": d} for s, d in inputs],
+        "atc_command": atc_command(deploy, tgt.soc_family[0], inputs, f"{name}_{tgt.name}"),
         "checkpoint": checkpoint,
         "parity": parity,
         "files": {

@@ -149,12 +149,14 @@ def _find_or_start_run(mlflow, experiment_id: str, flow_run_id: str | None, run_
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
-def _signature(fake_quant_path: str, example_shape: list[int], dtype: str):
+def _signature(fake_quant_path: str, example_shape: list, dtype):
     import numpy as np
     import onnx
     import onnxruntime as ort
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
+
+    from ._common import input_list
 
     m = onnx.load(fake_quant_path, load_external_data=False)
 
@@ -162,24 +164,30 @@ def _signature(fake_quant_path: str, example_shape: list[int], dtype: str):
         return tuple(-1 if (d.dim_param or not d.HasField("dim_value")) else d.dim_value
                      for d in vi.type.tensor_type.shape.dim)
 
+    def np_type(vi):
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+
     inits = {t.name for t in m.graph.initializer}
     ins = [vi for vi in m.graph.input if vi.name not in inits]
-    np_dtype = np.dtype(dtype if dtype != "bfloat16" else "float32")
-    inputs = Schema([TensorSpec(np_dtype, dims(vi), vi.name) for vi in ins])
-    outputs = Schema([TensorSpec(np.dtype("float32"), dims(vi), vi.name) for vi in m.graph.output])
+    inputs = Schema([TensorSpec(np_type(vi), dims(vi), vi.name) for vi in ins])
+    outputs = Schema([TensorSpec(np_type(vi), dims(vi), vi.name) for vi in m.graph.output])
     rng = np.random.default_rng(0)
-    example = rng.standard_normal(example_shape).astype(np_dtype)
+    example = {}
+    for vi, (shape, _) in zip(ins, input_list(example_shape, dtype)):
+        t = np_type(vi)
+        example[vi.name] = (rng.standard_normal(shape).astype(t) if np.issubdtype(t, np.floating)
+                            else rng.integers(0, 10, size=shape).astype(t))
     # Check the example runs before MLflow tries it, so a failure names the model file.
     sess = ort.InferenceSession(fake_quant_path, providers=["CPUExecutionProvider"])
-    sess.run(None, {ins[0].name: example})
-    return ModelSignature(inputs=inputs, outputs=outputs), {ins[0].name: example}
+    sess.run(None, example)
+    return ModelSignature(inputs=inputs, outputs=outputs), example
 
 
 @task(name="mlflow-log", cache_policy=NO_CACHE, persist_result=False, retries=3, retry_delay_seconds=[2, 4, 8],
       retry_condition_fn=retry_if_transient)
 def log_to_mlflow(tracking_uri: str | None, experiment: str, run_name: str, params: dict, metrics: dict, tags: dict,
-                  artifacts: dict[str, list[str]], manifest_path: str, fake_quant_path: str, example_shape: list[int],
-                  example_dtype: str, registered_model_name: str | None = None,
+                  artifacts: dict[str, list[str]], manifest_path: str, fake_quant_path: str, example_shape: list,
+                  example_dtype: str | list[str], registered_model_name: str | None = None,
                   flow_run_id: str | None = None) -> TrackingResult:
     """Log the flow run to MLflow. ``artifacts`` maps a role (see ARTIFACT_DIRS) to local files."""
     from prefect.runtime import task_run as runtime_task_run
