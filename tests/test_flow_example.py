@@ -44,7 +44,6 @@ def test_nightly_parameters_export_the_digits_example(prefect_api, tmp_path, mon
     s = state.result()
     assert s["parity_passed"]
     split = load_digits_split(0)
-    from examples.digits import build_model  # noqa: F401  (the deployment's model reference)
     from tasks._common import ModelSpec, build_model as rebuild
 
     student = rebuild(ModelSpec(params["checkpoint"], params["model"], {}, params["distill_config"], params["input_shape"]))
