@@ -149,3 +149,24 @@ def test_non_transient_mlflow_error_is_not_retried(prefect_api, cnn_checkpoint, 
     assert uri in msg and "after 1 attempt" in msg
     assert time.monotonic() - t0 < 60  # no 5 + 10 + 20 s of retries
     assert (tmp_path / "export" / "cnn_deploy_model.onnx").is_file()
+
+
+def test_parity_failure_is_logged_then_fails_the_flow_naming_the_worst_layer(prefect_api, cnn_checkpoint, tmp_path):
+    import mlflow
+
+    from flows.distill_export import ParityFailed, distill_export
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = cnn_checkpoint.params(tmp_path / "export", mlflow_tracking_uri=db,
+                                   parity_tolerances={"layer_sqnr_min_db": 400.0})
+    state = distill_export(**params, return_state=True)
+    assert state.is_failed()
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, ParityFailed)
+    assert "FAIL" in str(exc) and "layer" in str(exc) and "MLflow run" in str(exc)
+    run_id = str(exc).split("MLflow run ")[1].split(";")[0]
+    mlflow.set_tracking_uri(db)
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["parity"] == "fail" and run.data.metrics["parity.passed"] == 0.0
+    assert (tmp_path / "export" / "cnn_deploy_model.onnx").is_file()
+    assert json.loads((tmp_path / "export" / "parity" / "report.json").read_text())["verdict"] == "fail"
