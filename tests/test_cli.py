@@ -128,3 +128,26 @@ def test_run_exports_and_bad_target_exits_2(prefect_api, cnn_checkpoint, tmp_pat
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"] == "950" and manifest["opset"] == 17
     assert "--soc_version=Ascend950" in manifest["atc_command"]
+
+
+@pytest.mark.integration
+def test_embedded_defaults_ephemeral_prefect_and_sqlite_mlflow_in_the_working_directory(cnn_checkpoint, tmp_path):
+    """No PREFECT_API_URL, no MLFLOW_TRACKING_URI: Prefect's ephemeral API, ./mlflow.db and ./mlruns."""
+    env = services.base_env(tmp_path / "prefect-home", PYTHONPATH=str(services.REPO))
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = ["run", "--checkpoint", cnn_checkpoint.checkpoint, "--model", "tests.models:build", "--model-kwargs",
+            '{"name": "cnn"}', "--distill-config", cnn_checkpoint.distill_config, "--input-shape", "1,3,16,16",
+            "--name", "emb"]
+    r = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == cli.EXIT_OK, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "temporary server" in (r.stdout + r.stderr).lower()  # Prefect's ephemeral API
+    assert (tmp_path / "out" / "emb_deploy_model.onnx").is_file()  # default output_dir ./out
+    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
+    assert "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["amct-export"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.params["target"] == "A2"
