@@ -54,8 +54,12 @@ class _Done:
         return self._value
 
 
+# Seconds of each task body in the direct runs, by task name (where the work of an export goes).
+PLAIN_SECONDS: dict[str, list[float]] = {}
+
+
 class _Plain:
-    """A Prefect task stand-in that calls the task's function directly."""
+    """A Prefect task stand-in that calls the task's function directly (and times it)."""
 
     def __init__(self, task):
         self.fn, self.name = task.fn, task.name
@@ -64,7 +68,9 @@ class _Plain:
         return self
 
     def __call__(self, *args, return_state: bool = False, **kwargs):
+        t0 = time.perf_counter()
         value = self.fn(*args, **kwargs)
+        PLAIN_SECONDS.setdefault(self.name, []).append(time.perf_counter() - t0)
         return _Done(value) if return_state else value
 
 
@@ -213,6 +219,7 @@ def main(argv=None) -> int:
             t_warm, _ = time_flow(params, tmp / "warm")  # warm-up: server, DB, imports, model memo, MLflow store
             t_direct_warm = time_direct(params, tmp / "warm-direct")
             flow_s, direct_s, save_s = [], [], []
+            PLAIN_SECONDS.clear()
             for i in range(runs):
                 flow_s.append(time_flow(params, tmp / f"flow{i}")[0])
                 direct_s.append(time_direct(params, tmp / f"direct{i}"))
@@ -231,10 +238,13 @@ def main(argv=None) -> int:
         print(f"{'save_distill_model alone (no parity/MLflow)':<52}{med['save']:>9.2f}")
         print(f"{'flow re-run, unchanged inputs (cached stages)':<52}{cached_s:>9.2f}")
         print(f"(first flow run incl. warm-up: {t_warm:.2f} s; first direct: {t_direct_warm:.2f} s)")
+        tasks_med = {k: statistics.median(v) for k, v in PLAIN_SECONDS.items()}
+        print("direct run by task (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in tasks_med.items())
+              + f"; flow body outside tasks {med['direct'] - sum(tasks_med.values()):.2f}")
         res = {"model": model_name, "runs": runs, "threads": a.threads, "median": med,
                "overhead_s": over, "flow_s": flow_s, "direct_s": direct_s, "save_s": save_s,
                "cached_rerun_s": cached_s, "cached_states": cached_states, "warmup_flow_s": t_warm,
-               "warmup_direct_s": t_direct_warm}
+               "warmup_direct_s": t_direct_warm, "direct_task_seconds": tasks_med}
         from bench.export import machine
 
         res["machine"] = machine()
