@@ -1,7 +1,7 @@
 """The Ascend targets as data (FORMATS.md section 6). Code reads this table; it never branches on a name."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import TargetError
 
@@ -22,41 +22,30 @@ class Target:
 DEFAULT_TARGET = "A2"
 DEFAULT_OPSET = 11
 
+_A2 = Target(
+    name="A2",
+    products="Atlas A2 training / inference series",
+    soc_family=("Ascend910B1", "Ascend910B2", "Ascend910B2C", "Ascend910B3", "Ascend910B4", "Ascend910B4-1"),
+    cann="8.x",
+    opset_min=8,
+    opset_max=16,
+    act_types=("INT8",),
+    wts_types=("INT8",),
+    dst_types=("INT8",),
+)
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target(
-            name="A2",
-            products="Atlas A2 training / inference series",
-            soc_family=("Ascend910B1", "Ascend910B2", "Ascend910B2C", "Ascend910B3", "Ascend910B4", "Ascend910B4-1"),
-            cann="8.x",
-            opset_min=8,
-            opset_max=16,
-            act_types=("INT8",),
-            wts_types=("INT8",),
-            dst_types=("INT8",),
+        _A2,
+        replace(
+            _A2, name="A3", products="Atlas A3 training / inference series",
+            soc_family=("Ascend910_9362", "Ascend910_9372", "Ascend910_9381", "Ascend910_9382",
+                        "Ascend910_9391", "Ascend910_9392"),
         ),
-        Target(
-            name="A3",
-            products="Atlas A3 training / inference series",
-            soc_family=("Ascend910_9362", "Ascend910_9372", "Ascend910_9381", "Ascend910_9382", "Ascend910_9391", "Ascend910_9392"),
-            cann="8.x",
-            opset_min=8,
-            opset_max=16,
-            act_types=("INT8",),
-            wts_types=("INT8",),
-            dst_types=("INT8",),
-        ),
-        Target(
-            name="950",
-            products="Ascend 950PR / 950DT",
-            soc_family=("Ascend950PR_9579", "Ascend950DT_9591"),
-            cann="9.x",
-            opset_min=8,
-            opset_max=22,
-            act_types=("INT8",),
-            wts_types=("INT8",),
-            dst_types=("INT8",),
+        replace(
+            _A2, name="950", products="Ascend 950PR / 950DT", soc_family=("Ascend950PR_9579", "Ascend950DT_9591"),
+            cann="9.x", opset_max=22,
         ),
     )
 }

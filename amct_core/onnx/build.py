@@ -99,85 +99,107 @@ def _prepare(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str,
     return out
 
 
+class _Flavor:
+    """What differs between the two models: the quant and dequant nodes and the stored dtypes."""
+
+    weight_dtype: type
+    bias_dtype: type
+
+    def quant(self, model: OnnxModel, x: str, name: str, rec: LayerRecord) -> tuple[list, str]:
+        raise NotImplementedError
+
+    def dequant(self, model: OnnxModel, acc: str, y: str, name: str, meta: LayerMeta, deq: np.ndarray):
+        raise NotImplementedError
+
+
+class _FakeQuant(_Flavor):
+    """FORMATS §4: Mul/Round/Add/Clip/Sub onto the integer grid, float weights on the grid, Mul out."""
+
+    weight_dtype = bias_dtype = np.float32
+
+    def quant(self, model, x, name, rec):
+        p = f"{name}.quant.fakequant"
+        model.set_array(f"{p}.scale", _f32(np.float32(1.0) / np.float32(rec.scale_d)))
+        model.set_array(f"{p}.offset", _f32(rec.offset_d))
+        model.set_array(f"{p}.min", _f32(QMIN))
+        model.set_array(f"{p}.max", _f32(QMAX))
+        nodes = [
+            helper.make_node("Mul", [x, f"{p}.scale"], [f"{p}.mul_output"], name=f"{p}.mul"),
+            helper.make_node("Round", [f"{p}.mul_output"], [f"{p}.round_output"], name=f"{p}.round"),
+            helper.make_node("Add", [f"{p}.round_output", f"{p}.offset"], [f"{p}.add_output"], name=f"{p}.add"),
+            helper.make_node("Clip", [f"{p}.add_output", f"{p}.min", f"{p}.max"], [f"{p}.clip_output"], name=f"{p}.clip"),
+            helper.make_node("Sub", [f"{p}.clip_output", f"{p}.offset"], [f"{p}.output"], name=f"{p}.sub"),
+        ]
+        return nodes, f"{p}.output"
+
+    def dequant(self, model, acc, y, name, meta, deq):
+        p = f"{name}.fakedequant"
+        model.set_array(f"{p}.deq_scale", deq.reshape(_deq_shape(meta, deq.size)))
+        return helper.make_node("Mul", [acc, f"{p}.deq_scale"], [y], name=f"{p}.mul")
+
+
+class _Deploy(_Flavor):
+    """FORMATS §5: AscendQuant, int8 weights, int32 bias, AscendDequant with the uint64 deq_scale."""
+
+    weight_dtype, bias_dtype = np.int8, np.int32
+
+    def quant(self, model, x, name, rec):
+        out = f"{name}.quant.output"
+        node = helper.make_node(
+            "AscendQuant", [x], [out], name=f"{name}.quant",
+            scale=float(np.float32(1.0) / np.float32(rec.scale_d)), offset=float(rec.offset_d),
+            dst_type="INT8", sqrt_mode=0, round_mode="Round",
+        )
+        return [node], out
+
+    def dequant(self, model, acc, y, name, meta, deq):
+        param = f"{name}.dequant.param"
+        model.set_array(param, pack_deq_scale(deq).reshape(-1))
+        return helper.make_node("AscendDequant", [acc, param], [y], name=f"{name}.dequant", dtype=0)
+
+
+def _rewrite(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord], opset: int,
+             flavor: _Flavor, acc_suffix: str) -> OnnxModel:
+    """Wrap every quantized layer of a copy of ``traced`` in the flavor's quant and dequant nodes.
+
+    Layers reading the same tensor with equal (scale_d, offset_d) share one quant chain.
+    """
+    model = traced.copy()
+    g = model.graph
+    shared: dict[tuple, str] = {}
+    for view, meta, rec, q_w, q_b, deq in _prepare(model, layers, records):
+        key = (view.x, np.float32(rec.scale_d).tobytes(), int(rec.offset_d))
+        new = []
+        if key not in shared:
+            new, shared[key] = flavor.quant(model, view.x, meta.name, rec)
+        view.node.input[0] = shared[key]
+        model.set_array(view.w_name, q_w(flavor.weight_dtype))
+        if q_b is not None:
+            model.set_array(view.b_name, q_b.astype(flavor.bias_dtype))
+        acc = f"{meta.name}{acc_suffix}"
+        y = view.y
+        view.last.output[0] = acc
+        tail = flavor.dequant(model, acc, y, meta.name, meta, deq)
+        idx = list(g.node).index(view.node)
+        for k, n in enumerate(new):
+            g.node.insert(idx + k, n)
+        g.node.insert(list(g.node).index(view.last) + 1, tail)
+    set_single_opset(model.proto, opset)
+    return model
+
+
 def build_fake_quant(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord],
                      opset: int) -> OnnxModel:
+    """The fake-quant model (FORMATS §4) from a traced graph and the records."""
     if opset < FAKE_QUANT_MIN_OPSET:
         raise ExportError(
             f"opset_version {opset}: the fake-quant model needs Round, which ONNX has from opset "
             f"{FAKE_QUANT_MIN_OPSET}; pick an opset >= {FAKE_QUANT_MIN_OPSET}"
         )
-    model = traced.copy()
-    g = model.graph
-    shared: dict[tuple, str] = {}
-    for view, meta, rec, q_w, q_b, deq in _prepare(model, layers, records):
-        name = meta.name
-        key = (view.x, np.float32(rec.scale_d).tobytes(), int(rec.offset_d))
-        xq = shared.get(key)
-        new = []
-        if xq is None:
-            p = f"{name}.quant.fakequant"
-            inv = np.float32(1.0) / np.float32(rec.scale_d)
-            model.set_array(f"{p}.scale", _f32(inv))
-            model.set_array(f"{p}.offset", _f32(rec.offset_d))
-            model.set_array(f"{p}.min", _f32(QMIN))
-            model.set_array(f"{p}.max", _f32(QMAX))
-            new += [
-                helper.make_node("Mul", [view.x, f"{p}.scale"], [f"{p}.mul_output"], name=f"{p}.mul"),
-                helper.make_node("Round", [f"{p}.mul_output"], [f"{p}.round_output"], name=f"{p}.round"),
-                helper.make_node("Add", [f"{p}.round_output", f"{p}.offset"], [f"{p}.add_output"], name=f"{p}.add"),
-                helper.make_node("Clip", [f"{p}.add_output", f"{p}.min", f"{p}.max"], [f"{p}.clip_output"], name=f"{p}.clip"),
-                helper.make_node("Sub", [f"{p}.clip_output", f"{p}.offset"], [f"{p}.output"], name=f"{p}.sub"),
-            ]
-            xq = shared[key] = f"{p}.output"
-        view.node.input[0] = xq
-        model.set_array(view.w_name, q_w(np.float32))
-        if q_b is not None:
-            model.set_array(view.b_name, q_b.astype(np.float32))
-        y = view.y
-        acc = f"{name}.fakedequant.input"
-        view.last.output[0] = acc
-        p = f"{name}.fakedequant"
-        model.set_array(f"{p}.deq_scale", deq.reshape(_deq_shape(meta, deq.size)))
-        tail = helper.make_node("Mul", [acc, f"{p}.deq_scale"], [y], name=f"{p}.mul")
-        idx = list(g.node).index(view.node)
-        for k, n in enumerate(new):
-            g.node.insert(idx + k, n)
-        g.node.insert(list(g.node).index(view.last) + 1, tail)
-    set_single_opset(model.proto, opset)
-    return model
+    return _rewrite(traced, layers, records, opset, _FakeQuant(), ".fakedequant.input")
 
 
 def build_deploy(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord],
                  opset: int) -> OnnxModel:
-    model = traced.copy()
-    g = model.graph
-    shared: dict[tuple, str] = {}
-    for view, meta, rec, q_w, q_b, deq in _prepare(model, layers, records):
-        name = meta.name
-        key = (view.x, np.float32(rec.scale_d).tobytes(), int(rec.offset_d))
-        xq = shared.get(key)
-        new = []
-        if xq is None:
-            xq = f"{name}.quant.output"
-            new.append(helper.make_node(
-                "AscendQuant", [view.x], [xq], name=f"{name}.quant",
-                scale=float(np.float32(1.0) / np.float32(rec.scale_d)), offset=float(rec.offset_d),
-                dst_type="INT8", sqrt_mode=0, round_mode="Round",
-            ))
-            shared[key] = xq
-        view.node.input[0] = xq
-        model.set_array(view.w_name, q_w(np.int8))
-        if q_b is not None:
-            model.set_array(view.b_name, q_b.astype(np.int32))
-        y = view.y
-        acc = f"{name}.dequant.input"
-        view.last.output[0] = acc
-        param = f"{name}.dequant.param"
-        model.set_array(param, pack_deq_scale(deq).reshape(-1))
-        tail = helper.make_node("AscendDequant", [acc, param], [y], name=f"{name}.dequant", dtype=0)
-        idx = list(g.node).index(view.node)
-        for k, n in enumerate(new):
-            g.node.insert(idx + k, n)
-        g.node.insert(list(g.node).index(view.last) + 1, tail)
-    set_single_opset(model.proto, opset)
-    return model
+    """The deploy model (FORMATS §5) from a traced graph and the records."""
+    return _rewrite(traced, layers, records, opset, _Deploy(), ".dequant.input")
