@@ -327,7 +327,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from examples.digits import run_demo
 
     out = Path(a.out)
-    res = run_demo(out, seed=a.seed, epochs=a.epochs, export=False)
+    print(f"[demo] training the fp32 teacher and distilling the int8 student into {out}/ ...", flush=True)
+    res = run_demo(out, seed=a.seed, epochs=a.epochs, export=False, verbose=False)
+    print(f"[demo] running the distill-export flow on {res.files['student']} ...", flush=True)
     ns = argparse.Namespace(
         params_file=None, checkpoint=res.files["student"], model="examples.digits:build_model", model_kwargs=None,
         distill_config=res.files["config"], input_shape=[1, 1, 8, 8], input_dtype=None,
@@ -339,13 +341,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
     )
     rc = cmd_run(ns)
     if rc == EXIT_OK:
-        from examples.digits import load_digits_split, ort_predict
+        import dataclasses
 
+        from examples.digits import format_table, load_digits_split, ort_predict, predict
+
+        # the accuracy table, with the fake-quant ONNX model the flow exported, in ONNX Runtime
         split = load_digits_split(a.seed)
-        fq = out / "export" / "digits_fake_quant_model.onnx"
-        acc = float((ort_predict(fq, split.x_test) == split.y_test.numpy()).mean() * 100.0)
-        print(f"held-out accuracy of the flow's fake-quant model in ONNX Runtime: {acc:.2f} % "
-              f"(fp32 teacher {res.fp32_teacher:.2f} %, int8 distilled in torch {res.int8_distilled_torch:.2f} %)")
+        from tasks._common import ModelSpec, build_model
+
+        student = build_model(ModelSpec(res.files["student"], "examples.digits:build_model", {}, res.files["config"],
+                                        [1, 1, 8, 8]))
+        p_ort = ort_predict(out / "export" / "digits_fake_quant_model.onnx", split.x_test)
+        acc = float((p_ort == split.y_test.numpy()).mean() * 100.0)
+        agree = float((p_ort == predict(student, split.x_test)).mean() * 100.0)
+        print()
+        print(format_table(dataclasses.replace(res, int8_distilled_ort=acc, ort_torch_agreement=agree)))
     return rc
 
 

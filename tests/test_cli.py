@@ -151,3 +151,16 @@ def test_embedded_defaults_ephemeral_prefect_and_sqlite_mlflow_in_the_working_di
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["amct-export"], output_format="list")
     assert len(runs) == 1 and runs[0].data.params["target"] == "A2"
+
+
+@pytest.mark.integration
+def test_demo_runs_the_digits_example_through_the_flow(prefect_api, tmp_path):
+    """The README's main job: train + distill the digits example, run the flow on its checkpoint."""
+    r = _cli(["demo", "--epochs", "1", "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], prefect_api,
+             tmp_path)
+    assert r.returncode == cli.EXIT_OK, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "int8, distilled (fake-quant ONNX, ONNX Runtime)" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if "fake-quant ONNX, ONNX Runtime" in line)
+    assert "n/a" not in row
+    for f in ("digits_fake_quant_model.onnx", "digits_deploy_model.onnx", "manifest.json", "parity/report.html"):
+        assert (tmp_path / "digits_out" / "export" / f).is_file(), f
