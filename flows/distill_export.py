@@ -233,8 +233,8 @@ def distill_export(
         seed: seed of the example/parity inputs.
         mlflow_retries / mlflow_retry_delay_seconds: retries of the logging task (delay doubles each time).
     """
-    logger = get_run_logger()
     p = validate_parameters(dict(locals()))
+    logger = get_run_logger()
     out = Path(p["output_dir"])
     work = out / ".amct_work"
     name = p["name"]

@@ -101,6 +101,9 @@ def test_every_artifact_downloads_and_matches_the_manifest(logged, mlflow_server
     assert manifest["atc_command"].startswith("atc ") and "--soc_version=Ascend910B1" in manifest["atc_command"]
     assert "--input_shape=\"input:1,3,16,16\"" in manifest["atc_command"]
     assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"]
+    from flows.cli import RUN_KEYS
+
+    assert set(manifest["parameters"]) <= set(RUN_KEYS) and manifest["parameters"]["name"] == "cnn"
     checked = 0
     for role, entries in manifest["files"].items():
         for e in entries:

@@ -215,3 +215,17 @@ def test_layering_mlflow_in_one_task_module_prefect_only_in_tasks_and_flows():
     users = sorted(str(f.relative_to(REPO)) for d in ("tasks", "flows") for f in (REPO / d).rglob("*.py")
                    if "mlflow" in _imports(f))
     assert users == ["tasks/tracking.py"]
+
+
+def test_flow_parameters_are_exactly_the_documented_ones():
+    """The manifest's "parameters" (and the Prefect UI form) hold the flow's parameters and nothing else."""
+    import inspect
+
+    from flows.cli import RUN_KEYS
+    from flows.distill_export import distill_export
+
+    names = set(inspect.signature(distill_export.fn).parameters)
+    assert names == set(RUN_KEYS)
+    doc = (REPO / "docs" / "PIPELINE.md").read_text()
+    for n in names:
+        assert f"`{n}`" in doc, f"parameter {n} is not documented in docs/PIPELINE.md"
