@@ -448,7 +448,7 @@ def test_external_data_path_loads_runs_and_replaces_old_data(tmp_path, monkeypat
     assert any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(fq), load_external_data=False).graph.initializer)
     onnx.checker.check_model(str(fq))
     got = ort.InferenceSession(str(fq), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-    monkeypatch.setattr(oio, "EXTERNAL_DATA_THRESHOLD", 2**31 - 2**27)
+    monkeypatch.setattr(oio, "EXTERNAL_DATA_THRESHOLD", 1_900_000_000)
     save_distill_model(qat, str(tmp_path / "small" / "m"), x, record_file=str(tmp_path / "r2.txt"), input_names=["input"])
     embedded = tmp_path / "small" / "m_fake_quant_model.onnx"
     assert not any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(embedded)).graph.initializer)

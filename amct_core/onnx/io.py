@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .._io import temp_path_for
 from .store import OnnxModel, materialize
 
-# Protobuf cannot serialize a message of 2 GiB or more; stay clear of it with a margin for the graph.
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+# Protobuf cannot serialize a message of 2 GiB or more; FORMATS §1 sends 2 GB and more to external data.
+EXTERNAL_DATA_THRESHOLD = 1_900_000_000  # below 2 GB (2e9) with room for the graph itself
 EXTERNAL_MIN_TENSOR_BYTES = 1024
 _ALIGN = 64
 
