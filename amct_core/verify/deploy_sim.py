@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ._outcome import Outcome
 from ..errors import AmctError
 from ._graph import (
     ASCEND_DEQUANT, ASCEND_QUANT, DeployLayer, GraphIndex, attr_value, fake_quant_layer,
@@ -389,7 +390,7 @@ class DeployOutputResult:
 
 
 @dataclass
-class DeployCheckResult:
+class DeployCheckResult(Outcome):
     ok: bool
     message: str
     layers: list[DeployLayerResult]
@@ -405,18 +406,6 @@ class DeployCheckResult:
 
     def layers_sorted(self) -> list[DeployLayerResult]:
         return sorted(self.layers, key=_deploy_badness)
-
-    def summary(self) -> str:
-        return self.message
-
-    @property
-    def passed(self) -> bool:
-        """Alias of ``ok``."""
-        return self.ok
-
-    @property
-    def verdict(self) -> str:
-        return "pass" if self.ok else "fail"
 
     def to_dict(self) -> dict:
         return {

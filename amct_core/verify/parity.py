@@ -15,6 +15,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from ._outcome import Outcome
 from ._graph import FakeQuantLayer, GraphIndex, LAYER_OPS, fake_quant_layer, load_model, with_extra_outputs
 from ._run import feeds_for, generate_inputs, graph_inputs, run
 from .metrics import tensor_figures
@@ -51,7 +52,7 @@ class LayerParity:
 
 
 @dataclass
-class ParityResult:
+class ParityResult(Outcome):
     ok: bool
     message: str
     outputs: list[OutputParity]
@@ -69,18 +70,6 @@ class ParityResult:
     def worst_layer(self) -> LayerParity | None:
         s = self.layers_sorted()
         return s[0] if s else None
-
-    def summary(self) -> str:
-        return self.message
-
-    @property
-    def passed(self) -> bool:
-        """Alias of ``ok``."""
-        return self.ok
-
-    @property
-    def verdict(self) -> str:
-        return "pass" if self.ok else "fail"
 
     def to_dict(self) -> dict:
         return {

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto
 
+from ._outcome import Outcome
 from ..errors import TargetError
 from ..targets import Target, get_target
 from ._graph import (
@@ -65,7 +66,7 @@ class Finding:
 
 
 @dataclass
-class PreflightResult:
+class PreflightResult(Outcome):
     model: str
     target: str
     opset: int | None
@@ -86,15 +87,6 @@ class PreflightResult:
 
     def codes(self) -> set[str]:
         return {f.code for f in self.findings}
-
-    @property
-    def passed(self) -> bool:
-        """Alias of ``ok``."""
-        return self.ok
-
-    @property
-    def verdict(self) -> str:
-        return "pass" if self.ok else "fail"
 
     def to_dict(self) -> dict:
         return {
