@@ -103,8 +103,17 @@ class Probe:
 
 @contextmanager
 def stage_probes(save_mod, out: dict):
-    """Per-stage time and peak RSS of save_distill_model, by wrapping its ``_stage`` timer."""
-    orig = save_mod._stage
+    """Per-stage time and peak RSS of save_distill_model, by wrapping its ``_stage`` timer.
+
+    If the library has no such timer any more, only the stage seconds it publishes are reported."""
+    orig = getattr(save_mod, "_stage", None)
+    if orig is None:
+        try:
+            yield
+        finally:
+            out.update({k: {"seconds": v, "peak_rss_mb": float("nan"), "added_mb": float("nan")}
+                        for k, v in getattr(save_mod, "last_stage_seconds", {}).items()})
+        return
 
     @contextmanager
     def probed(name):
@@ -187,7 +196,8 @@ def child(kind: str, model_name: str, outdir: str, threads: int) -> dict:
         with stage_probes(save_mod, stages), probe.measure():
             save_distill_model(qat, str(d / "m"), x, record_file=str(d / "rec.txt"))
         # each stage reset the high-water mark: the call's peak is the highest of theirs
-        probe.peak_mb = max([probe.peak_mb] + [s["peak_rss_mb"] for s in stages.values()])
+        probe.peak_mb = max([probe.peak_mb] + [s["peak_rss_mb"] for s in stages.values()
+                                               if s["peak_rss_mb"] == s["peak_rss_mb"]])  # skip NaN
         files = _dir_bytes(d)
     elif kind == "ort":
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
