@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from ..errors import ExportError
 from ..quant.arith import INT32_MAX, INT32_MIN, QMAX, QMIN, deq_scale, pack_deq_scale, quantize_bias
 from ..record import LayerRecord
-from .store import LazyTensor, OnnxModel, materialize, set_single_opset
+from .store import GridWeight, LazyTensor, OnnxModel, materialize, set_single_opset
 from .trace import BIAS_ADD_SUFFIX, LayerMeta
 
 FAKE_QUANT_MIN_OPSET = 11  # Round exists from opset 11
@@ -76,6 +76,10 @@ def _lazy_weight_grid(traced: OnnxModel, w_name: str, scale_w: np.ndarray, axis:
     if source is None:  # a small initializer inside the proto
         source = traced.get_array(w_name)
     shape = tuple(source.shape)
+    if isinstance(source, GridWeight) and np.array_equal(source.scale_w.view(np.uint32),
+                                                          np.asarray(scale_w, np.float32).view(np.uint32)):
+        # The record holds the model's own factors: take the grid straight from the parameters.
+        return lambda dtype: LazyTensor(shape, np.dtype(dtype), lambda: source.grid(dtype))
 
     def grid(dtype) -> LazyTensor:
         return LazyTensor(shape, np.dtype(dtype),

@@ -35,6 +35,19 @@ class LazyTensor:
         return a
 
 
+@dataclass(frozen=True)
+class GridWeight(LazyTensor):
+    """A dequantized weight ``q_w * scale_w`` that can also give its integer grid ``q_w`` directly.
+
+    ``grid(dtype)`` returns q_w (in this tensor's layout) computed from the source parameters,
+    valid for exactly this ``scale_w``; builders use it instead of re-quantizing the dequantized
+    values, which saves about ten full-size passes per weight.
+    """
+
+    scale_w: np.ndarray | None = None
+    grid: Callable[[np.dtype], np.ndarray] | None = None
+
+
 Tensor = Union[np.ndarray, LazyTensor]
 
 

@@ -23,9 +23,10 @@ import torch.nn as nn
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
+from ..quant.arith import QMAX, QMIN
 from ..quant.modules import LayerFactors, QuantConv2d, QuantLinear, is_quant_module
 from ..record import LayerRecord
-from .store import LazyTensor, OnnxModel, consumers, drop_value_info, producers, rename_tensor_uses, set_single_opset
+from .store import GridWeight, OnnxModel, consumers, drop_value_info, producers, rename_tensor_uses, set_single_opset
 
 TRACE_DOMAIN = "amct_trace"
 MAX_TRACER_OPSET = 20  # the TorchScript exporter's highest opset
@@ -141,21 +142,39 @@ def _bn_eps(node) -> float:
     return 1e-5
 
 
-def _dequantized_weight(module, scale_w: np.ndarray, sign: np.ndarray | None, transpose: bool) -> LazyTensor:
-    """``q_w * scale_w`` (BN sign folded in), computed from the module's parameters when written."""
+def _dequantized_weight(module, scale_w: np.ndarray, unfolded_scale: np.ndarray, sign: np.ndarray | None,
+                        transpose: bool) -> GridWeight:
+    """``q_w * scale_w`` (BN sign folded in), computed from the module's parameters when written.
+
+    ``scale_w`` is the exported (folded) scale; ``unfolded_scale`` the module's own weight scale,
+    from which the integer grid is computed in place, in torch, when a builder asks for it.
+    """
     shape = tuple(module.weight.shape)
+    out_shape = shape[::-1] if transpose else shape
+    bshape = (-1,) + (1,) * (len(shape) - 1)
 
     def compute() -> np.ndarray:
-        q = module.quant_factors().q_w
-        if sign is not None:
-            q = q * sign.reshape((-1,) + (1,) * (q.ndim - 1))
-        w = (q * scale_w.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)
-        return np.ascontiguousarray(w.T) if transpose else w
+        q = grid(np.float32)
+        s = scale_w.reshape((1, -1) if transpose else bshape)
+        return (q * s).astype(np.float32)
 
-    return LazyTensor(shape[::-1] if transpose else shape, np.dtype(np.float32), compute)
+    def grid(dtype) -> np.ndarray:
+        with torch.no_grad():
+            w = module.weight.detach()
+            q = torch.div(w, torch.from_numpy(unfolded_scale).reshape(bshape)).round_().clamp_(QMIN, QMAX)
+            if sign is not None:
+                q.mul_(torch.from_numpy(sign).reshape(bshape))
+            q.add_(0.0)  # -0.0 -> +0.0
+            if np.dtype(dtype) == np.int8:
+                q = q.to(torch.int8)
+            if transpose:
+                q = q.t()
+            return q.contiguous().numpy()
+
+    return GridWeight(out_shape, np.dtype(np.float32), compute, scale_w=scale_w.astype(np.float32), grid=grid)
 
 
-def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, sign, out_name: str,
+def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, unfolded_scale, sign, out_name: str,
            opset: int) -> LayerMeta:
     """Replace placeholder ``ph`` by the standard op(s) of the layer, with dequantized weights."""
     x = ph.input[0]
@@ -166,7 +185,7 @@ def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, sign
     graph.node.remove(ph)
     new_nodes = []
     if isinstance(module, QuantConv2d):
-        model.set_array(w_name, _dequantized_weight(module, f.scale_w, sign, transpose=False))
+        model.set_array(w_name, _dequantized_weight(module, f.scale_w, unfolded_scale, sign, transpose=False))
         inputs = [x, w_name]
         if f.bias is not None:
             model.set_array(b_name, f.bias.astype(np.float32))
@@ -178,7 +197,7 @@ def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, sign
         ))
         meta = LayerMeta(name, "Conv", module.out_channels, 0, f.bias is not None)
     elif isinstance(module, QuantLinear):
-        model.set_array(w_name, _dequantized_weight(module, f.scale_w, None, transpose=True))  # [in, out]
+        model.set_array(w_name, _dequantized_weight(module, f.scale_w, unfolded_scale, None, transpose=True))
         bias = f.bias
         if kind == "gemm":
             if bias is None and opset < 11:
@@ -247,6 +266,7 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
         module, f = modules[name], factors[name]
         out_name = ph.output[0]
         sign = None
+        unfolded_scale = np.array(f.scale_w, dtype=np.float32)  # before any BN fold
         if isinstance(module, QuantConv2d):
             folded = _fold_bn(graph, om, ph, f, _bn_eps)
             if folded is not None:
@@ -265,7 +285,7 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
                     if o == out_name:
                         n.output[i] = new_name
             out_name = new_name
-        layers[name] = _lower(graph, om, ph, name, module, f, sign, out_name, opset)
+        layers[name] = _lower(graph, om, ph, name, module, f, unfolded_scale, sign, out_name, opset)
         records[name] = LayerRecord(scale_d=f.scale_d, offset_d=f.offset_d, scale_w=[float(s) for s in f.scale_w])
     # A graph output produced by a placeholder got the tracer's made-up dim names; name them after the output.
     for o in graph.output:
