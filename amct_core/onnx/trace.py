@@ -223,6 +223,17 @@ def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, unfo
     return meta
 
 
+def _move_large_initializers(om: OnnxModel, min_bytes: int = 1024) -> None:
+    """Move the tracer's large initializers (embeddings, unquantized layers) out of the protobuf into
+    ``om.tensors``, so copying the graph for each builder and for writing stays cheap."""
+    inits = om.graph.initializer
+    for i in range(len(inits) - 1, -1, -1):
+        t = inits[i]
+        if t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
+            om.tensors[t.name] = numpy_helper.to_array(t)
+            del inits[i]
+
+
 def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_names=None,
                       dynamic_axes=None, opset: int = 11) -> TracedModel:
     """Trace ``model`` (with QAT layers) into a float ONNX graph plus the records of its quantized layers.
@@ -296,4 +307,5 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
     order = [n for n in modules if n in layers]
     drop_value_info(graph, dropped)
     set_single_opset(proto, opset)
+    _move_large_initializers(om)
     return TracedModel(om, {n: records[n] for n in order}, {n: layers[n] for n in order})
