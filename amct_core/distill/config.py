@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_write_bytes
+from .._modes import hooked_forward
 from ..errors import ConfigError
 from ..quant.modules import is_quant_module
 from .groups import build_units
@@ -106,18 +107,7 @@ def execution_order(model: nn.Module, inputs: tuple, names: list[str]) -> tuple[
 
     for n in names:
         hooks.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: seen(n)))
-    was_training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"model forward failed on input_data {[tuple(t.shape) for t in inputs]}: {e}") from e
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, t in was_training.items():
-            m.training = t
+    hooked_forward(model, inputs, hooks)
     return order, calls
 
 

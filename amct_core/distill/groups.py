@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .._modes import hooked_forward
 from ..errors import ConfigError
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -51,18 +52,7 @@ def trace_calls(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple[int, .
 
     for name, mod in _leaf_modules(model).items():
         hooks.append(mod.register_forward_hook(hook(name)))
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"model forward failed on input_data {[tuple(t.shape) for t in inputs]}: {e}") from e
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, t in flags.items():
-            m.training = t
+    hooked_forward(model, inputs, hooks)
     del keep
     return calls
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._modes import eval_mode
 from ..errors import ConfigError
 from ..quant.modules import QuantConv2d, QuantLinear, is_quant_module
 from .config import as_input_tuple, enabled_layers, load_distill_config, validate_distill_config
@@ -33,22 +34,19 @@ def calibrate(model: nn.Module, batches, max_batches: int | None = None) -> int:
     Runs in eval mode under no_grad; the model's train/eval flags are restored afterwards.
     """
     qmods = [m for m in model.modules() if is_quant_module(m)]
-    flags = {m: m.training for m in model.modules()}
     n = 0
-    try:
-        model.eval()
-        for m in qmods:
-            m.calibrating = True
-        for batch in batches:
-            if max_batches is not None and n >= max_batches:
-                break
-            model(*as_input_tuple(batch, "calibration batch"))
-            n += 1
-    finally:
-        for m in qmods:
-            m.calibrating = False
-        for m, t in flags.items():
-            m.training = t
+    with eval_mode(model):
+        try:
+            for m in qmods:
+                m.calibrating = True
+            for batch in batches:
+                if max_batches is not None and n >= max_batches:
+                    break
+                model(*as_input_tuple(batch, "calibration batch"))
+                n += 1
+        finally:
+            for m in qmods:
+                m.calibrating = False
     return n
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .._modes import eval_mode
 from ..errors import AmctError, ConfigError
 from ..quant.modules import is_quant_module
 from .config import enabled_layers, load_distill_config, validate_distill_config
@@ -492,14 +493,9 @@ def calibrate_distill_model(compress_model, config_file, train_loader, sample_in
     cfg = load_distill_config(config_file)
     check_layer_fields(cfg)
     adapt = _make_adapter(sample_instance, model if model is not None else compress_model)
-    flags = {m: m.training for m in compress_model.modules()}
-    try:
-        compress_model.eval()
+    with eval_mode(compress_model):
         n, _, _ = _calibrate(compress_model, train_loader, adapt, int(cfg.get("batch_num", 1)), [], _Progress(), 0)
         _apply_initial_ranges(cfg, compress_model)
-    finally:
-        for m, t in flags.items():
-            m.training = t
     return n
 
 
@@ -544,40 +540,33 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
     tmods = dict(model.named_modules())
     watch = [n for g in cfg.get("distill_group", []) for n in g] + enabled_layers(cfg)
 
-    t_flags = {m: m.training for m in model.modules()}
-    s_flags = {m: m.training for m in compress_model.modules()}
     s_grad = {p: p.requires_grad for p in compress_model.parameters()}
     t0 = time.monotonic()
-    try:
-        model.eval()
-        compress_model.eval()
-        n_cal, call_order, check = _calibrate(compress_model, train_loader, adapt, batch_num, watch, progress,
-                                              n_check=max(batch_num, CHECK_BATCHES))
-        preset = _apply_initial_ranges(cfg, compress_model)
-        if preset:
-            progress.say(f"initial activation ranges from the config (not calibrated): {preset}")
-        groups = _plan_groups(cfg, compress_model, call_order)
-        progress.say(f"calibrated activation ranges on {n_cal} batch(es); distilling {len(groups)} group(s) x "
-                     f"{epochs} epoch(s)")
-        opt_params = None
-        if optimizer is not None:
-            opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        report = []
-        for gi, group in enumerate(groups):
-            report.append(_train_group(
-                gi, len(groups), group, cfg, model, compress_model, tmods, smods, train_loader, adapt, epochs, lr,
-                loss_fn, optimizer, opt_params, progress, check,
-            ))
-        compress_model.amct_distill_report = report
-        progress.say(f"distillation done in {time.monotonic() - t0:.1f} s")
-    finally:
-        for p, rg in s_grad.items():
-            p.requires_grad_(rg)
-            p.grad = None
-        for m, t in s_flags.items():
-            m.training = t
-        for m, t in t_flags.items():
-            m.training = t
+    with eval_mode(model, compress_model):
+        try:
+            n_cal, call_order, check = _calibrate(compress_model, train_loader, adapt, batch_num, watch, progress,
+                                                  n_check=max(batch_num, CHECK_BATCHES))
+            preset = _apply_initial_ranges(cfg, compress_model)
+            if preset:
+                progress.say(f"initial activation ranges from the config (not calibrated): {preset}")
+            groups = _plan_groups(cfg, compress_model, call_order)
+            progress.say(f"calibrated activation ranges on {n_cal} batch(es); distilling {len(groups)} group(s) x "
+                         f"{epochs} epoch(s)")
+            opt_params = None
+            if optimizer is not None:
+                opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            report = []
+            for gi, group in enumerate(groups):
+                report.append(_train_group(
+                    gi, len(groups), group, cfg, model, compress_model, tmods, smods, train_loader, adapt, epochs, lr,
+                    loss_fn, optimizer, opt_params, progress, check,
+                ))
+            compress_model.amct_distill_report = report
+            progress.say(f"distillation done in {time.monotonic() - t0:.1f} s")
+        finally:
+            for p, rg in s_grad.items():
+                p.requires_grad_(rg)
+                p.grad = None
     return compress_model
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 from onnx import helper, numpy_helper
 
+from .._modes import eval_mode
 from ..errors import ExportError
 from ..quant.arith import QMAX, QMIN
 from ..quant.modules import LayerFactors, QuantConv2d, QuantLinear, is_quant_module
@@ -68,28 +70,20 @@ def layer_meta(graph: onnx.GraphProto, tensors: OnnxModel, name: str) -> LayerMe
     return LayerMeta(name, node.op_type, int(w.shape[axis]), axis, has_bias)
 
 
-class _ExportMode:
-    """Put the model in eval mode and name its QAT layers for the tracer; restore everything after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.flags = {m: m.training for m in self.model.modules()}
-        self.named = []
-        for name, m in self.model.named_modules():
+@contextmanager
+def _export_mode(model: nn.Module):
+    """Eval mode, and each QAT layer named for the tracer (its record key); everything restored after."""
+    named = []
+    try:
+        for name, m in model.named_modules():
             if is_quant_module(m):
                 m._export_name = name
-                self.named.append(m)
-        self.model.eval()
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.named:
+                named.append(m)
+        with eval_mode(model):
+            yield
+    finally:
+        for m in named:
             m._export_name = None
-        for m, t in self.flags.items():
-            m.training = t
-        return False
 
 
 def _run_tracer(model: nn.Module, inputs: tuple, input_names, output_names, dynamic_axes, opset: int) -> onnx.ModelProto:
@@ -252,7 +246,7 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
             factors[n] = m.quant_factors(with_weights=False)
         except RuntimeError as e:
             raise ExportError(f"layer {n!r}: {e}") from None
-    with _ExportMode(model), torch.no_grad():
+    with _export_mode(model), torch.no_grad():
         try:
             proto = _run_tracer(model, inputs, input_names, output_names, dynamic_axes, opset)
         except Exception as e:  # noqa: BLE001
