@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_write_bytes
-from .._modes import hooked_forward
 from ..errors import ConfigError
 from ..quant.modules import is_quant_module
-from .groups import build_units
+from .groups import build_units, trace_calls
 
 CONFIG_VERSION = 1
 TOP_LEVEL_KEYS = ("version", "batch_num", "group_size", "data_dump", "distill_group", "target")
@@ -92,25 +91,6 @@ def quantizable_layers(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     return quant, skipped
 
 
-def execution_order(model: nn.Module, inputs: tuple, names: list[str]) -> tuple[list[str], dict[str, int]]:
-    """Names from ``names`` in the order the model's forward calls them on ``inputs`` (run once, no grad),
-    and how many times each was called."""
-    order: list[str] = []
-    calls: dict[str, int] = {}
-    mods = dict(model.named_modules())
-    hooks = []
-
-    def seen(n: str) -> None:
-        calls[n] = calls.get(n, 0) + 1
-        if calls[n] == 1:
-            order.append(n)
-
-    for n in names:
-        hooks.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: seen(n)))
-    hooked_forward(model, inputs, hooks)
-    return order, calls
-
-
 def _layer_entry(module: nn.Module) -> dict:
     return {
         "quant_enable": True,
@@ -126,11 +106,16 @@ def _layer_entry(module: nn.Module) -> dict:
 def build_distill_config(model: nn.Module, input_data: Any) -> dict:
     inputs = as_input_tuple(input_data)
     quant, skipped = quantizable_layers(model)
-    executed, calls = execution_order(model, inputs, quant)
+    calls = trace_calls(model, inputs)  # the one forward pass config creation needs
+    counts: dict[str, int] = {}
+    for name, _ins, _out in calls:
+        counts[name] = counts.get(name, 0) + 1
+    quant_set = set(quant)
+    executed = [n for n in dict.fromkeys(name for name, _i, _o in calls) if n in quant_set]
     # A layer called several times would need one range and one exported node per call: not quantized.
-    for n in [n for n in executed if calls[n] > 1]:
+    for n in [n for n in executed if counts[n] > 1]:
         executed.remove(n)
-        skipped[n] = f"called {calls[n]} times by forward(); a quantized layer must run once per forward"
+        skipped[n] = f"called {counts[n]} times by forward(); a quantized layer must run once per forward"
     mods = dict(model.named_modules())
     cfg: dict[str, Any] = {
         "version": CONFIG_VERSION,
@@ -138,7 +123,7 @@ def build_distill_config(model: nn.Module, input_data: Any) -> dict:
         "group_size": 1,
         "data_dump": False,
         # One group per quantizable layer with the BN / activation modules that consume its output.
-        "distill_group": build_units(model, inputs, executed),
+        "distill_group": build_units(model, calls, executed),
     }
     for n in executed:
         cfg[n] = _layer_entry(mods[n])

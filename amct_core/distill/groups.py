@@ -57,12 +57,12 @@ def trace_calls(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple[int, .
     return calls
 
 
-def build_units(model: nn.Module, inputs: tuple, layers: Iterable[str]) -> list[list[str]]:
+def build_units(model: nn.Module, calls: list, layers: Iterable[str]) -> list[list[str]]:
     """One unit per layer of ``layers`` (quantizable layers, any order), in execution order:
-    ``[layer, (bn), (activation)]`` where bn / activation directly consume the previous output."""
+    ``[layer, (bn), (activation)]`` where bn / activation directly consume the previous output.
+    ``calls`` is :func:`trace_calls` of the model."""
     layers = set(layers)
     mods = dict(model.named_modules())
-    calls = trace_calls(model, inputs)
     units: list[list[str]] = []
     used: set[str] = set()
     for i, (name, _ins, out) in enumerate(calls):
@@ -101,12 +101,3 @@ def merge_units(units: list[list[str]], group_size: int) -> list[list[str]]:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ConfigError(f"config key 'group_size' must be a positive int, got {group_size!r}")
     return [sum(units[i:i + group_size], []) for i in range(0, len(units), group_size)]
-
-
-def all_module_order(model: nn.Module, inputs: tuple) -> list[str]:
-    """Names of the leaf modules the forward pass calls, in first-call order."""
-    order: list[str] = []
-    for name, _ins, _out in trace_calls(model, inputs):
-        if name not in order:
-            order.append(name)
-    return order
