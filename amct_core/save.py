@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from ._io import check_dir_creatable, temp_path_for
@@ -18,9 +17,9 @@ from .distill.config import as_input_tuple
 from .errors import ConfigError, ExportError
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.io import PendingWrite, prepare_write
-from .onnx.trace import TracedModel, trace_quant_model
+from .onnx.trace import TracedModel, layer_infos, trace_quant_model
 from .quant.modules import is_quant_module
-from .record import DEFAULT_RECORD_FILE, LayerInfo, LayerRecord, format_record, validate_record
+from .record import DEFAULT_RECORD_FILE, LayerRecord, format_record, validate_record
 from .targets import DEFAULT_OPSET, Target, check_opset, get_target
 
 # Seconds per stage of the last save_distill_model call in this process (read by benchmarks and the flow).
@@ -133,18 +132,6 @@ def export_quant_model(model: nn.Module, input_data, input_names=None, output_na
     return traced, tgt, opset
 
 
-def layer_infos(traced: TracedModel) -> dict[str, LayerInfo]:
-    infos = {}
-    for name, meta in traced.layers.items():
-        bias = None
-        if meta.has_bias:
-            node = next(n for n in traced.model.graph.node
-                        if n.name == (name + ".bias_add" if meta.op == "MatMul" else name))
-            bias = traced.model.get_array(node.input[1] if meta.op == "MatMul" else node.input[2])
-        infos[name] = LayerInfo(c_out=meta.c_out, bias=bias)
-    return infos
-
-
 def save_distill_model(model, save_path, input_data, record_file=None, input_names=None, output_names=None,
                        dynamic_axes=None, *, target=None, opset_version=None) -> None:
     """Export a distilled QAT model: ``<save_path>_fake_quant_model.onnx``, ``<save_path>_deploy_model.onnx``
@@ -162,7 +149,7 @@ def save_distill_model(model, save_path, input_data, record_file=None, input_nam
         traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
                                                 target, opset_version)
     with _stage("record"):
-        validate_record(traced.records, layer_infos(traced), tgt, source="record of the model")
+        validate_record(traced.records, layer_infos(traced.model, traced.layers), tgt, source="record of the model")
     with _stage("fake_quant_build"):
         fake = build_fake_quant(traced.model, traced.layers, traced.records, opset)
     with _stage("deploy_build"):

@@ -19,9 +19,9 @@ from .errors import ExportError
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.io import load_model, prepare_write
 from .onnx.store import OnnxModel
-from .onnx.trace import TracedModel, layer_meta
-from .record import LayerInfo, read_record, validate_record, write_record
-from .save import export_quant_model, layer_infos
+from .onnx.trace import layer_infos, layer_meta
+from .record import read_record, validate_record, write_record
+from .save import export_quant_model
 from .targets import check_opset, get_target
 
 META_LAYERS = "amct.quant_layers"
@@ -64,7 +64,7 @@ def trace_to_file(model, input_data, traced_path, record_path, input_names=None,
     check_dir_creatable(record_path.parent, "record_path")
     traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
                                             target, opset_version)
-    validate_record(traced.records, layer_infos(traced), tgt, source="record of the model")
+    validate_record(traced.records, layer_infos(traced.model, traced.layers), tgt, source="record of the model")
     _set_meta(traced.model.proto, META_LAYERS, json.dumps(list(traced.layers)))
     _set_meta(traced.model.proto, META_TARGET, tgt.name)
     _set_meta(traced.model.proto, META_OPSET, str(opset))
@@ -97,14 +97,7 @@ def validate_record_file(record_path, traced_path, target=None) -> dict:
     om, layers, traced_target, _ = load_traced(traced_path)
     tgt = get_target(target or traced_target)
     records = read_record(record_path)
-    infos = {}
-    for name, meta in layers.items():
-        bias = None
-        if meta.has_bias:
-            node = next(n for n in om.graph.node if n.name == (name + ".bias_add" if meta.op == "MatMul" else name))
-            bias = om.get_array(node.input[1] if meta.op == "MatMul" else node.input[2])
-        infos[name] = LayerInfo(c_out=meta.c_out, bias=bias)
-    validate_record(records, infos, tgt, source=f"record file {str(record_path)!r}")
+    validate_record(records, layer_infos(om, layers), tgt, source=f"record file {str(record_path)!r}")
     return records
 
 

@@ -27,7 +27,7 @@ from .._modes import eval_mode
 from ..errors import ExportError
 from ..quant.arith import QMAX, QMIN
 from ..quant.modules import LayerFactors, QuantConv2d, QuantLinear, is_quant_module
-from ..record import LayerRecord
+from ..record import LayerInfo, LayerRecord
 from .store import GridWeight, OnnxModel, consumers, drop_value_info, producers, rename_tensor_uses, set_single_opset
 
 TRACE_DOMAIN = "amct_trace"
@@ -68,6 +68,22 @@ def layer_meta(graph: onnx.GraphProto, tensors: OnnxModel, name: str) -> LayerMe
     if node.op_type == "MatMul":
         has_bias = any(n.name == name + BIAS_ADD_SUFFIX for n in graph.node)
     return LayerMeta(name, node.op_type, int(w.shape[axis]), axis, has_bias)
+
+
+def layer_infos(model: OnnxModel, layers: dict[str, LayerMeta]) -> dict[str, LayerInfo]:
+    """What record validation needs of each quantized layer: C_out and the (folded) float bias."""
+    infos = {}
+    for name, meta in layers.items():
+        bias = None
+        if meta.has_bias:
+            if meta.op == "MatMul":
+                node = next(n for n in model.graph.node if n.name == name + BIAS_ADD_SUFFIX)
+                bias = model.get_array(node.input[1])
+            else:
+                node = next(n for n in model.graph.node if n.name == name)
+                bias = model.get_array(node.input[2])
+        infos[name] = LayerInfo(c_out=meta.c_out, bias=bias)
+    return infos
 
 
 @contextmanager
