@@ -17,6 +17,7 @@ from .distill.config import as_input_tuple
 from .errors import ConfigError, ExportError
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.io import PendingWrite, prepare_write
+from .onnx.metadata import ExampleInput, record_input_shapes
 from .onnx.trace import TracedModel, layer_infos, trace_quant_model
 from .quant.modules import is_quant_module
 from .record import DEFAULT_RECORD_FILE, LayerRecord, format_record, validate_record
@@ -104,7 +105,10 @@ def _check_names(names, what: str, count: int | None) -> list[str] | None:
 
 def export_quant_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None,
                        target=None, opset_version=None) -> tuple[TracedModel, Target, int]:
-    """Validate the inputs and trace; returns the traced model, target and opset. Writes nothing."""
+    """Validate the inputs and trace; returns the traced model, target and opset. Writes nothing.
+
+    The traced model records the example inputs' shapes and dtypes in its metadata
+    (``amct.input_shapes``, :mod:`amct_core.onnx.metadata`), which both built models keep."""
     if not isinstance(model, nn.Module):
         raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not any(is_quant_module(m) for m in model.modules()):
@@ -129,6 +133,8 @@ def export_quant_model(model: nn.Module, input_data, input_names=None, output_na
     traced = trace_quant_model(model, inputs, input_names, output_names, axes, opset)
     if not traced.layers:
         raise ExportError("no layers to save: no quantized layer is called by forward() on input_data")
+    examples = [ExampleInput(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
+    record_input_shapes(traced.model.proto, examples, input_names)
     return traced, tgt, opset
 
 

@@ -4,7 +4,8 @@
 and writing files only, so an orchestrator can run them in different processes, cache them, and re-run
 one without the others. The traced model is a float ONNX file whose quantized layers are standard
 Conv/Gemm/MatMul nodes named after their modules, with dequantized weights; its metadata lists the
-quantized layers, the opset and the target.
+quantized layers, the opset and the target (``amct_core.onnx.metadata``); of these keys the built
+models keep only the export's input shapes.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import onnx
 
 from ._io import check_dir_creatable
 from .errors import ExportError
+from .onnx import metadata
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.io import load_model, prepare_write
 from .onnx.store import OnnxModel
@@ -23,10 +25,6 @@ from .onnx.trace import layer_infos, layer_meta
 from .record import read_record, validate_record, write_record
 from .save import export_quant_model
 from .targets import check_opset, get_target
-
-META_LAYERS = "amct.quant_layers"
-META_TARGET = "amct.target"
-META_OPSET = "amct.opset"
 
 
 @dataclass
@@ -41,19 +39,11 @@ class TraceResult:
         return asdict(self)
 
 
-def _set_meta(proto: onnx.ModelProto, key: str, value: str) -> None:
-    for p in proto.metadata_props:
-        if p.key == key:
-            p.value = value
-            return
-    proto.metadata_props.add(key=key, value=value)
-
-
 def _get_meta(proto: onnx.ModelProto, key: str, path) -> str:
-    for p in proto.metadata_props:
-        if p.key == key:
-            return p.value
-    raise ExportError(f"traced model {str(path)!r} has no metadata {key!r}: it was not written by trace_to_file")
+    value = metadata.read_prop(proto, key)
+    if value is None:
+        raise ExportError(f"traced model {str(path)!r} has no metadata {key!r}: it was not written by trace_to_file")
+    return value
 
 
 def trace_to_file(model, input_data, traced_path, record_path, input_names=None, output_names=None,
@@ -65,9 +55,9 @@ def trace_to_file(model, input_data, traced_path, record_path, input_names=None,
     traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
                                             target, opset_version)
     validate_record(traced.records, layer_infos(traced.model, traced.layers), tgt, source="record of the model")
-    _set_meta(traced.model.proto, META_LAYERS, json.dumps(list(traced.layers)))
-    _set_meta(traced.model.proto, META_TARGET, tgt.name)
-    _set_meta(traced.model.proto, META_OPSET, str(opset))
+    metadata.write_prop(traced.model.proto, metadata.QUANT_LAYERS, json.dumps(list(traced.layers)))
+    metadata.write_prop(traced.model.proto, metadata.TARGET, tgt.name)
+    metadata.write_prop(traced.model.proto, metadata.OPSET, str(opset))
     pending = prepare_write(traced.model, traced_path)
     try:
         write_record(record_path, traced.records)
@@ -80,16 +70,9 @@ def trace_to_file(model, input_data, traced_path, record_path, input_names=None,
 
 def load_traced(traced_path) -> tuple[OnnxModel, dict, str, int]:
     om = load_model(traced_path)
-    names = json.loads(_get_meta(om.proto, META_LAYERS, traced_path))
+    names = json.loads(_get_meta(om.proto, metadata.QUANT_LAYERS, traced_path))
     layers = {n: layer_meta(om.graph, om, n) for n in names}
-    return om, layers, _get_meta(om.proto, META_TARGET, traced_path), int(_get_meta(om.proto, META_OPSET, traced_path))
-
-
-def _strip_meta(om: OnnxModel) -> None:
-    props = om.proto.metadata_props
-    for i in range(len(props) - 1, -1, -1):
-        if props[i].key.startswith("amct."):
-            del props[i]
+    return om, layers, _get_meta(om.proto, metadata.TARGET, traced_path), int(_get_meta(om.proto, metadata.OPSET, traced_path))
 
 
 def validate_record_file(record_path, traced_path, target=None) -> dict:
@@ -108,7 +91,7 @@ def _build_file(kind, traced_path, record_path, out_path, target=None) -> str:
     tgt = get_target(target or traced_target)
     check_opset(tgt, opset)
     records = validate_record_file(record_path, traced_path, tgt.name)
-    _strip_meta(om)
+    metadata.drop_stage_props(om.proto)  # the outputs keep only the keys of metadata.OUTPUT_KEYS
     built = (build_fake_quant if kind == "fake_quant" else build_deploy)(om, layers, records, opset)
     prepare_write(built, out_path).commit()
     return str(out_path)

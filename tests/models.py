@@ -94,13 +94,37 @@ class TwoOutputs(nn.Module):
         return feat, self.head(F.relu(feat).mean((2, 3)))
 
 
+class TinyUNet(nn.Module):
+    """A UNet-style net: a stride-2 conv down, a ConvTranspose2d back up, concat with the skip. It runs
+    only at even spatial sizes (at 1x1 or 33x33 the upsampled map and the skip differ in size)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.dec = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+        _randomize_bn(self.bn, g)
+
+    def forward(self, x):
+        skip = F.relu(self.bn(self.enc(x)))
+        y = F.relu(self.mid(F.relu(self.down(skip))))
+        y = torch.cat([self.up(y), skip], 1)
+        return self.head(F.relu(self.dec(y)))
+
+
 def example_inputs(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shapes = {"cnn": (batch, 3, 16, 16), "mlp": (batch, 20), "encoder": (batch, 8, 32), "two": (batch, 3, 8, 8)}
+    shapes = {"cnn": (batch, 3, 16, 16), "mlp": (batch, 20), "encoder": (batch, 8, 32), "two": (batch, 3, 8, 8),
+              "unet": (batch, 3, 32, 32)}
     return torch.randn(*shapes[name], generator=g)
 
 
-MODELS = {"cnn": SmallCNN, "mlp": MLP, "encoder": EncoderBlock, "two": TwoOutputs}
+MODELS = {"cnn": SmallCNN, "mlp": MLP, "encoder": EncoderBlock, "two": TwoOutputs, "unet": TinyUNet}
 
 
 def build(name: str) -> nn.Module:
