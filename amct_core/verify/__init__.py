@@ -29,7 +29,9 @@ def verify(*, deploy=None, fake_quant=None, torch_model=None, inputs=None, examp
 
     preflight needs ``deploy``; the deploy simulation needs ``deploy`` and ``fake_quant``; parity needs
     ``fake_quant`` and ``torch_model``. ``inputs`` feed the ONNX models (dict by graph input name or a
-    sequence); for parity they are the torch model's inputs as well. A check that cannot run at all
+    sequence); for parity they are the torch model's inputs as well. Without them, inputs are generated
+    (``seed``; parity shapes them like ``example_inputs`` when given); their symbolic dimensions take
+    ``dims[name]``, else the export's size recorded in the file, else 1. A check that cannot run at all
     (unreadable file, unsimulatable graph) is recorded as a failure, never skipped silently.
     """
     pf = par = dep = None
@@ -48,7 +50,7 @@ def verify(*, deploy=None, fake_quant=None, torch_model=None, inputs=None, examp
     if torch_model is not None and fake_quant is not None:
         try:
             par = check_parity(torch_model, fake_quant, inputs=_torch_inputs(inputs),
-                               example_inputs=example_inputs, seed=seed, tolerances=tolerances)
+                               example_inputs=example_inputs, seed=seed, dims=dims, tolerances=tolerances)
         except Exception as e:  # noqa: BLE001
             errors.append(f"parity could not run: {type(e).__name__}: {e}")
     if deploy is None and fake_quant is None:

@@ -18,6 +18,9 @@ examples:
   # explicit files, target, inputs from an .npz (keys = graph input names, or arr_0, arr_1, ...)
   python -m amct_core.verify --deploy d.onnx --fake-quant f.onnx --target 950 --inputs batch.npz
 
+  # a model exported with dynamic H and W, checked at 48x40 (default: the size it was exported at)
+  python -m amct_core.verify ./out/unet --dim inputs_dynamic_axes_2=48 --dim inputs_dynamic_axes_3=40
+
   # preflight only (any deploy model, ours or AMCT's)
   python -m amct_core.verify --deploy resnet_deploy_model.onnx
 
@@ -43,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="A2 (default), A3 or 950: the opset range preflight accepts")
     p.add_argument("--inputs", help=".npz with the model inputs (default: seeded random inputs from the graph's shapes)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
-                   help="size of a symbolic input dimension for generated inputs (repeatable; default 1)")
+                   help="size of a symbolic input dimension for generated inputs (repeatable; default: the "
+                        "export's size recorded in the file, else 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated inputs (default 0)")
     p.add_argument("--model", help="package.module:callable returning the distilled torch model (enables parity)")
     p.add_argument("--checkpoint", help="state_dict file loaded into --model's result (torch.load, weights only)")
@@ -94,6 +98,24 @@ def _parse_value(v: str):
         return v
 
 
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for kv in items:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.strip() or not v.strip().isdigit() or int(v) < 1:
+            raise ValueError(f"--dim {kv!r}: expected NAME=N with N a positive integer, e.g. --dim batch=4")
+        dims[k.strip()] = int(v)
+    return dims
+
+
+def _check_dims(path: str, dims: dict[str, int]) -> None:
+    """Every --dim names a symbolic dimension of the model's inputs (external data is not loaded)."""
+    import onnx
+
+    from ._run import symbolic_dims
+    symbolic_dims(onnx.load(path, load_external_data=False), dims)
+
+
 def _load_model(ref: str, checkpoint: str | None):
     import torch
     if ":" not in ref:
@@ -138,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         from .tolerances import Tolerances
         Tolerances.from_dict(tol)
         get_target(args.target)
-        dims = {}
-        for kv in args.dim:
-            k, _, v = kv.partition("=")
-            dims[k] = int(v)
+        dims = _parse_dims(args.dim)
     except (ValueError, OSError, TypeError) as e:
         return _usage(str(e))
+    if dims and args.inputs:
+        return _usage("--dim sizes generated inputs; with --inputs the inputs' own shapes are used")
+    if dims:
+        try:
+            _check_dims(fake or deploy, dims)
+        except ValueError as e:
+            return _usage(f"--dim: {e}")
     inputs = None
     if args.inputs:
         import numpy as np

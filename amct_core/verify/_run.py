@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+
+from ..onnx.metadata import INPUT_SHAPES, read_input_shapes
 
 OPT_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -35,20 +38,72 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+@dataclass(frozen=True)
+class InputDim:
+    """A symbolic (or unknown) dimension of a graph input and the size generated inputs give it."""
+
+    input: str
+    axis: int
+    name: str  # the dim_param; "" for an unnamed dimension
+    size: int
+    source: str  # "dims" (given by the caller), "export" (the file's amct.input_shapes) or "default"
+    export_size: int | None  # the size the export was traced with, when the file records it
+
+    def describe(self) -> str:
+        label = self.name or "an unnamed dimension"
+        return f"{label} (input {self.input!r}, axis {self.axis})"
+
+
+def symbolic_dims(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+                  default_dim: int = 1) -> list[InputDim]:
+    """Every symbolic or unknown dimension of the graph inputs, with the size generated inputs give it:
+    ``dims[name]`` when given, else the export's size recorded in the file (``amct.input_shapes``,
+    :mod:`amct_core.onnx.metadata`), else ``default_dim`` (files without the record, AMCT's).
+
+    Raises ValueError when ``dims`` names no symbolic dimension or gives a size that is not a positive
+    int, and when the file's record disagrees with the graph inputs' rank."""
+    dims = dict(dims or {})
+    for name, n in dims.items():
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"size of symbolic dimension {name!r} must be a positive int, got {n!r}")
+    recorded = read_input_shapes(model)
+    out = []
+    for vi in graph_inputs(model):
+        shape = vi.type.tensor_type.shape.dim
+        ex = recorded.get(vi.name)
+        if ex is not None and len(ex.shape) != len(shape):
+            raise ValueError(f"model metadata {INPUT_SHAPES!r} gives input {vi.name!r} the shape {list(ex.shape)}, "
+                             f"but the graph input has rank {len(shape)}")
+        for axis, d in enumerate(shape):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            export = ex.shape[axis] if ex is not None else None
+            if d.dim_param and d.dim_param in dims:
+                size, source = int(dims[d.dim_param]), "dims"
+            elif export is not None:
+                size, source = export, "export"
+            else:
+                size, source = default_dim, "default"
+            out.append(InputDim(vi.name, axis, d.dim_param, size, source, export))
+    unknown = [n for n in dims if n not in {d.name for d in out if d.name}]
+    if unknown:
+        have = ", ".join(d.describe() for d in out if d.name) or "none (every input size is fixed)"
+        raise ValueError(f"no input dimension is named {unknown[0]!r} (dims / --dim NAME=N set symbolic "
+                         f"dimensions by name); the model's symbolic dimensions: {have}")
+    return out
+
+
 def generate_inputs(model: onnx.ModelProto, seed: int = 0, dims: Mapping[str, int] | None = None,
                     default_dim: int = 1) -> dict[str, np.ndarray]:
     """Seeded inputs from the graph's input declarations: float inputs standard normal, integer inputs
-    in [0, 2). Symbolic or unknown dimensions take ``dims[name]`` or ``default_dim``."""
+    in [0, 2). Symbolic or unknown dimensions are sized by :func:`symbolic_dims`: ``dims[name]``, else
+    the export's size the file records, else ``default_dim``."""
     rng = np.random.default_rng(seed)
+    sizes = {(d.input, d.axis): d.size for d in symbolic_dims(model, dims, default_dim)}
     feeds = {}
     for vi in graph_inputs(model):
         tt = vi.type.tensor_type
-        shape = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(int(d.dim_value))
-            else:
-                shape.append(int((dims or {}).get(d.dim_param, default_dim)))
+        shape = [sizes.get((vi.name, axis), int(d.dim_value)) for axis, d in enumerate(tt.shape.dim)]
         np_type = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(np_type, np.floating):
             feeds[vi.name] = rng.standard_normal(shape).astype(np_type)

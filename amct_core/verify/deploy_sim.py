@@ -483,7 +483,8 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     the fake-quant pre-dequant output exactly wherever float32 holds the sums exactly, and within the
     float32 summation bound elsewhere) and the dequantized output. Per graph output: agreement
     within ``tolerances.deploy_output_rtol``. ``inputs``: dict by name / sequence / None (seeded, from
-    the graph's input shapes; ``dims`` sizes symbolic dimensions)."""
+    the graph's input shapes; symbolic dimensions take ``dims[name]``, else the export's size the file
+    records, else 1)."""
     tol: Tolerances = as_tolerances(tolerances)
     dmodel, fmodel = load_model(deploy_model), load_model(fake_quant_model)
     # The file check uses the training order of rounding so that the integers compared are the ones the

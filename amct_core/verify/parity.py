@@ -153,24 +153,26 @@ def _check(figs: dict, tol: Tolerances, prefix: str) -> list[str]:
 
 @torch.no_grad()
 def check_parity(torch_model: nn.Module, fake_quant_model, inputs=None, example_inputs=None, *, seed: int = 0,
-                 tolerances=None, opt_levels=OPT_LEVELS) -> ParityResult:
+                 dims=None, tolerances=None, opt_levels=OPT_LEVELS) -> ParityResult:
     """Compare the distilled torch model with the fake-quant ONNX model in ONNX Runtime.
 
     ``inputs``: tensors (one, or a tuple in the model's argument order) used as they are; else seeded
-    inputs shaped like ``example_inputs``; else seeded inputs from the ONNX graph's input shapes.
+    inputs shaped like ``example_inputs``; else seeded inputs from the ONNX graph's input shapes, whose
+    symbolic dimensions take ``dims[name]``, else the export's size recorded in the file, else 1.
     ``tolerances``: :class:`Tolerances` or a dict of its fields. Returns a :class:`ParityResult`.
     The torch model runs in eval mode; its train/eval flags and its state are left as they were.
     """
     flags = {m: m.training for m in torch_model.modules()}
     try:
         torch_model.eval()
-        return _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, tolerances, opt_levels)
+        return _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, dims, tolerances, opt_levels)
     finally:
         for m, f in flags.items():
             m.training = f
 
 
-def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, tolerances, opt_levels) -> ParityResult:
+def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, dims, tolerances,
+                  opt_levels) -> ParityResult:
     tol = as_tolerances(tolerances)
     fmodel = load_model(fake_quant_model)
     fix = GraphIndex(fmodel)
@@ -182,7 +184,7 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, t
     elif example_inputs is not None:
         tin = make_inputs(example_inputs, seed)
     else:
-        tin = tuple(torch.from_numpy(a) for a in generate_inputs(fmodel, seed=seed).values())
+        tin = tuple(torch.from_numpy(a) for a in generate_inputs(fmodel, seed=seed, dims=dims).values())
     gins = graph_inputs(fmodel)
     feeds = feeds_for(fmodel, [t.detach().cpu().numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(
         vi.type.tensor_type.elem_type)) for t, vi in zip(tin, gins)] if len(tin) == len(gins) else list(tin))

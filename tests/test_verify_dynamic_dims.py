@@ -1,0 +1,183 @@
+"""Verifying models exported with the seed's dynamic-axes form (N, H, W dynamic): generated inputs take
+the export's sizes recorded in the files, ``dims=`` / ``--dim NAME=N`` override them, and files without
+the record (AMCT's) keep the default size 1."""
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from amct_core import save_distill_model
+from amct_core.onnx import metadata
+from amct_core.verify import check_parity, compare_deploy, verify
+from amct_core.verify.__main__ import main
+from amct_core.verify._run import generate_inputs
+from tests import models
+
+SEED_AXES = dict(input_names=["inputs"], output_names=["outputs"],
+                 dynamic_axes={"inputs": [0, 2, 3], "outputs": [0]})
+N, H, W = "inputs_dynamic_axes_1", "inputs_dynamic_axes_2", "inputs_dynamic_axes_3"
+EXPORT_SHAPE = {"unet": [2, 3, 32, 32], "cnn": [2, 3, 16, 16]}
+SECOND = {N: 3, H: 48, W: 40}
+
+
+@dataclass
+class Exported:
+    name: str
+    qat: torch.nn.Module
+    dir: Path
+    prefix: str
+    fake_quant: Path
+    deploy: Path
+
+
+@pytest.fixture(scope="module", params=["unet", "cnn"])
+def exported(request, tmp_path_factory) -> Exported:
+    """tests.models' UNet-style net and its CNN with global pooling, exported in the seed's form."""
+    name = request.param
+    d = tmp_path_factory.mktemp(name)
+    qat = models.make_qat(name, d)
+    save_distill_model(qat, str(d / name), models.example_inputs(name), record_file=str(d / "r.txt"), **SEED_AXES)
+    return Exported(name, qat, d, str(d / name), d / f"{name}_fake_quant_model.onnx", d / f"{name}_deploy_model.onnx")
+
+
+def _without_record(src: Path, dst: Path) -> Path:
+    """The same model as AMCT writes it: no amct.input_shapes in metadata_props."""
+    m = onnx.load(str(src))
+    del m.metadata_props[:]
+    onnx.save(m, str(dst))
+    return dst
+
+
+def _shape(report: dict, check: str) -> list[int]:
+    return report[check]["inputs"]["inputs"]["shape"]
+
+
+# ---- Python API ------------------------------------------------------------------------------
+
+def test_verify_runs_at_the_export_size_by_default(exported):
+    report, _ = verify(deploy=exported.deploy, fake_quant=exported.fake_quant, torch_model=exported.qat)
+    assert report["verdict"] == "pass", report["summary"]
+    assert _shape(report, "deploy_simulation") == _shape(report, "parity") == EXPORT_SHAPE[exported.name]
+
+
+def test_verify_runs_at_a_second_size_given_with_dims(exported):
+    report, _ = verify(deploy=exported.deploy, fake_quant=exported.fake_quant, torch_model=exported.qat, dims=SECOND)
+    assert report["verdict"] == "pass", report["summary"]
+    assert _shape(report, "deploy_simulation") == _shape(report, "parity") == [3, 3, 48, 40]
+
+
+def test_dims_override_only_the_dimensions_they_name(exported):
+    r = compare_deploy(exported.deploy, exported.fake_quant, dims={N: 1})
+    assert r.ok, r.message
+    assert r.inputs["inputs"]["shape"] == [1] + EXPORT_SHAPE[exported.name][1:]
+
+
+def test_check_parity_sizes_generated_inputs_with_dims(exported):
+    r = check_parity(exported.qat, exported.fake_quant, dims={H: 24, W: 8})
+    assert r.ok, r.message
+    assert r.inputs["inputs"]["shape"] == EXPORT_SHAPE[exported.name][:2] + [24, 8]
+
+
+def test_a_file_without_the_record_keeps_the_default_size_1(exported, tmp_path):
+    amct_style = _without_record(exported.fake_quant, tmp_path / "m_fake_quant_model.onnx")
+    assert generate_inputs(onnx.load(str(amct_style)))["inputs"].shape == (1, 3, 1, 1)
+
+
+def test_dims_naming_no_symbolic_dimension_are_refused_with_the_known_names(exported):
+    with pytest.raises(ValueError, match=rf"no input dimension is named 'batch'.*{H} \(input 'inputs', axis 2\)"):
+        generate_inputs(onnx.load(str(exported.fake_quant)), dims={"batch": 4})
+
+
+def test_a_record_of_another_rank_than_the_graph_input_is_refused(exported):
+    m = onnx.load(str(exported.fake_quant))
+    metadata.write_prop(m, metadata.INPUT_SHAPES, json.dumps({"inputs": {"shape": [3, 32, 32], "dtype": "float32"}}))
+    with pytest.raises(ValueError, match=r"'amct.input_shapes' gives input 'inputs' the shape \[3, 32, 32\], "
+                                         r"but the graph input has rank 4"):
+        generate_inputs(m)
+
+
+@pytest.mark.parametrize("size", [0, -2, 2.5, True])
+def test_dims_sizes_must_be_positive_ints(exported, size):
+    with pytest.raises(ValueError, match=rf"size of symbolic dimension '{H}' must be a positive int"):
+        generate_inputs(onnx.load(str(exported.fake_quant)), dims={H: size})
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def _cli_model_module(exported: Exported, tmp_path: Path, monkeypatch) -> list[str]:
+    """--model / --checkpoint arguments that rebuild the distilled model from a state_dict."""
+    torch.save(exported.qat.state_dict(), tmp_path / "distilled.pt")
+    cfg = exported.dir / f"{exported.name}_distill_config.json"
+    mod = f"build_{exported.name}"
+    (tmp_path / f"{mod}.py").write_text(textwrap.dedent(f"""
+        from amct_core import create_distill_model
+        from tests import models
+
+        def build():
+            return create_distill_model({str(cfg)!r}, models.build({exported.name!r}),
+                                        (models.example_inputs({exported.name!r}),))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return ["--model", f"{mod}:build", "--checkpoint", str(tmp_path / "distilled.pt")]
+
+
+def test_cli_verifies_at_the_export_size(exported, tmp_path, capsys, monkeypatch):
+    rc = main([exported.prefix, "--json"] + _cli_model_module(exported, tmp_path, monkeypatch))
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report["summary"]
+    assert _shape(report, "deploy_simulation") == _shape(report, "parity") == EXPORT_SHAPE[exported.name]
+
+
+def test_cli_verifies_at_a_second_size_given_with_dim(exported, tmp_path, capsys, monkeypatch):
+    dims = [a for k, v in SECOND.items() for a in ("--dim", f"{k}={v}")]
+    rc = main([exported.prefix, "--json", *dims] + _cli_model_module(exported, tmp_path, monkeypatch))
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report["summary"]
+    assert _shape(report, "deploy_simulation") == _shape(report, "parity") == [3, 3, 48, 40]
+
+
+def test_cli_refuses_a_dim_that_names_no_symbolic_dimension(exported, capsys):
+    assert main([exported.prefix, "--dim", "batch=4"]) == 2
+    err = capsys.readouterr().err
+    assert "--dim: no input dimension is named 'batch'" in err and f"{N} (input 'inputs', axis 0)" in err
+
+
+@pytest.mark.parametrize("arg", ["batch", "batch=", "batch=0", "batch=x", "=3"])
+def test_cli_refuses_a_dim_that_is_not_name_equals_positive_int(exported, capsys, arg):
+    assert main([exported.prefix, "--dim", arg]) == 2
+    assert f"--dim {arg!r}: expected NAME=N with N a positive integer" in capsys.readouterr().err
+
+
+def test_cli_refuses_dim_together_with_given_inputs(exported, tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "x.npz", inputs=np.zeros(EXPORT_SHAPE[exported.name], np.float32))
+    assert main([exported.prefix, "--inputs", str(tmp_path / "x.npz"), "--dim", f"{H}=8"]) == 2
+    assert "--dim sizes generated inputs" in capsys.readouterr().err
+
+
+# ---- the flow's stages and parity task ----------------------------------------------------------
+
+def test_the_flow_stages_and_parity_task_check_a_seed_form_export_at_its_size(tmp_path):
+    from tasks._common import ModelSpec
+    from tasks.export import deploy_build, fake_quant_build, trace
+    from tasks.parity import parity
+
+    qat = models.make_qat("unet", tmp_path)
+    torch.save(qat.state_dict(), tmp_path / "unet.pt")
+    spec = ModelSpec(str(tmp_path / "unet.pt"), "tests.models:build", {"name": "unet"},
+                     str(tmp_path / "unet_distill_config.json"), [1, 3, 24, 32])
+    tr = trace.fn(spec, "0" * 64, str(tmp_path / "t.onnx"), str(tmp_path / "r.txt"), target="A2", opset=11,
+                         **SEED_AXES)
+    fq = fake_quant_build.fn(tr.path, str(tmp_path / "r.txt"), str(tmp_path / "unet_fake_quant_model.onnx"), "A2")
+    dp = deploy_build.fn(tr.path, str(tmp_path / "r.txt"), str(tmp_path / "unet_deploy_model.onnx"), "A2")
+    res = parity.fn(spec, "0" * 64, fq.path, dp.path, str(tmp_path / "parity"), None, "A2")
+    assert res.passed, res.summary
+    report = json.loads((tmp_path / "parity" / "report.json").read_text())
+    assert _shape(report, "deploy_simulation") == _shape(report, "parity") == [1, 3, 24, 32]
