@@ -8,13 +8,14 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
 from amct_core import save_distill_model
 from amct_core.onnx import metadata
-from amct_core.verify import check_parity, compare_deploy, verify
+from amct_core.verify import InputSizeError, check_parity, compare_deploy, simulate_deploy, verify
 from amct_core.verify.__main__ import main
 from amct_core.verify._run import generate_inputs
 from tests import models
@@ -36,14 +37,34 @@ class Exported:
     deploy: Path
 
 
+@pytest.fixture(scope="module")
+def export_of(tmp_path_factory):
+    """tests.models' net exported in the seed's form, once per module and name."""
+    done: dict[str, Exported] = {}
+
+    def get(name: str) -> Exported:
+        if name not in done:
+            d = tmp_path_factory.mktemp(name)
+            qat = models.make_qat(name, d)
+            save_distill_model(qat, str(d / name), models.example_inputs(name), record_file=str(d / "r.txt"),
+                               **SEED_AXES)
+            done[name] = Exported(name, qat, d, str(d / name), d / f"{name}_fake_quant_model.onnx",
+                                  d / f"{name}_deploy_model.onnx")
+        return done[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=["unet", "cnn"])
-def exported(request, tmp_path_factory) -> Exported:
-    """tests.models' UNet-style net and its CNN with global pooling, exported in the seed's form."""
-    name = request.param
-    d = tmp_path_factory.mktemp(name)
-    qat = models.make_qat(name, d)
-    save_distill_model(qat, str(d / name), models.example_inputs(name), record_file=str(d / "r.txt"), **SEED_AXES)
-    return Exported(name, qat, d, str(d / name), d / f"{name}_fake_quant_model.onnx", d / f"{name}_deploy_model.onnx")
+def exported(request, export_of) -> Exported:
+    """The UNet-style net (stride-2 conv, ConvTranspose2d, concat with the skip) and the CNN with
+    global pooling."""
+    return export_of(request.param)
+
+
+@pytest.fixture(scope="module")
+def unet(export_of) -> Exported:
+    return export_of("unet")
 
 
 def _without_record(src: Path, dst: Path) -> Path:
@@ -155,11 +176,73 @@ def test_cli_refuses_a_dim_that_is_not_name_equals_positive_int(exported, capsys
 
 
 def test_cli_refuses_dim_together_with_given_inputs(exported, tmp_path, capsys):
-    import numpy as np
-
     np.savez(tmp_path / "x.npz", inputs=np.zeros(EXPORT_SHAPE[exported.name], np.float32))
     assert main([exported.prefix, "--inputs", str(tmp_path / "x.npz"), "--dim", f"{H}=8"]) == 2
     assert "--dim sizes generated inputs" in capsys.readouterr().err
+
+
+# ---- sizes the model cannot run at -------------------------------------------------------------
+
+def _amct_style(e: Exported, tmp_path: Path) -> tuple[Path, Path]:
+    return (_without_record(e.deploy, tmp_path / "amct_deploy_model.onnx"),
+            _without_record(e.fake_quant, tmp_path / "amct_fake_quant_model.onnx"))
+
+
+def test_default_sizes_that_cannot_run_are_named_in_one_line_with_the_dims_to_pass(unet, tmp_path):
+    deploy, fake = _amct_style(unet, tmp_path)
+    with pytest.raises(InputSizeError) as info:
+        compare_deploy(deploy, fake)
+    msg = str(info.value)
+    assert "\n" not in msg and "Non concat axis" not in msg
+    assert msg.startswith("generated inputs cannot run (ONNX Runtime failed in Concat node")
+    assert (f"{N} (input 'inputs', axis 0), {H} (input 'inputs', axis 2), {W} (input 'inputs', axis 3) = 1, "
+            "the default (the file does not record the sizes it was exported at)") in msg
+    assert f"--dim {N}=N --dim {H}=N --dim {W}=N (Python: dims={{'{N}': N, '{H}': N, '{W}': N}})" in msg
+    assert "Non concat axis" in str(info.value.__cause__)
+
+
+def test_a_given_size_that_cannot_run_is_named_with_the_export_size(unet):
+    with pytest.raises(InputSizeError) as info:
+        compare_deploy(unet.deploy, unet.fake_quant, dims={H: 33})
+    msg = str(info.value)
+    assert f": {H} (input 'inputs', axis 2) = 33 as given (exported at 32); set sizes the model accepts: --dim {H}=32 " in msg
+    assert N not in msg and W not in msg
+
+
+def test_simulate_deploy_names_the_dimension_too(unet):
+    with pytest.raises(InputSizeError, match=rf"{W} \(input 'inputs', axis 3\) = 7 as given"):
+        simulate_deploy(unet.deploy, dims={W: 7})
+
+
+def test_parity_names_the_dimension_when_the_torch_model_cannot_run(unet, tmp_path):
+    _, fake = _amct_style(unet, tmp_path)
+    with pytest.raises(InputSizeError, match=r"^generated inputs cannot run \(the torch model raised RuntimeError: "
+                                             r"Sizes of tensors must match.*--dim inputs_dynamic_axes_2=N"):
+        check_parity(unet.qat, fake)
+
+
+def test_given_inputs_that_cannot_run_keep_the_runtime_error(unet):
+    with pytest.raises(Exception, match="Non concat axis") as info:
+        compare_deploy(unet.deploy, unet.fake_quant, inputs={"inputs": np.zeros((1, 3, 33, 33), np.float32)})
+    assert not isinstance(info.value, InputSizeError)
+
+
+def test_a_failure_at_the_recorded_sizes_keeps_the_runtime_error(unet, tmp_path):
+    m = onnx.load(str(unet.fake_quant))
+    metadata.write_prop(m, metadata.INPUT_SHAPES, json.dumps({"inputs": {"shape": [1, 3, 33, 33], "dtype": "float32"}}))
+    onnx.save(m, str(tmp_path / "odd_fake_quant_model.onnx"))
+    with pytest.raises(Exception, match="Non concat axis") as info:
+        compare_deploy(unet.deploy, tmp_path / "odd_fake_quant_model.onnx")
+    assert not isinstance(info.value, InputSizeError)
+
+
+def test_cli_prints_one_line_naming_the_dimensions_and_exits_1(unet, tmp_path, capfd):
+    deploy, fake = _amct_style(unet, tmp_path)
+    assert main(["--deploy", str(deploy), "--fake-quant", str(fake)]) == 1
+    out, err = capfd.readouterr()
+    assert out.count("\n") == 1 and err == ""
+    assert out.startswith("FAIL: deploy simulation could not run: InputSizeError: generated inputs cannot run ")
+    assert f"--dim {H}=N" in out
 
 
 # ---- the flow's stages and parity task ----------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._run import InputSizeError
 from .deploy_sim import (
     DeployCheckResult, SimulationError, build_simulation, compare_deploy, simulate_deploy,
 )
@@ -88,5 +89,6 @@ def _torch_inputs(inputs):
 __all__ = [
     "check_parity", "compare_deploy", "simulate_deploy", "build_simulation", "preflight", "verify",
     "build_report", "write_report", "make_inputs", "Tolerances", "ParityResult", "DeployCheckResult",
-    "PreflightResult", "Finding", "SimulationError", "ReportPaths", "REPORT_SCHEMA", "REPORT_VERSION",
+    "PreflightResult", "Finding", "SimulationError", "InputSizeError", "ReportPaths", "REPORT_SCHEMA",
+    "REPORT_VERSION",
 ]

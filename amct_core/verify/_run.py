@@ -1,13 +1,16 @@
 """ONNX Runtime sessions and model inputs shared by the checks."""
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from ..onnx.metadata import INPUT_SHAPES, read_input_shapes
 
@@ -22,7 +25,7 @@ def session(model: onnx.ModelProto, opt: str = "disabled") -> ort.InferenceSessi
     so.graph_optimization_level = OPT_LEVELS[opt]
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach the caller as exceptions, not as log lines on stderr
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -112,6 +115,65 @@ def generate_inputs(model: onnx.ModelProto, seed: int = 0, dims: Mapping[str, in
         else:
             feeds[vi.name] = rng.integers(0, 2, shape).astype(np_type)
     return feeds
+
+
+# What a run raises when inputs do not fit the graph: ONNX Runtime's errors, torch's RuntimeError.
+_RUN_ERRORS = (RuntimeError, ort_state.Fail, ort_state.RuntimeException, ort_state.InvalidArgument)
+_ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)'")
+
+
+class InputSizeError(ValueError):
+    """Inputs generated from the graph cannot run at the sizes their symbolic dimensions were given."""
+
+
+def _failure_site(error: BaseException) -> str:
+    m = _ORT_NODE.search(str(error))
+    if m:
+        return f"ONNX Runtime failed in {m.group(1)} node {m.group(2)!r}"
+    if isinstance(error, RuntimeError):  # torch's (ONNX Runtime's errors are not RuntimeErrors)
+        first = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
+        return f"the torch model raised {type(error).__name__}: {first[:120]}"
+    return "ONNX Runtime failed"
+
+
+def size_failure_message(model: onnx.ModelProto, dims: Mapping[str, int] | None, error: BaseException) -> str | None:
+    """One line naming the symbolic dimensions whose sizes are not known to work (the default 1 of
+    files without the export's sizes, or a ``dims`` size other than the export's) and the
+    ``--dim NAME=N`` / ``dims=`` to pass; None when every size is the export's (the sizes the model was
+    traced at are not what failed)."""
+    suspects = [d for d in symbolic_dims(model, dims) if d.export_size is None or d.size != d.export_size]
+    if not suspects:
+        return None
+    given = [d for d in suspects if d.source == "dims"]
+    defaulted = [d for d in suspects if d.source == "default"]
+    sizes = [f"{d.describe()} = {d.size} as given" + (f" (exported at {d.export_size})" if d.export_size is not None else "")
+             for d in given]
+    if defaulted:
+        sizes.append(", ".join(d.describe() for d in defaulted) + f" = {defaulted[0].size}, the default "
+                     "(the file does not record the sizes it was exported at)")
+    by_name = {d.name: d for d in suspects if d.name}
+    fix = " ".join(f"--dim {n}={d.export_size or 'N'}" for n, d in by_name.items())
+    py = ", ".join(f"{n!r}: {d.export_size or 'N'}" for n, d in by_name.items())
+    line = f"generated inputs cannot run ({_failure_site(error)}) at these sizes: " + "; ".join(sizes)
+    if by_name:
+        line += f"; set sizes the model accepts: {fix} (Python: dims={{{py}}})"
+    if len(by_name) < len(suspects):
+        line += "; an unnamed dimension cannot be set by name: pass the inputs (--inputs file.npz, inputs=)"
+    return line
+
+
+@contextmanager
+def explain_size_failure(model: onnx.ModelProto, dims: Mapping[str, int] | None, generated: bool):
+    """Around runs on ``generate_inputs(model, dims=dims)``: a failure that the sizes of symbolic
+    dimensions can explain becomes an :class:`InputSizeError` with :func:`size_failure_message` (the
+    runtime's own error is its ``__cause__``). Runs on given inputs fail as they are."""
+    try:
+        yield
+    except _RUN_ERRORS as e:
+        msg = size_failure_message(model, dims, e) if generated else None
+        if msg is None:
+            raise
+        raise InputSizeError(msg) from e
 
 
 def to_numpy(x) -> np.ndarray:

@@ -30,7 +30,7 @@ from ._graph import (
     ASCEND_DEQUANT, ASCEND_QUANT, DeployLayer, GraphIndex, attr_value, fake_quant_layer,
     find_deploy_layers, load_model, node_label, unpack_deq_scale, with_extra_outputs,
 )
-from ._run import feeds_for, generate_inputs, remap_feeds, run
+from ._run import explain_size_failure, feeds_for, generate_inputs, remap_feeds, run
 from .tolerances import Tolerances, as_tolerances
 
 SIM_MIN_OPSET = 10  # ConvInteger / MatMulInteger
@@ -514,11 +514,12 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
         if sl.abs_acc:
             types[sl.abs_acc] = TensorProto.INT32
     sim_model = with_extra_outputs(sim.model, sim_extra, types)
-    douts = run(sim_model, remap_feeds(feeds, sim_model), "disabled")
     fq_extra = []
     for _, F in pairs:
         fq_extra += [F.grid_input, F.acc, F.output] + ([F.float_input] if F.float_input else [])
-    fouts = run(with_extra_outputs(fmodel, fq_extra), feeds, "disabled")
+    with explain_size_failure(fmodel, dims, generated=inputs is None):
+        douts = run(sim_model, remap_feeds(feeds, sim_model), "disabled")
+        fouts = run(with_extra_outputs(fmodel, fq_extra), feeds, "disabled")
 
     layer_results = []
     for k, (sl, F) in enumerate(pairs):
@@ -685,7 +686,8 @@ def simulate_deploy(deploy_model, inputs=None, *, seed: int = 0, dims=None, accu
     names = [o.name for o in sim.model.graph.output]
     extra = [l.acc for l in sim.layers] if accumulators else []
     m = with_extra_outputs(sim.model, extra, {l.acc: TensorProto.INT32 for l in sim.layers})
-    outs = run(m, remap_feeds(feeds, m), "disabled")
+    with explain_size_failure(model, dims, generated=inputs is None):
+        outs = run(m, remap_feeds(feeds, m), "disabled")
     res = {n: outs[n] for n in names}
     if accumulators:
         for l in sim.layers:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ._outcome import Outcome
 from ._graph import FakeQuantLayer, GraphIndex, LAYER_OPS, fake_quant_layer, load_model, with_extra_outputs
-from ._run import feeds_for, generate_inputs, graph_inputs, run
+from ._run import explain_size_failure, feeds_for, generate_inputs, graph_inputs, run
 from .metrics import tensor_figures
 from .tolerances import Tolerances, as_tolerances
 
@@ -215,8 +215,10 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
     for name, m in modules.items():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             handles.append(m.register_forward_hook(bn_hook(name)))
+    generated = inputs is None and example_inputs is None
     try:
-        t_out = _flatten_outputs(torch_model(*tin))
+        with explain_size_failure(fmodel, dims, generated):
+            t_out = _flatten_outputs(torch_model(*tin))
     finally:
         for h in handles:
             h.remove()
@@ -239,8 +241,9 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
     out_names = [o.name for o in fmodel.graph.output]
     plain, augmented = {}, {}
     for opt in opt_levels:
-        plain[opt] = run(fmodel, feeds, opt)
-        augmented[opt] = run(with_extra_outputs(fmodel, extra), feeds, opt)
+        with explain_size_failure(fmodel, dims, generated):
+            plain[opt] = run(fmodel, feeds, opt)
+            augmented[opt] = run(with_extra_outputs(fmodel, extra), feeds, opt)
 
     # ---- outputs -----------------------------------------------------------------------------------
     step_of = {F.output: F for F in flayers.values()}
