@@ -480,3 +480,27 @@ def test_streamed_file_parses_as_the_same_model(tmp_path):
     out = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"x": np.ones((3, 300), np.float32)})[0]
     assert np.array_equal(out, arrays["w"] + 1)
+
+
+# ---------------------------------------------------------------- graph validity (regressions)
+
+def test_resnet50_with_downsample_first_exports_sorted_files(tmp_path):
+    """Regression: in a bottleneck whose downsample branch runs before ``c1``, both read the block
+    input with equal factors (calibration only) and share one AscendQuant; it used to be inserted
+    before ``c1`` (record order), i.e. after its first reader ``down.0``, leaving both files unsorted."""
+    from amct_core import create_distill_config, create_distill_model
+    from amct_core.verify import preflight
+    from tests.zoo_models import ZOO
+
+    z = ZOO["resnet50"]
+    model, (x,) = z.float_model(), z.inputs(1, 0)
+    create_distill_config(tmp_path / "c.json", model, x)
+    qat = create_distill_model(tmp_path / "c.json", model, x).eval()  # calibrated on x only
+    save_distill_model(qat, str(tmp_path / "r50"), x, record_file=str(tmp_path / "r.txt"))
+    dep = onnx.load(tmp_path / "r50_deploy_model.onnx")
+    shared = next(n for n in dep.graph.node if n.name == "layer1.0.c1.quant")
+    readers = [n.name for n in dep.graph.node if shared.output[0] in n.input]
+    assert sorted(readers) == ["layer1.0.c1", "layer1.0.down.0"]  # the case the bug needs: one shared quant
+    onnx.checker.check_model(onnx.load(tmp_path / "r50_fake_quant_model.onnx"), full_check=True)
+    r = preflight(dep)
+    assert r.ok, r.summary()

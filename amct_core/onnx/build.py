@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 from ..errors import ExportError
 from ..quant.arith import INT32_MAX, INT32_MIN, QMAX, QMIN, deq_scale, pack_deq_scale, quantize_bias
 from ..record import LayerRecord
+from .passes import splice_nodes
 from .store import GridWeight, LazyTensor, OnnxModel, materialize, set_single_opset
 from .trace import BIAS_ADD_SUFFIX, LayerMeta
 
@@ -166,16 +167,19 @@ def _rewrite(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str,
              flavor: _Flavor, acc_suffix: str) -> OnnxModel:
     """Wrap every quantized layer of a copy of ``traced`` in the flavor's quant and dequant nodes.
 
-    Layers reading the same tensor with equal (scale_d, offset_d) share one quant chain.
+    Layers reading the same tensor with equal (scale_d, offset_d) share one quant chain, which stands
+    before the first of them in graph order (not in record order: a ResNet block may run its
+    downsample branch before its first conv).
     """
     model = traced.copy()
-    g = model.graph
     shared: dict[tuple, str] = {}
+    chains: list[list] = []
+    tails: dict[str, list] = {}
     for view, meta, rec, q_w, q_b, deq in _prepare(model, layers, records):
         key = (view.x, np.float32(rec.scale_d).tobytes(), int(rec.offset_d))
-        new = []
         if key not in shared:
-            new, shared[key] = flavor.quant(model, view.x, meta.name, rec)
+            nodes, shared[key] = flavor.quant(model, view.x, meta.name, rec)
+            chains.append(nodes)
         view.node.input[0] = shared[key]
         model.set_array(view.w_name, q_w(flavor.weight_dtype))
         if q_b is not None:
@@ -183,11 +187,8 @@ def _rewrite(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str,
         acc = f"{meta.name}{acc_suffix}"
         y = view.y
         view.last.output[0] = acc
-        tail = flavor.dequant(model, acc, y, meta.name, meta, deq)
-        idx = list(g.node).index(view.node)
-        for k, n in enumerate(new):
-            g.node.insert(idx + k, n)
-        g.node.insert(list(g.node).index(view.last) + 1, tail)
+        tails[view.last.name] = [flavor.dequant(model, acc, y, meta.name, meta, deq)]
+    splice_nodes(model.graph, chains, tails)
     set_single_opset(model.proto, opset)
     return model
 
