@@ -1,7 +1,8 @@
 """save_distill_model: the distilled QAT model to the fake-quant model, the deploy model and the record.
 
-Nothing is written until every check has passed; then each file is written to a temporary file and
-renamed into place (FORMATS §1).
+Nothing is written until every check has passed (the inputs, the record, and each built model's
+post-conditions: sorted, every input defined, one opset entry, the ONNX checker for the fake-quant
+model); then each file is written to a temporary file and renamed into place (FORMATS §1).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ._io import check_dir_creatable, temp_path_for
 from .distill.config import as_input_tuple
 from .errors import ConfigError, ExportError
 from .onnx.build import build_deploy, build_fake_quant
+from .onnx.check import check_before_write
 from .onnx.io import PendingWrite, prepare_write
 from .onnx.metadata import ExampleInput, record_input_shapes
 from .onnx.trace import TracedModel, layer_infos, trace_quant_model
@@ -160,6 +162,9 @@ def save_distill_model(model, save_path, input_data, record_file=None, input_nam
         fake = build_fake_quant(traced.model, traced.layers, traced.records, opset)
     with _stage("deploy_build"):
         deploy = build_deploy(traced.model, traced.layers, traced.records, opset)
+    with _stage("check"):
+        check_before_write(fake, f"fake-quant model {str(paths.fake_quant)!r}", standard_ops=True)
+        check_before_write(deploy, f"deploy model {str(paths.deploy)!r}", standard_ops=False)
     with _stage("write"):
         write_outputs(paths, fake, deploy, traced.records)
 

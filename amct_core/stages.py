@@ -19,6 +19,7 @@ from ._io import check_dir_creatable
 from .errors import ExportError
 from .onnx import metadata
 from .onnx.build import build_deploy, build_fake_quant
+from .onnx.check import check_before_write
 from .onnx.io import load_model, prepare_write
 from .onnx.store import OnnxModel
 from .onnx.trace import layer_infos, layer_meta
@@ -58,6 +59,7 @@ def trace_to_file(model, input_data, traced_path, record_path, input_names=None,
     metadata.write_prop(traced.model.proto, metadata.QUANT_LAYERS, json.dumps(list(traced.layers)))
     metadata.write_prop(traced.model.proto, metadata.TARGET, tgt.name)
     metadata.write_prop(traced.model.proto, metadata.OPSET, str(opset))
+    check_before_write(traced.model, f"traced model {str(traced_path)!r}", standard_ops=True)
     pending = prepare_write(traced.model, traced_path)
     try:
         write_record(record_path, traced.records)
@@ -93,6 +95,8 @@ def _build_file(kind, traced_path, record_path, out_path, target=None) -> str:
     records = validate_record_file(record_path, traced_path, tgt.name)
     metadata.drop_stage_props(om.proto)  # the outputs keep only the keys of metadata.OUTPUT_KEYS
     built = (build_fake_quant if kind == "fake_quant" else build_deploy)(om, layers, records, opset)
+    what = "fake-quant model" if kind == "fake_quant" else "deploy model"
+    check_before_write(built, f"{what} {str(out_path)!r}", standard_ops=kind == "fake_quant")
     prepare_write(built, out_path).commit()
     return str(out_path)
 

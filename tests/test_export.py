@@ -504,3 +504,27 @@ def test_resnet50_with_downsample_first_exports_sorted_files(tmp_path):
     onnx.checker.check_model(onnx.load(tmp_path / "r50_fake_quant_model.onnx"), full_check=True)
     r = preflight(dep)
     assert r.ok, r.summary()
+
+
+def _reversed_nodes(build):
+    def broken(*a, **k):
+        m = build(*a, **k)
+        nodes = list(m.graph.node)
+        del m.graph.node[:]
+        m.graph.node.extend(reversed(nodes))
+        return m
+    return broken
+
+
+@pytest.mark.parametrize("builder,file", [("build_fake_quant", "m_fake_quant_model.onnx"),
+                                          ("build_deploy", "m_deploy_model.onnx")])
+def test_a_built_model_that_is_not_sorted_is_an_error_and_nothing_is_written(outputs_with_old_content, monkeypatch,
+                                                                              builder, file):
+    import amct_core.save as save_mod
+
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    monkeypatch.setattr(save_mod, builder, _reversed_nodes(getattr(save_mod, builder)))
+    with pytest.raises(ExportError, match=rf"model '.*{file}': .* node 'fc3.*' reads .* before .* produces it"):
+        _save(qat, tmp_path, models.example_inputs("mlp"))
+    _assert_untouched(tmp_path, paths)

@@ -4,7 +4,7 @@ import onnx
 import pytest
 import torch
 
-from amct_core import RecordError, save_distill_model
+from amct_core import ExportError, RecordError, save_distill_model
 from amct_core.record import read_record, write_record
 from amct_core.stages import build_deploy_file, build_fake_quant_file, trace_to_file, validate_record_file
 from tests import models
@@ -70,3 +70,25 @@ def test_a_given_record_sets_the_exported_factors(tmp_path):
     q = next(n for n in onnx.load(tmp_path / "d.onnx").graph.node if n.name == "fc1.quant")
     scale = next(a.f for a in q.attribute if a.name == "scale")
     assert np.float32(scale) == np.float32(1) / np.float32(records["fc1"].scale_d)
+
+
+@pytest.mark.parametrize("kind", ["fake_quant", "deploy"])
+def test_a_built_model_that_breaks_a_post_condition_is_not_written(tmp_path, monkeypatch, kind):
+    import amct_core.stages as stages_mod
+
+    qat = models.make_qat("mlp", tmp_path)
+    res = trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "t.onnx", tmp_path / "r.txt")
+    builder = f"build_{kind}"
+    real = getattr(stages_mod, builder)
+
+    def dangling(*a, **k):
+        m = real(*a, **k)
+        m.graph.node[-1].input[0] = "nowhere"
+        return m
+
+    monkeypatch.setattr(stages_mod, builder, dangling)
+    build = build_fake_quant_file if kind == "fake_quant" else build_deploy_file
+    with pytest.raises(ExportError, match="reads 'nowhere', which no node"):
+        build(res.traced_path, res.record_path, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
