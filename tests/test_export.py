@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from amct_core import ExportError, RecordError, TargetError, save_distill_model
@@ -528,3 +529,36 @@ def test_a_built_model_that_is_not_sorted_is_an_error_and_nothing_is_written(out
     with pytest.raises(ExportError, match=rf"model '.*{file}': .* node 'fc3.*' reads .* before .* produces it"):
         _save(qat, tmp_path, models.example_inputs("mlp"))
     _assert_untouched(tmp_path, paths)
+
+
+class FreshBatchNorms(nn.Module):
+    """Two conv + BatchNorm pairs and two LayerNorms straight from their constructors: equal
+    parameters, which torch's exporter deduplicates into one initializer and Identity nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.ln1, self.ln2 = nn.LayerNorm(8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        y = F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+        return self.ln2(self.ln1(y.mean((2, 3))))
+
+
+def test_batchnorms_with_deduplicated_parameters_are_folded_and_no_identity_is_left(tmp_path):
+    from amct_core import create_distill_config, create_distill_model
+
+    torch.manual_seed(0)
+    model, x = FreshBatchNorms().eval(), torch.randn(2, 3, 8, 8)
+    create_distill_config(tmp_path / "c.json", model, x)
+    qat = create_distill_model(tmp_path / "c.json", model, x).eval()
+    save_distill_model(qat, str(tmp_path / "m"), x, record_file=str(tmp_path / "r.txt"), input_names=["input"])
+    for f in ("m_fake_quant_model.onnx", "m_deploy_model.onnx"):
+        ops = [n.op_type for n in onnx.load(tmp_path / f).graph.node]
+        assert "Identity" not in ops and "BatchNormalization" not in ops, (f, ops)
+    fq = str(tmp_path / "m_fake_quant_model.onnx")
+    got = ort.InferenceSession(fq, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = qat(x).numpy()
+    assert np.allclose(got, want, atol=1e-4)

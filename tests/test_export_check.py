@@ -7,7 +7,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from amct_core import ExportError
-from amct_core.onnx.check import check_before_write, check_graph_order, check_opset_import, checker_view
+from amct_core.onnx.check import (
+    check_before_write, check_graph_order, check_no_initializer_identity, check_opset_import, checker_view,
+)
 from amct_core.onnx.store import LazyTensor, OnnxModel
 
 
@@ -50,6 +52,13 @@ def test_a_graph_output_no_node_produces_is_named():
     m = _model([helper.make_node("Neg", ["x"], ["y"], name="a")], outputs=("y", "z"))
     with pytest.raises(ExportError, match="graph output 'z' is produced by no node"):
         check_graph_order(m, "m")
+
+
+def test_an_identity_forwarding_an_initializer_is_named():
+    m = _model([helper.make_node("Identity", ["w"], ["w2"], name="/Identity_3"),
+                helper.make_node("Mul", ["x", "w2"], ["y"], name="mul")], tensors={"w": np.ones(4, np.float32)})
+    with pytest.raises(ExportError, match=r"Identity node '/Identity_3' forwards initializer 'w' to 'w2'"):
+        check_no_initializer_identity(m, "m")
 
 
 @pytest.mark.parametrize("opsets", [(("", 13), ("amct_trace", 1)), (("custom", 1),), ()])

@@ -1,10 +1,11 @@
 """The graph rewrites of amct_core.onnx.passes, each on a small hand-made graph."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from amct_core.onnx.passes import splice_nodes
+from amct_core.onnx.passes import eliminate_initializer_identities, splice_nodes
 
 
 def _graph(nodes, inits=(), outputs=("y",)):
@@ -45,3 +46,36 @@ def test_an_after_name_no_node_has_is_refused():
     g = _graph([helper.make_node("Relu", ["x"], ["y"], name="r")])
     with pytest.raises(ValueError, match="no node named"):
         splice_nodes(g, after={"missing": [helper.make_node("Neg", ["y"], ["z"], name="tail")]})
+
+
+# ---- eliminate_initializer_identities -----------------------------------------------------------
+
+def _dedup_graph(extra_outputs=()):
+    """What torch's exporter writes for two BatchNorm-like readers of equal parameters: one
+    initializer, and an Identity per duplicate."""
+    w = numpy_helper.from_array(np.ones(4, np.float32), "bn1.weight")
+    return _graph([helper.make_node("Identity", ["bn1.weight"], ["bn2.weight"], name="/Identity"),
+                   helper.make_node("Mul", ["x", "bn1.weight"], ["a"], name="bn1"),
+                   helper.make_node("Mul", ["a", "bn2.weight"], ["y"], name="bn2")],
+                  inits=[w], outputs=("y",) + tuple(extra_outputs))
+
+
+def test_readers_of_an_identity_of_an_initializer_read_the_initializer():
+    g = _dedup_graph()
+    g.value_info.append(helper.make_tensor_value_info("bn2.weight", TensorProto.FLOAT, [4]))
+    assert eliminate_initializer_identities(g, {"bn1.weight"}) == 1
+    assert _names(g) == ["bn1", "bn2"]
+    assert list(g.node[1].input) == ["a", "bn1.weight"]
+    assert [v.name for v in g.value_info] == []
+
+
+def test_an_identity_that_produces_a_graph_output_is_kept():
+    g = _dedup_graph(extra_outputs=("bn2.weight",))
+    assert eliminate_initializer_identities(g, {"bn1.weight"}) == 0
+    assert "/Identity" in _names(g)
+
+
+def test_an_identity_of_a_computed_tensor_is_kept():
+    g = _graph([helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Identity", ["r"], ["y"], name="id")])
+    assert eliminate_initializer_identities(g, set()) == 0
+    assert _names(g) == ["relu", "id"]

@@ -4,6 +4,9 @@
 * :func:`check_graph_order` - nodes topologically sorted: every node input is a graph input, an
   initializer or the output of an earlier node; no tensor is produced twice; every graph output is
   produced;
+* :func:`check_no_initializer_identity` - no ``Identity`` node forwarding an initializer (what the
+  tracer leaves when it deduplicates equal initializers): weights and BatchNorm parameters are
+  initializers;
 * :func:`check_with_onnx_checker` - ``onnx.checker.check_model(full_check=True)`` (structure, types
   and strict shape inference), for models of standard ops only (fake-quant, traced);
 * :func:`check_before_write` - all of the above for one model.
@@ -75,6 +78,16 @@ def check_graph_order(model: OnnxModel, what: str) -> None:
             raise _fail(what, f"graph output {o.name!r} is produced by no node", "every graph output produced")
 
 
+def check_no_initializer_identity(model: OnnxModel, what: str) -> None:
+    inits = model.initializer_names()
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in inits and node.output[0] not in outputs:
+            raise _fail(what, f"{_label(node)} forwards initializer {node.input[0]!r} to {node.output[0]!r}",
+                        "its readers reading the initializer itself, every weight and BatchNorm parameter an "
+                        "initializer (FORMATS §5)")
+
+
 def _copy_fields(src: Message, dst: Message, skip: tuple[str, ...]) -> None:
     for fd, value in src.ListFields():
         if fd.name in skip:
@@ -125,5 +138,6 @@ def check_before_write(model: OnnxModel, what: str, *, standard_ops: bool) -> No
     the structural checks (its Ascend ops are not in the ONNX schema)."""
     check_opset_import(model.proto, what)
     check_graph_order(model, what)
+    check_no_initializer_identity(model, what)
     if standard_ops:
         check_with_onnx_checker(model, what)

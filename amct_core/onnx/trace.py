@@ -4,6 +4,7 @@ The tracer (torch.onnx's TorchScript exporter, which can emit the low opsets ATC
 QAT layer as one placeholder node carrying only its data input and its name; the layer's weights are
 not serialized by torch at all. The passes here then
 
+0. rewire the tracer's ``Identity`` nodes of deduplicated initializers to the initializers;
 1. fold a BatchNormalization that directly and solely consumes a quantized Conv into it (FORMATS §3);
 2. lower each placeholder into the standard op(s) it stands for (Conv; Gemm with transB=0 and weight
    ``[in, out]``; MatMul + Add) named after the module, with the *dequantized* weights
@@ -28,6 +29,7 @@ from ..errors import ExportError
 from ..quant.arith import QMAX, QMIN
 from ..quant.modules import LayerFactors, QuantConv2d, QuantLinear, is_quant_module
 from ..record import LayerInfo, LayerRecord
+from .passes import eliminate_initializer_identities
 from .store import GridWeight, OnnxModel, consumers, drop_value_info, producers, rename_tensor_uses, set_single_opset
 
 TRACE_DOMAIN = "amct_trace"
@@ -275,6 +277,7 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
             ) from e
     om = OnnxModel(proto)
     graph = proto.graph
+    eliminate_initializer_identities(graph, om.initializer_names())
     placeholders = [n for n in graph.node if n.domain == TRACE_DOMAIN]
     layers: dict[str, LayerMeta] = {}
     records: dict[str, LayerRecord] = {}
