@@ -264,12 +264,15 @@ def _q(x, inv, off):
 
 def hand_built_pair(*, c_in: int = 4, c_out: int = 6, k: int = 3, stride: int = 1, pad: int = 1, dilation: int = 1,
                     groups: int = 1, hw: int = 9, hidden: int = 5, seed: int = 0, style: str = "ours",
-                    opset: int = 11, batch: int = 2) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+                    opset: int = 11, batch: int = 2,
+                    explicit_quant_defaults: bool = False) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     """x -> Conv 'features.0' -> Relu -> GlobalAveragePool -> Flatten -> Gemm 'classifier' -> y, quantized per spec.
 
     ``style='amct'`` varies everything the spec leaves free: deq_scale initializers named otherwise,
-    Gemm with transB=1 ([out, in] weight), AscendQuant without the optional attributes, the fake-quant
-    chain with different node names. Returns (fake_quant, deploy, info)."""
+    Gemm with transB=1 ([out, in] weight), the fake-quant chain with different node names. Both styles
+    write AscendQuant as AMCT does (scale, offset, dst_type); ``explicit_quant_defaults`` adds the
+    optional ``sqrt_mode=0`` and ``round_mode="Round"`` that ATC also reads. Returns (fake_quant,
+    deploy, info)."""
     rng = np.random.default_rng(seed)
     conv_name, fc_name = "features.0", "classifier"
     # conv factors
@@ -337,7 +340,7 @@ def hand_built_pair(*, c_in: int = 4, c_out: int = 6, k: int = 3, stride: int = 
 
     def quant_node(name, x, y, inv, off):
         attrs = dict(scale=float(inv), offset=float(off), dst_type="INT8")
-        if not amct:
+        if explicit_quant_defaults:
             attrs.update(sqrt_mode=0, round_mode="Round")
         return helper.make_node("AscendQuant", [x], [y], name=name, **attrs)
 

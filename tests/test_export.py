@@ -147,10 +147,11 @@ def test_deploy_model_matches_the_format_field_by_field(exported, name):
         scale_w = np.asarray(r["scale_w"], np.float32)
         node = nodes[lname]
         assert node.domain == ""
-        # AscendQuant feeding the layer (possibly shared): default domain and §5 attributes.
+        # AscendQuant feeding the layer (possibly shared): default domain and exactly the §5 attributes.
         quant = next(n for n in m.graph.node if node.input[0] in n.output)
         assert quant.op_type == "AscendQuant" and quant.domain == ""
         attrs = {a.name: a for a in quant.attribute}
+        assert sorted(attrs) == ["dst_type", "offset", "scale"]  # AMCT's form, nothing else
         assert attrs["scale"].type == onnx.AttributeProto.FLOAT and attrs["offset"].type == onnx.AttributeProto.FLOAT
         assert attrs["dst_type"].type == onnx.AttributeProto.STRING and attrs["dst_type"].s == b"INT8"
         assert np.float32(attrs["scale"].f) == np.float32(1) / scale_d

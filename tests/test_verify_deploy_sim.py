@@ -144,12 +144,13 @@ def test_integer_conv_matches_an_int64_reference(conf):
     np.testing.assert_array_equal(acc, ref.astype(np.int64))
 
 
-def test_hand_built_pair_passes_and_in_amct_style_too():
-    for style in ("ours", "amct"):
-        fq, dep, info = bm.hand_built_pair(style=style)
-        r = compare_deploy(dep, fq, seed=5)
-        assert r.ok, (style, r.message)
-        assert {l.name for l in r.layers} == {"features.0", "classifier"}
+@pytest.mark.parametrize("explicit_quant_defaults", [False, True])
+@pytest.mark.parametrize("style", ["ours", "amct"])
+def test_hand_built_pair_passes_in_both_styles_and_both_ascend_quant_forms(style, explicit_quant_defaults):
+    fq, dep, info = bm.hand_built_pair(style=style, explicit_quant_defaults=explicit_quant_defaults)
+    r = compare_deploy(dep, fq, seed=5)
+    assert r.ok, (style, r.message)
+    assert {l.name for l in r.layers} == {"features.0", "classifier"}
 
 
 def test_large_accumulations_use_the_float32_summation_bound_and_still_catch_corruption():

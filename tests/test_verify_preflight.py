@@ -44,6 +44,16 @@ def test_hand_built_amct_style_file_passes():
     assert {f.code for f in r.warnings} == {"deq_scale.name", "layer.gemm_transB"}
 
 
+@pytest.mark.parametrize("style", ["ours", "amct"])
+def test_ascend_quant_with_the_optional_attributes_written_out_passes(style):
+    _, dep, _ = bm.hand_built_pair(style=style, explicit_quant_defaults=True)
+    assert all({a.name for a in n.attribute} >= {"sqrt_mode", "round_mode"}
+               for n in dep.graph.node if n.op_type == "AscendQuant")
+    r = preflight(dep)
+    assert r.ok, r.summary()
+    assert not [f for f in r.findings if f.code.startswith("ascend_quant")]
+
+
 def test_two_opset_imports_are_reported():
     r = preflight(bm.two_opset_imports(bm.load(bm.export("mlp").deploy)))
     assert not r.ok

@@ -153,7 +153,7 @@ class _Deploy(_Flavor):
         node = helper.make_node(
             "AscendQuant", [x], [out], name=f"{name}.quant",
             scale=float(np.float32(1.0) / np.float32(rec.scale_d)), offset=float(rec.offset_d),
-            dst_type="INT8", sqrt_mode=0, round_mode="Round",
+            dst_type="INT8",  # AMCT's form: exactly scale, offset, dst_type (sqrt_mode 0 and round_mode "Round" are ATC's defaults)
         )
         return [node], out
 
