@@ -32,6 +32,37 @@ def test_every_quantized_layer_is_compared_and_bn_folds_are_followed():
     assert by["conv1"].folded_bn == "bn1" and by["conv2"].folded_bn == "bn2" and by["dw"].folded_bn is None
 
 
+class InPlaceBlock(torch.nn.Module):
+    """torchvision's habits: an in-place ReLU right after a folded BatchNorm, and ``out += identity``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(y))
+        out += y
+        return self.relu(out)
+
+
+def test_layer_outputs_changed_in_place_later_are_compared_as_the_layer_produced_them(tmp_path):
+    from amct_core import create_distill_config, create_distill_model, save_distill_model
+
+    torch.manual_seed(0)
+    model, x = InPlaceBlock().eval(), torch.randn(2, 3, 8, 8)
+    create_distill_config(tmp_path / "c.json", model, x)
+    qat = create_distill_model(tmp_path / "c.json", model, x).eval()
+    save_distill_model(qat, str(tmp_path / "m"), x, record_file=str(tmp_path / "r.txt"))
+    r = check_parity(qat, tmp_path / "m_fake_quant_model.onnx", inputs=x)
+    assert r.ok, r.message
+    by = {l.name: l for l in r.layers}
+    assert by["conv1"].folded_bn == "bn1" and by["conv2"].folded_bn == "bn2"
+    assert all(l.local["max_error_steps"] < 1.0 for l in r.layers)
+
+
 def test_output_figures_include_steps_where_a_quantized_layer_makes_the_output():
     e = bm.export("two")
     r = check_parity(e.model, e.fake_quant, example_inputs=e.example)

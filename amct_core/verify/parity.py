@@ -8,6 +8,7 @@ whose factors are wrong from the layers downstream of it that merely inherit its
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -195,19 +196,28 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
     layer_names = [n for n in modules if n and n in node_names]
     problems: list[str] = []
     notes: list[str] = []
+    # Hooks keep copies: a later in-place op (nn.ReLU(inplace=True), ``out += identity``) would
+    # otherwise change the tensor a hook saw. The BatchNorm that follows a layer is recognised while
+    # the layer's own output object is alive (weak reference: no extra copy kept for the match).
     seen_out: dict[str, list] = {}
-    bn_seen: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+    live_out: dict[str, weakref.ref] = {}
+    bn_after: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
     handles = []
 
     def layer_hook(name):
         def fn(mod, args, out):
-            seen_out.setdefault(name, []).append(out)
+            seen_out.setdefault(name, []).append(out.detach().clone())
+            live_out.setdefault(name, weakref.ref(out))
         return fn
 
     def bn_hook(name):
         def fn(mod, args, out):
-            if args and isinstance(args[0], torch.Tensor):
-                bn_seen.append((mod, name, args[0], out))
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            for lname, ref in live_out.items():
+                if ref() is args[0] and lname not in bn_after:
+                    bn_after[lname] = (mod, name, out.detach().clone())
+                    break
         return fn
 
     for name in layer_names:
@@ -279,11 +289,8 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
             notes.append(f"torch module {name!r} was called {len(outs)} times; its first call is compared")
         bn_mod, bn_name = None, None
         consumers = fix.consumers.get(F.output, [])
-        if not any(c.op_type == "BatchNormalization" for c in consumers):
-            for mod, bname, inp, out in bn_seen:
-                if inp is t_layer:  # the BatchNorm folded into this layer at export
-                    bn_mod, bn_name, t_layer = mod, bname, out
-                    break
+        if not any(c.op_type == "BatchNormalization" for c in consumers) and name in bn_after:
+            bn_mod, bn_name, t_layer = bn_after[name]  # the BatchNorm folded into this layer at export
         ref = t_layer.detach().float().cpu().numpy()
         axis = _channel_axis(F.kind)
         test = augmented[opt_levels[0]][F.output]
