@@ -6,6 +6,7 @@ its inputs and outputs (every one with a dynamic batch axis), and what the disti
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -120,6 +121,248 @@ def resnet50() -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
+# MobileNetV2 and an EfficientNet-style net
+# ---------------------------------------------------------------------------------------------
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, ReLU6, residual add."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(inplace=True), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    SETTINGS = ((1, 8, 1, 1), (6, 12, 2, 2), (6, 16, 2, 2), (6, 24, 2, 1))  # expand t, channels c, repeats n, stride s
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True)]
+        cin = 8
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers += [nn.Conv2d(cin, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation: average pool, 1x1 reduce, SiLU, 1x1 expand, sigmoid gate multiplied in."""
+
+    def __init__(self, c: int, reduced: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(c, reduced, 1)
+        self.expand = nn.Conv2d(reduced, c, 1)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.expand(F.silu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+        return x * gate
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expand + BN + SiLU, depthwise + BN + SiLU, squeeze-excitation,
+    1x1 projection + BN, residual add."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        self.expand = None
+        if expand != 1:
+            self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                nn.BatchNorm2d(hidden), nn.SiLU())
+        self.se = SqueezeExcite(hidden, max(2, cin // 4))
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = x if self.expand is None else self.expand(x)
+        y = self.project(self.se(self.dw(y)))
+        return x + y if self.residual else y
+
+
+class EfficientNetish(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        blocks, cin = [], 8
+        for t, c, n, s in ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2)):
+            for i in range(n):
+                blocks.append(MBConv(cin, c, s if i == 0 else 1, t))
+                cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, 48, 1, bias=False), nn.BatchNorm2d(48), nn.SiLU())
+        self.fc = nn.Linear(48, classes)
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet
+# ---------------------------------------------------------------------------------------------
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """Two-level UNet: max-pool encoder, a ConvTranspose2d and a bilinear upsampling (both left in
+    float), concatenated skips, a skip add, a 1x1 conv head whose output is the graph output."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.enc1, self.enc2, self.bottom = _double_conv(3, 8), _double_conv(8, 16), _double_conv(16, 32)
+        self.up2 = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.dec2 = _double_conv(32, 16)
+        self.reduce = nn.Conv2d(16, 8, 1)
+        self.dec1 = _double_conv(16, 8)
+        self.head = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        b = self.bottom(F.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
+        up1 = F.interpolate(self.reduce(d2), scale_factor=2, mode="bilinear", align_corners=False)
+        d1 = self.dec1(torch.cat([up1, e1], 1))
+        return self.head(d1 + e1)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformer encoders: BERT (token ids) and ViT (patches)
+# ---------------------------------------------------------------------------------------------
+class EncoderBlock(nn.Module):
+    """Post-LN encoder block: Q, K and V Linear layers on one [B, T, D] input, attention, output
+    projection, residual adds, LayerNorm, GELU MLP."""
+
+    def __init__(self, d: int, heads: int, ff: int):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.attn_out = nn.Linear(d, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.ff_in, self.ff_out = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.ln2 = nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        hd = d // self.heads
+
+        def split(z):
+            return z.reshape(b, t, self.heads, hd).transpose(1, 2)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)
+        x = self.ln1(x + self.attn_out((att @ v).transpose(1, 2).reshape(b, t, d)))
+        return self.ln2(x + self.ff_out(F.gelu(self.ff_in(x))))
+
+
+class Bert(nn.Module):
+    """Token and position embeddings, two encoder blocks, a tanh pooler on the first token (Gemm) and
+    a classifier."""
+
+    def __init__(self, vocab: int = 50, d: int = 32, heads: int = 4, ff: int = 64, max_len: int = 16, classes: int = 3):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        self.ln = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(EncoderBlock(d, heads, ff) for _ in range(2))
+        self.pooler, self.cls = nn.Linear(d, d), nn.Linear(d, classes)
+
+    def forward(self, ids):
+        x = self.ln(self.tok(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0)))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.cls(torch.tanh(self.pooler(x[:, 0])))
+
+
+class ViT(nn.Module):
+    """Patch embedding (a strided Conv2d), a class token, learned positions, two encoder blocks,
+    LayerNorm, a Linear head on the class token."""
+
+    def __init__(self, d: int = 32, patch: int = 4, image: int = 16, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d) * 0.02)
+        self.blocks = nn.Sequential(EncoderBlock(d, 4, 64), EncoderBlock(d, 4, 64))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        p = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(p.shape[0], -1, -1), p], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent, several inputs and outputs, a conv called twice
+# ---------------------------------------------------------------------------------------------
+class GRUTagger(nn.Module):
+    """Linear input projection on [B, T, F] (MatMul), a GRU left in float, a per-step Linear head on
+    [B, T, H] and a Linear head on the last step (Gemm): two outputs."""
+
+    def __init__(self, features: int = 6, hidden: int = 24, tags: int = 5, classes: int = 3):
+        super().__init__()
+        self.proj = nn.Linear(features, 16)
+        self.gru = nn.GRU(16, hidden, batch_first=True)
+        self.tag = nn.Linear(hidden, tags)
+        self.cls = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h, _ = self.gru(F.relu(self.proj(x)))
+        return self.tag(h), self.cls(h[:, -1])
+
+
+class TwoInTwoOut(nn.Module):
+    """An image branch and a feature-vector branch, concatenated, then two heads on one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.vec = nn.Linear(10, 16)
+        self.fuse = nn.Linear(32, 32)
+        self.logits, self.box = nn.Linear(32, 4), nn.Linear(32, 2)
+
+    def forward(self, image, features):
+        a = F.relu(self.conv2(F.relu(self.bn1(self.conv1(image)))))
+        a = torch.flatten(F.adaptive_avg_pool2d(a, 1), 1)
+        h = F.relu(self.fuse(torch.cat([a, F.relu(self.vec(features))], 1)))
+        return self.logits(h), self.box(h)
+
+
+class ConvCalledTwice(nn.Module):
+    """One Conv2d module applied twice in a row: it cannot be quantized (one range and one node per
+    call would be needed), so the config skips it and the rest is quantized around it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.shared(F.relu(self.shared(F.relu(self.stem(x))))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ---------------------------------------------------------------------------------------------
 # the zoo
 # ---------------------------------------------------------------------------------------------
 def _images(shape):
@@ -146,7 +389,36 @@ class ZooModel:
         return {n: {0: "batch"} for n in self.input_names + self.output_names}
 
 
+def _token_ids(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 50, (batch, 8), generator=torch.Generator().manual_seed(seed)),)
+
+
+def _sequences(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(batch, 7, 6, generator=torch.Generator().manual_seed(seed)),)
+
+
+def _image_and_features(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=g), torch.randn(batch, 10, generator=g)
+
+
+def _seeded_bns(cls, seed: int):
+    def build():
+        return randomize_bns(cls(), seed)
+    build.__name__ = cls.__name__
+    return build
+
+
 ZOO: dict[str, ZooModel] = {m.name: m for m in (
     ZooModel("resnet18", resnet18, _images((3, 32, 32))),
     ZooModel("resnet50", resnet50, _images((3, 32, 32))),
+    ZooModel("mobilenetv2", _seeded_bns(MobileNetV2, 2), _images((3, 32, 32))),
+    ZooModel("efficientnet", _seeded_bns(EfficientNetish, 3), _images((3, 32, 32))),
+    ZooModel("unet", _seeded_bns(UNet, 4), _images((3, 16, 16))),
+    ZooModel("bert", Bert, _token_ids, input_names=("ids",)),
+    ZooModel("vit", ViT, _images((3, 16, 16))),
+    ZooModel("gru", GRUTagger, _sequences, output_names=("tags", "label")),
+    ZooModel("two_in_two_out", _seeded_bns(TwoInTwoOut, 5), _image_and_features, input_names=("image", "features"),
+             output_names=("logits", "box")),
+    ZooModel("conv_called_twice", ConvCalledTwice, _images((3, 16, 16)), skipped={"shared": "called 2 times"}),
 )}
