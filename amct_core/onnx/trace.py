@@ -30,7 +30,7 @@ from ..quant.arith import QMAX, QMIN
 from ..quant.modules import LayerFactors, QuantConv2d, QuantLinear, is_quant_module
 from ..record import LayerInfo, LayerRecord
 from .passes import eliminate_initializer_identities
-from .store import GridWeight, OnnxModel, consumers, drop_value_info, producers, rename_tensor_uses, set_single_opset
+from .store import GridWeight, OnnxModel, drop_value_info, rename_tensor_uses, set_single_opset
 
 TRACE_DOMAIN = "amct_trace"
 MAX_TRACER_OPSET = 20  # the TorchScript exporter's highest opset
@@ -123,7 +123,7 @@ def _fold_bn(graph, model: OnnxModel, placeholder, f: LayerFactors, eps_of):
     was folded. The weight grid is multiplied by the sign; the record's scale_w by |k|.
     """
     y = placeholder.output[0]
-    users = consumers(graph).get(y, [])
+    users = [n for n in graph.node if y in n.input]
     if len(users) != 1 or users[0].op_type != "BatchNormalization" or y in {o.name for o in graph.output}:
         return None
     bn = users[0]
@@ -141,8 +141,9 @@ def _fold_bn(graph, model: OnnxModel, placeholder, f: LayerFactors, eps_of):
     f.bias = ((b - mean) * k + beta).astype(np.float32)
     out = bn.output[0]
     graph.node.remove(bn)
+    used = {i for n in graph.node for i in n.input}
     for i in bn.input[1:5]:
-        if not consumers(graph).get(i):
+        if i not in used:
             model.remove_initializer(i)
     return out, sign
 
