@@ -75,3 +75,26 @@ def test_models_sizes():
     b, _ = models.transformer_w(64, layers=1)
     # the seeded fill is deterministic (the calibration of every exporter sees the same weights)
     assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_zoo_bench_times_both_exporters_and_verifies_every_file(tmp_path, capsys):
+    from bench import zoo
+
+    out = tmp_path / "zoo.json"
+    assert zoo.main(["--models", "conv_called_twice,gru", "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| conv_called_twice | " in text and "| gru | " in text
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["conv_called_twice"]["quantized"] == 2 and rows["conv_called_twice"]["skipped"] == 1
+    for r in rows.values():
+        assert _positive(r["bare_s"]) and _positive(r["ours_s"]) and _positive(r["ratio"])
+        assert r["ours_files"] == 2 and r["ours_failed"] == [] and r["bare_files"] == 2 and r["bare_failed"] == []
+
+
+def test_zoo_bench_rejects_an_unknown_model():
+    import pytest
+
+    from bench import zoo
+
+    with pytest.raises(SystemExit):
+        zoo.main(["--models", "alexnet"])
