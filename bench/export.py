@@ -18,7 +18,10 @@ peak RSS). Prints a table with the ratios and writes JSON.
 What each column includes:
   bare  torch.onnx.export(model, x, file, dynamo=False, opset 11) of the float model; nothing else.
   ours  save_distill_model(qat_model, ...) -> fake-quant model + deploy model + record (three files);
-        the QAT model is built and calibrated before the clock starts.
+        the QAT model is built and calibrated before the clock starts. After the clock (and the
+        memory probe) every run's files are checked (``check_files``: amct_core.verify, or for
+        models of 1 GiB of weights and more preflight + the ONNX checker); a failed check makes the
+        script exit 1.
   ort   onnxruntime.quantization.quantize_static(float.onnx -> qdq.onnx), QDQ, int8 activations and
         weights, per-channel weights, Conv/MatMul/Gemm only, with the activation ranges read from a
         calibration cache (fixed scales). Not included: the float export it starts from (= bare)
@@ -160,6 +163,32 @@ class _Reader:
         return next(self.batches, None)
 
 
+VERIFY_MAX_WEIGHT_BYTES = 1 << 30
+
+
+def check_files(qat, x, prefix: Path, weight_bytes: int) -> dict:
+    """Check the files save_distill_model wrote: ``amct_core.verify`` (preflight, deploy simulation,
+    torch parity) below ``VERIFY_MAX_WEIGHT_BYTES`` of weights; above it, preflight of the deploy
+    model and the ONNX checker (full check, from the path, external data in place) of the fake-quant
+    model only - verify itself holds several copies of a model that size in memory."""
+    import onnx
+
+    from amct_core.verify import preflight, verify
+
+    fq, dep = Path(f"{prefix}_fake_quant_model.onnx"), Path(f"{prefix}_deploy_model.onnx")
+    if weight_bytes < VERIFY_MAX_WEIGHT_BYTES:
+        report, _ = verify(deploy=dep, fake_quant=fq, torch_model=qat, inputs=(x,))
+        return {"checks": "verify", "passed": report["verdict"] == "pass", "summary": report["summary"]}
+    p = preflight(dep)
+    try:
+        onnx.checker.check_model(str(fq), full_check=True)
+        checker = None
+    except Exception as e:  # noqa: BLE001 - reported
+        checker = f"{type(e).__name__}: {e}"
+    return {"checks": "preflight + onnx.checker", "passed": p.ok and checker is None,
+            "summary": p.summary() + ("; onnx.checker: " + checker if checker else "; onnx.checker: clean")}
+
+
 def child(kind: str, model_name: str, outdir: str, threads: int) -> dict:
     import torch
 
@@ -199,6 +228,7 @@ def child(kind: str, model_name: str, outdir: str, threads: int) -> dict:
         probe.peak_mb = max([probe.peak_mb] + [s["peak_rss_mb"] for s in stages.values()
                                                if s["peak_rss_mb"] == s["peak_rss_mb"]])  # skip NaN
         files = _dir_bytes(d)
+        extra = {"check": check_files(qat, x, d / "m", weight_bytes)}  # after the clock and the memory probe
     elif kind == "ort":
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -304,7 +334,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return med
 
 
-def print_table(model_name: str, med: dict, first: dict, repeats: int, threads: int) -> None:
+def print_table(model_name: str, med: dict, first: dict, repeats: int, threads: int, runs_ours=None) -> None:
     """peak RSS: of the child during the call. job: that peak minus the child's RSS before the model was
     built (torch + exporter imported), i.e. the model itself plus everything the call added. added: the
     peak minus the RSS just before the call (freed heap can hide part of it)."""
@@ -327,6 +357,11 @@ def print_table(model_name: str, med: dict, first: dict, repeats: int, threads: 
     if "stages" in med.get("ours", {}):
         print("save_distill_model stages (median): " + ", ".join(
             f"{s} {v['seconds']:.2f}s/+{v['added_mb']:.0f}MB" for s, v in med["ours"]["stages"].items()))
+    checks = [r["check"] for r in runs_ours if "check" in r] if runs_ours else []
+    if checks:
+        passed = sum(c["passed"] for c in checks)
+        print(f"files of save_distill_model: {checks[0]['checks']} passed on {passed}/{len(checks)} run(s)"
+              + ("" if passed == len(checks) else f"; first failure: {next(c for c in checks if not c['passed'])['summary']}"))
     if "ort_calibrate_s" in med.get("ort", {}):
         print(f"(ORT calibration that made the fixed scales, not in the ORT row: {med['ort']['ort_calibrate_s']:.2f} s)")
 
@@ -361,7 +396,7 @@ def main(argv=None) -> int:
                 print(f"{kind}: {r['error'][-500:]}", file=sys.stderr)
     med = summarize(runs)
     first = next((r for rs in runs.values() for r in rs if "error" not in r), {})
-    print_table(a.model, med, first, repeats, a.threads)
+    print_table(a.model, med, first, repeats, a.threads, [r for r in runs.get("ours", []) if "error" not in r])
     result = {"model": a.model, "params": first.get("params"), "weight_bytes": first.get("weight_bytes"),
               "repeats": repeats, "threads": a.threads, "machine": info, "median": med, "runs": runs}
     if "seconds" in med.get("bare", {}):
@@ -372,7 +407,8 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")
     failed = [k for k, m in med.items() if "error" in m]
-    return 1 if failed and a.smoke else 0
+    bad_files = [r["check"]["summary"] for r in runs.get("ours", []) if "check" in r and not r["check"]["passed"]]
+    return 1 if (failed and a.smoke) or bad_files else 0
 
 
 if __name__ == "__main__":

@@ -78,6 +78,11 @@ def main(argv=None) -> int:
         if v:
             spread[k] = max(v) / min(v)
             print(f"{k}: per-parameter time varies {spread[k]:.2f}x across widths (max/min)")
+    checks = [r["check"] for w in widths for r in runs[w].get("ours", []) if "check" in r]
+    bad_files = [c["summary"] for c in checks if not c["passed"]]
+    if checks:
+        print(f"files of save_distill_model checked after each run: {len(checks) - len(bad_files)}/{len(checks)} passed"
+              + (f"; first failure: {bad_files[0]}" if bad_files else ""))
     out = {"widths": widths, "repeats": repeats, "threads": a.threads, "machine": info, "rows": rows,
            "per_param_time_spread": spread, "runs": {str(w): v for w, v in all_runs.items()}}
     if not a.smoke:
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(out, indent=2))
         print(f"wrote {path}")
     failed = any("error" in m for r in rows for m in r["median"].values())
-    return 1 if failed and a.smoke else 0
+    return 1 if (failed and a.smoke) or bad_files else 0
 
 
 if __name__ == "__main__":

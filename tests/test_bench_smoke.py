@@ -29,6 +29,8 @@ def test_export_bench_runs_all_three_exporters(tmp_path, capsys):
     assert any(n.endswith("_deploy_model.onnx") for n in ours_files)
     assert any(n.endswith("_fake_quant_model.onnx") for n in ours_files)
     assert "qdq.onnx" in res["runs"]["ort"][0]["files"]
+    check = res["runs"]["ours"][0]["check"]
+    assert check["checks"] == "verify" and check["passed"], check
 
 
 def test_export_bench_rejects_unknown_kind():
