@@ -43,6 +43,12 @@ def export_table(res: dict) -> str:
     if st:
         lines += ["", "save_distill_model by stage (median): " + "; ".join(
             f"{s} {v['seconds']:.2f} s, +{v['added_mb']:.0f} MB" for s, v in st.items())]
+    checks = [r["check"] for r in res.get("runs", {}).get("ours", []) if "check" in r]
+    if checks:
+        passed = sum(c["passed"] for c in checks)
+        line = f"Files of save_distill_model, checked after each run ({checks[0]['checks']}): {passed}/{len(checks)} passed"
+        failed = [c["summary"] for c in checks if not c["passed"]]
+        lines += ["", line + (f"; {failed[0]}" if failed else ".")]
     if "ort_calibrate_s" in med.get("ort", {}):
         lines += ["", f"ORT's calibration that produced the fixed scales (2 batches; not in the ORT row): "
                       f"{med['ort']['ort_calibrate_s']:.2f} s."]
