@@ -166,6 +166,25 @@ class _Reader:
 VERIFY_MAX_WEIGHT_BYTES = 1 << 30
 
 
+def verify_figures(report: dict) -> dict:
+    """The figures of a verify report that say where a difference comes from: each output's SQNR and
+    cosine per ONNX Runtime optimization level, the layers' worst local figures (torch layer fed ONNX
+    Runtime's own input), and the verdicts of preflight and the deploy simulation."""
+    par = report.get("parity") or {}
+    local = [l["local"] for l in par.get("layers", []) if l.get("local")]
+    steps = [v["max_error_steps"] for v in local if v.get("max_error_steps") is not None]
+    return {
+        "outputs": [{"name": o["name"], "opt_level": o["opt_level"], "sqnr_db": o["figures"].get("sqnr_db"),
+                     "cosine": o["figures"].get("cosine"), "argmax_agreement": o["figures"].get("argmax_agreement")}
+                    for o in par.get("outputs", [])],
+        "layers": len(par.get("layers", [])),
+        "min_local_sqnr_db": min((v["sqnr_db"] for v in local), default=None),
+        "max_local_error_steps": max(steps, default=None),
+        "preflight_ok": (report.get("preflight") or {}).get("ok"),
+        "deploy_simulation_ok": (report.get("deploy_simulation") or {}).get("ok"),
+    }
+
+
 def check_files(qat, x, prefix: Path, weight_bytes: int) -> dict:
     """Check the files save_distill_model wrote: ``amct_core.verify`` (preflight, deploy simulation,
     torch parity) below ``VERIFY_MAX_WEIGHT_BYTES`` of weights; above it, preflight of the deploy
@@ -178,7 +197,8 @@ def check_files(qat, x, prefix: Path, weight_bytes: int) -> dict:
     fq, dep = Path(f"{prefix}_fake_quant_model.onnx"), Path(f"{prefix}_deploy_model.onnx")
     if weight_bytes < VERIFY_MAX_WEIGHT_BYTES:
         report, _ = verify(deploy=dep, fake_quant=fq, torch_model=qat, inputs=(x,))
-        return {"checks": "verify", "passed": report["verdict"] == "pass", "summary": report["summary"]}
+        return {"checks": "verify", "passed": report["verdict"] == "pass", "summary": report["summary"],
+                "figures": verify_figures(report)}
     p = preflight(dep)
     try:
         onnx.checker.check_model(str(fq), full_check=True)

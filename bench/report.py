@@ -47,8 +47,17 @@ def export_table(res: dict) -> str:
     if checks:
         passed = sum(c["passed"] for c in checks)
         line = f"Files of save_distill_model, checked after each run ({checks[0]['checks']}): {passed}/{len(checks)} passed"
-        failed = [c["summary"] for c in checks if not c["passed"]]
-        lines += ["", line + (f"; {failed[0]}" if failed else ".")]
+        failed = [c for c in checks if not c["passed"]]
+        lines += ["", line + (f"; {failed[0]['summary']}" if failed else ".")]
+        f = failed[0].get("figures") if failed else None
+        if f:
+            outs = ", ".join(f"{o['name']} ({o['opt_level']}): SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}"
+                             + (f", arg-max agreement {o['argmax_agreement']:.2f}" if o.get("argmax_agreement") is not None
+                                else "") for o in f["outputs"])
+            lines += ["", f"Figures of that run: outputs {outs}; {f['layers']} layers, worst local SQNR "
+                          f"{f['min_local_sqnr_db']:.1f} dB, worst local error {f['max_local_error_steps']:.2f} steps; "
+                          f"preflight {'passed' if f['preflight_ok'] else 'failed'}, deploy simulation "
+                          f"{'passed' if f['deploy_simulation_ok'] else 'failed'}."]
     if "ort_calibrate_s" in med.get("ort", {}):
         lines += ["", f"ORT's calibration that produced the fixed scales (2 batches; not in the ORT row): "
                       f"{med['ort']['ort_calibrate_s']:.2f} s."]
