@@ -30,6 +30,18 @@ def session_dir() -> Path:
     return _SESSION_DIR
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The machine is shared: one torch thread for a module's tests, restored afterwards. A module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(session_dir):
     """One real `prefect server` for the session (SQLite in its own PREFECT_HOME), on a free port."""

@@ -13,15 +13,7 @@ import amct_core
 from amct_core.distill import DistillError, DistillSampleBase, calibrate_distill_model
 from amct_core.errors import AmctError, ConfigError
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one torch thread for these tests, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- models ----------------------------------------------------------------------------------

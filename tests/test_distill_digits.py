@@ -14,15 +14,7 @@ import torch
 
 from examples import digits
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one torch thread for these tests, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])

@@ -29,13 +29,7 @@ CASES = [pytest.param(m, s, t, o, id=f"{m}-{s}-{t}-opset{o}") for m in ZOO for s
 CASE = "name,state,target,opset"
 OTHER_BATCH = 3  # the files are exported at batch 2; every run uses batch 3 (the dynamic axis)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass(frozen=True)
