@@ -6,13 +6,14 @@ its inputs and outputs (every one with a dynamic batch axis), and what the disti
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tests.models import EncoderBlock
 
 
 def randomize_bns(model: nn.Module, seed: int) -> nn.Module:
@@ -245,34 +246,9 @@ class UNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# transformer encoders: BERT (token ids) and ViT (patches)
+# transformer encoders: BERT (token ids) and ViT (patches), on tests.models.EncoderBlock (pre-LN;
+# Q, K and V Linear layers on one [B, T, D] input, V without bias; GELU MLP; residual adds)
 # ---------------------------------------------------------------------------------------------
-class EncoderBlock(nn.Module):
-    """Post-LN encoder block: Q, K and V Linear layers on one [B, T, D] input, attention, output
-    projection, residual adds, LayerNorm, GELU MLP."""
-
-    def __init__(self, d: int, heads: int, ff: int):
-        super().__init__()
-        self.heads = heads
-        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.attn_out = nn.Linear(d, d)
-        self.ln1 = nn.LayerNorm(d)
-        self.ff_in, self.ff_out = nn.Linear(d, ff), nn.Linear(ff, d)
-        self.ln2 = nn.LayerNorm(d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        hd = d // self.heads
-
-        def split(z):
-            return z.reshape(b, t, self.heads, hd).transpose(1, 2)
-
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)
-        x = self.ln1(x + self.attn_out((att @ v).transpose(1, 2).reshape(b, t, d)))
-        return self.ln2(x + self.ff_out(F.gelu(self.ff_in(x))))
-
-
 class Bert(nn.Module):
     """Token and position embeddings, two encoder blocks, a tanh pooler on the first token (Gemm) and
     a classifier."""
