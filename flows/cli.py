@@ -102,6 +102,9 @@ def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="overrides of amct_core.verify.Tolerances, e.g. '{\"output_cosine_min\": 0.999, \"layer_sqnr_min_db\": 30}'")
     g.add_argument("--mlflow-experiment", default=None, help="MLflow experiment (default amct-export)")
     g.add_argument("--mlflow-tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    g.add_argument("--mlflow-artifact-location", default=None, metavar="DIR_OR_URI",
+                   help="where a new experiment keeps its artifacts (default: beside a SQLite database, "
+                        "<its directory>/mlruns; on a tracking server, the server's artifact root)")
     g.add_argument("--registered-model-name", default=None, help="register the logged fake-quant model under this name")
     g.add_argument("--mlflow-retries", type=int, default=None, help="retries of the logging task (default 3)")
     g.add_argument("--mlflow-retry-delay-seconds", type=float, default=None, help="first retry delay, doubled each time (default 2)")
@@ -114,7 +117,7 @@ def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 RUN_KEYS = ("checkpoint", "model", "model_kwargs", "distill_config", "input_shape", "input_dtype", "output_dir", "name",
             "record_file", "target", "opset", "input_names", "output_names", "dynamic_axes", "parity_tolerances",
-            "mlflow_experiment", "mlflow_tracking_uri", "registered_model_name", "mlflow_retries",
+            "mlflow_experiment", "mlflow_tracking_uri", "mlflow_artifact_location", "registered_model_name", "mlflow_retries",
             "mlflow_retry_delay_seconds", "seed", "force")
 
 
@@ -336,6 +339,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         output_dir=str(out / "export"), name="digits", record_file=None, target=a.target, opset=None,
         input_names=["input"], output_names=["output"], dynamic_axes={"input": [0], "output": [0]},
         parity_tolerances=None, mlflow_experiment=a.mlflow_experiment, mlflow_tracking_uri=a.mlflow_tracking_uri,
+        mlflow_artifact_location=None,
         registered_model_name=a.registered_model_name, mlflow_retries=None, mlflow_retry_delay_seconds=None,
         seed=None, force=None, json=False,
     )

@@ -141,6 +141,12 @@ def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
     out["output_dir"] = str(od.resolve())
     if not isinstance(p["mlflow_experiment"], str) or not p["mlflow_experiment"].strip():
         raise ParameterError("mlflow_experiment", "must be a non-empty experiment name")
+    loc = p.get("mlflow_artifact_location")
+    if loc is not None:
+        if not isinstance(loc, str) or not loc.strip():
+            raise ParameterError("mlflow_artifact_location", f"must be a directory or an artifact URI, got {loc!r}")
+        if "://" not in loc and not loc.startswith("file:"):
+            out["mlflow_artifact_location"] = str(Path(loc).resolve())
     if p["mlflow_retries"] < 0:
         raise ParameterError("mlflow_retries", f"must be >= 0, got {p['mlflow_retries']}")
     if p["mlflow_retry_delay_seconds"] < 0:
@@ -204,6 +210,7 @@ def distill_export(
     parity_tolerances: Optional[dict[str, Optional[float]]] = None,
     mlflow_experiment: str = "amct-export",
     mlflow_tracking_uri: Optional[str] = None,
+    mlflow_artifact_location: Optional[str] = None,
     registered_model_name: Optional[str] = None,
     force: bool = False,
     seed: int = 0,
@@ -228,6 +235,8 @@ def distill_export(
         parity_tolerances: overrides of amct_core.verify.Tolerances, e.g. {"output_cosine_min": 0.999,
             "layer_sqnr_min_db": 30.0} (docs/VERIFY.md lists them and their defaults).
         mlflow_experiment / mlflow_tracking_uri: where to log (default: MLFLOW_TRACKING_URI or ./mlflow.db).
+        mlflow_artifact_location: where a new experiment keeps its artifacts (default: beside a SQLite
+            database, <its directory>/mlruns; on a tracking server, the server's artifact root).
         registered_model_name: register the logged fake-quant model under this name (new version).
         force: recompute every stage even if its inputs are unchanged.
         seed: seed of the example/parity inputs.
@@ -338,7 +347,8 @@ def distill_export(
     log_task = log_to_mlflow.with_options(retries=mlflow_retries, retry_delay_seconds=delays)
     run_name = f"{name}-{p['target']}-{runtime_flow_run.name or 'local'}"
     log_state = log_task(uri, mlflow_experiment, run_name, params, metrics, tags, artifacts, manifest.path, fq.path,
-                         p["input_shape"], input_dtype, registered_model_name, flow_run_id, return_state=True)
+                         p["input_shape"], input_dtype, registered_model_name, flow_run_id,
+                         p.get("mlflow_artifact_location"), return_state=True)
     if not log_state.is_completed():
         err = log_state.result(raise_on_failure=False)
         attempts = _attempts(err, mlflow_retries + 1)

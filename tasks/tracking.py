@@ -6,7 +6,9 @@
   ``manifest.json``), tags, and the fake-quant model as an MLflow ONNX model (optionally registered).
 
 Tracking URI: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
-in the working directory (MLflow's own default), artifacts in ``./mlruns``.
+in the working directory. Artifacts: an experiment this module creates keeps them where the caller says
+(``artifact_location``), else beside a SQLite database (``<database directory>/mlruns``), else where the
+tracking server puts them; never in the working directory by accident.
 """
 from __future__ import annotations
 
@@ -69,6 +71,44 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     if env:
         return env
     return "sqlite:///" + str(Path.cwd() / "mlflow.db")
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts when the caller does not say: ``mlruns`` beside a SQLite
+    database (MLflow itself would use ``./mlruns`` of the working directory); None (the tracking server's
+    or store's own choice) for any other URI."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlruns").as_uri()
+
+
+def _location_uri(location: str) -> str:
+    """A local path as a file URI; any URI (``file:``, ``s3:``, ``mlflow-artifacts:``, ...) as given."""
+    return location if "://" in location or location.startswith("file:") else Path(location).resolve().as_uri()
+
+
+def _experiment(mlflow, name: str, tracking_uri: str, artifact_location: str | None):
+    """The experiment ``name``, created with its artifact location if it does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        wanted = _location_uri(artifact_location) if artifact_location else default_artifact_location(tracking_uri)
+        try:
+            mlflow.create_experiment(name, artifact_location=wanted)
+        except MlflowException:
+            if mlflow.get_experiment_by_name(name) is None:  # not a concurrent creation of the same experiment
+                raise
+        exp = mlflow.get_experiment_by_name(name)
+    elif artifact_location and exp.artifact_location.rstrip("/") != _location_uri(artifact_location).rstrip("/"):
+        raise TrackingError(
+            f"experiment {name!r} at {tracking_uri} already keeps its artifacts at {exp.artifact_location}; "
+            f"an artifact location ({artifact_location!r}) applies to new experiments only: omit it, or log to "
+            f"a new experiment")
+    return mlflow.set_experiment(experiment_id=exp.experiment_id)
 
 
 def _mlflow(tracking_uri: str):
@@ -188,27 +228,30 @@ def _signature(fake_quant_path: str, example_shape: list, dtype):
 def log_to_mlflow(tracking_uri: str | None, experiment: str, run_name: str, params: dict, metrics: dict, tags: dict,
                   artifacts: dict[str, list[str]], manifest_path: str, fake_quant_path: str, example_shape: list,
                   example_dtype: str | list[str], registered_model_name: str | None = None,
-                  flow_run_id: str | None = None) -> TrackingResult:
-    """Log the flow run to MLflow. ``artifacts`` maps a role (see ARTIFACT_DIRS) to local files."""
+                  flow_run_id: str | None = None, artifact_location: str | None = None) -> TrackingResult:
+    """Log the flow run to MLflow. ``artifacts`` maps a role (see ARTIFACT_DIRS) to local files.
+    ``artifact_location``: where the experiment keeps its artifacts if this call creates it (see
+    :func:`default_artifact_location` for the default)."""
     from prefect.runtime import task_run as runtime_task_run
 
     try:
         return _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, manifest_path,
-                    fake_quant_path, example_shape, example_dtype, registered_model_name, flow_run_id)
+                    fake_quant_path, example_shape, example_dtype, registered_model_name, flow_run_id,
+                    artifact_location)
     except TrackingError as e:
         e.attempt = runtime_task_run.run_count  # the flow's final message says how many attempts were made
         raise
 
 
 def _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, manifest_path, fake_quant_path,
-         example_shape, example_dtype, registered_model_name, flow_run_id) -> TrackingResult:
+         example_shape, example_dtype, registered_model_name, flow_run_id, artifact_location=None) -> TrackingResult:
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     mlflow = _mlflow(uri)
     from mlflow.tracking import MlflowClient
 
     try:
-        exp = mlflow.set_experiment(experiment)
+        exp = _experiment(mlflow, experiment, uri, artifact_location)
         with _find_or_start_run(mlflow, exp.experiment_id, flow_run_id, run_name) as run:
             run_id = run.info.run_id
             mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})

@@ -1,6 +1,7 @@
 """Shared fixtures. Prefect never touches ~/.prefect: PREFECT_HOME is a fresh temporary directory for
 the whole session, set before anything imports prefect. Services (Prefect server, MLflow server) are
-started by fixtures in tests/services.py and stopped in their teardown, by PID."""
+started by fixtures in tests/services.py and stopped in their teardown, by PID. The session fails if it
+leaves anything in the repository's working tree (tests/worktree.py), ignored files included."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,32 @@ os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # in-process flows: logs
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(_SESSION_DIR / "hypothesis")  # not ./.hypothesis in the repository
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _worktree_snapshot():
+    from tests import worktree
+
+    return worktree.snapshot(_REPO)
+
+
+_WORKTREE_BEFORE = _worktree_snapshot()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_clean():
+    """Set up before every other fixture, so this check runs after all of them are torn down (services
+    stopped, temporary stores gone): the working tree is as the session found it."""
+    yield
+    if _WORKTREE_BEFORE is None:
+        return
+    from tests import worktree
+
+    left = worktree.changes(_WORKTREE_BEFORE, _worktree_snapshot())
+    assert not left, ("the test session changed the repository's working tree (tests must write to temporary "
+                      "directories):\n  " + "\n  ".join(left[:40]))
 
 
 def pytest_sessionfinish(session, exitstatus):
