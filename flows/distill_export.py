@@ -307,6 +307,8 @@ def distill_export(
 
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     flow_run_url = runtime_flow_run.ui_url
+    if not (isinstance(flow_run_url, str) and flow_run_url.startswith(("http://", "https://"))):
+        flow_run_url = None  # no UI (Prefect's ephemeral API): Prefect would give "None/flow-runs/..."
     from amct_core.targets import get_target
 
     tgt = get_target(p["target"])
@@ -333,7 +335,8 @@ def distill_export(
                "deploy-build": dp.seconds, "parity": par.seconds}
     metrics.update({f"stage_compute_seconds.{k}": v for k, v in compute.items()})
     tags = {
-        "target": tgt.name, "soc_family": tgt.soc_family[0], "checkpoint.sha256": ck.sha256,
+        "target": tgt.name, "soc_family": ",".join(tgt.soc_family), "atc_soc_version": tgt.soc_family[0],
+        "checkpoint.sha256": ck.sha256,
         "prefect.flow_run_url": flow_run_url, "prefect.flow_run_name": runtime_flow_run.name,
         "parity": "pass" if par.passed else "fail",
         "cached_stages": ",".join(k for k, v in states.items() if v == "Cached") or "none",

@@ -130,27 +130,46 @@ def test_run_exports_and_bad_target_exits_2(prefect_api, cnn_checkpoint, tmp_pat
     assert "--soc_version=Ascend950" in manifest["atc_command"]
 
 
-@pytest.mark.integration
-def test_embedded_defaults_ephemeral_prefect_and_sqlite_mlflow_in_the_working_directory(cnn_checkpoint, tmp_path):
-    """No PREFECT_API_URL, no MLFLOW_TRACKING_URI: Prefect's ephemeral API, ./mlflow.db and ./mlruns."""
-    env = services.base_env(tmp_path / "prefect-home", PYTHONPATH=str(services.REPO))
+@pytest.fixture(scope="module")
+def embedded(cnn_checkpoint, tmp_path_factory):
+    """`amct-export run` with no PREFECT_API_URL and no MLFLOW_TRACKING_URI, in an empty working directory."""
+    cwd = tmp_path_factory.mktemp("embedded")
+    env = services.base_env(cwd.parent / f"{cwd.name}-prefect-home", PYTHONPATH=str(services.REPO))
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     args = ["run", "--checkpoint", cnn_checkpoint.checkpoint, "--model", "tests.models:build", "--model-kwargs",
             '{"name": "cnn"}', "--distill-config", cnn_checkpoint.distill_config, "--input-shape", "1,3,16,16",
             "--name", "emb"]
-    r = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=tmp_path, env=env,
+    r = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
                        timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == cli.EXIT_OK, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "temporary server" in (r.stdout + r.stderr).lower()  # Prefect's ephemeral API
-    assert (tmp_path / "out" / "emb_deploy_model.onnx").is_file()  # default output_dir ./out
-    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
-    assert "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    return r, cwd
+
+
+def _embedded_run(cwd):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["amct-export"], output_format="list")
-    assert len(runs) == 1 and runs[0].data.params["target"] == "A2"
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.integration
+def test_embedded_defaults_ephemeral_prefect_and_sqlite_mlflow_in_the_working_directory(embedded):
+    """No PREFECT_API_URL, no MLFLOW_TRACKING_URI: Prefect's ephemeral API, ./mlflow.db and ./mlruns."""
+    r, cwd = embedded
+    assert "temporary server" in (r.stdout + r.stderr).lower()  # Prefect's ephemeral API
+    assert (cwd / "out" / "emb_deploy_model.onnx").is_file()  # default output_dir ./out
+    assert (cwd / "mlflow.db").is_file() and (cwd / "mlruns").is_dir()
+    assert "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    assert _embedded_run(cwd).data.params["target"] == "A2"
+
+
+@pytest.mark.integration
+def test_a_run_on_the_ephemeral_api_has_no_prefect_ui_link(embedded):
+    tags = _embedded_run(embedded[1]).data.tags
+    assert tags["prefect.flow_run_id"] and "prefect.flow_run_url" not in tags
 
 
 @pytest.mark.integration

@@ -52,6 +52,15 @@ def test_run_has_params_metrics_and_tags(logged, mlflow_server):
     assert t["prefect.flow_run_id"] and t["prefect.flow_run_url"].endswith(t["prefect.flow_run_id"])
 
 
+def test_soc_family_tag_lists_the_targets_socs_as_the_param_does(logged, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(mlflow_server.url).get_run(logged[0]["mlflow_run_id"])
+    t, p = run.data.tags, run.data.params
+    assert t["soc_family"] == p["soc_family"] and t["soc_family"].split(",")[:2] == ["Ascend910B1", "Ascend910B2"]
+    assert t["atc_soc_version"] == "Ascend910B1"
+
+
 def test_checkpoint_hash_tag_matches_the_file(logged, mlflow_server, cnn_checkpoint):
     from mlflow.tracking import MlflowClient
 
