@@ -34,7 +34,7 @@ examples:
 
 Without configuration the flow runs on Prefect's ephemeral API and logs to ./mlflow.db; set
 PREFECT_API_URL and MLFLOW_TRACKING_URI (or --mlflow-tracking-uri) to use real servers.
-See the MLflow UI with:  mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)
+See the MLflow UI with:  {mlflow} ui --backend-store-uri sqlite:///mlflow.db --port 5000  (then http://127.0.0.1:5000)
 
 exit codes: 0 ok, 1 stage failed, 2 bad arguments/parameters, 3 MLflow logging failed (files kept),
 4 parity failed, 5 invalid record file / unreadable model
@@ -143,6 +143,23 @@ def _collect_params(a: argparse.Namespace) -> dict:
     return params
 
 
+def tool(name: str) -> str:
+    """How to type the command ``name`` installed beside this Python: bare when the shell finds that one,
+    else its path (relative when under the working directory, e.g. ``.venv/bin/mlflow``)."""
+    import shutil
+
+    exe = Path(sys.executable).parent / name
+    if not exe.exists():
+        return name
+    found = shutil.which(name)
+    if found and Path(found).resolve() == exe.resolve():
+        return name
+    try:
+        return str(exe.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe.absolute())
+
+
 def _usage_error(msg: str) -> int:
     print(f"amct-export: error: {msg}", file=sys.stderr)
     return EXIT_USAGE
@@ -189,7 +206,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             print(f"MLflow run       : {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
             uri = summary["mlflow_tracking_uri"]
             if not uri.startswith(("http://", "https://")):
-                print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then {summary['mlflow_run_url']}")
+                print(f"open the MLflow UI: {tool('mlflow')} ui --backend-store-uri {uri} --port 5000, "
+                      f"then {summary['mlflow_run_url']}")
             else:
                 print(f"open: {summary['mlflow_run_url']}")
         return EXIT_OK
@@ -368,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="amct-export",
         description="Export distilled checkpoints to Ascend-ready int8 ONNX (fake-quant + deploy), check them, "
                     "track them in MLflow. Runs the Prefect flow 'distill-export' locally.",
-        epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=MAIN_EPILOG.replace("{mlflow}", tool("mlflow")), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("run", help="run the distill-export flow on a checkpoint",

@@ -138,6 +138,15 @@ def start_mlflow_server(root: Path, port: int | None = None, timeout: float = 90
     return svc
 
 
+def start_mlflow_ui(argv: list[str], cwd: Path, log_path: Path, timeout: float = 90.0) -> Service:
+    """A ``mlflow ui ...`` command line as a user types it (``--port`` must be in it); waits for /health."""
+    port = argv[argv.index("--port") + 1]
+    svc = Service("mlflow ui", _spawn("mlflow-ui", argv, log_path, base_env(), cwd), log_path,
+                  url=f"http://127.0.0.1:{port}")
+    wait_http(svc.url + "/health", svc, timeout)
+    return svc
+
+
 def restart_mlflow_server(old: Service, timeout: float = 90.0) -> Service:
     """Start a server on the same port and stores as ``old`` (which must be stopped)."""
     return start_mlflow_server(old.extra["root"], old.extra["port"], timeout)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -162,7 +163,6 @@ def test_embedded_defaults_ephemeral_prefect_and_sqlite_mlflow_in_the_working_di
     assert "temporary server" in (r.stdout + r.stderr).lower()  # Prefect's ephemeral API
     assert (cwd / "out" / "emb_deploy_model.onnx").is_file()  # default output_dir ./out
     assert (cwd / "mlflow.db").is_file() and (cwd / "mlruns").is_dir()
-    assert "mlflow ui --backend-store-uri sqlite:///" in r.stdout
     assert _embedded_run(cwd).data.params["target"] == "A2"
 
 
@@ -170,6 +170,23 @@ def test_embedded_defaults_ephemeral_prefect_and_sqlite_mlflow_in_the_working_di
 def test_a_run_on_the_ephemeral_api_has_no_prefect_ui_link(embedded):
     tags = _embedded_run(embedded[1]).data.tags
     assert tags["prefect.flow_run_id"] and "prefect.flow_run_url" not in tags
+
+
+@pytest.mark.integration
+def test_the_printed_mlflow_ui_command_runs_as_typed_and_shows_the_run(embedded, tmp_path):
+    r, cwd = embedded
+    line = next(l for l in r.stdout.splitlines() if l.startswith("open the MLflow UI: "))
+    argv = shlex.split(line[len("open the MLflow UI: "):].split(", then ")[0])
+    assert argv[1:3] == ["ui", "--backend-store-uri"]
+    argv[argv.index("--port") + 1] = str(services.free_port())  # the one change: a port free on this machine
+    ui = services.start_mlflow_ui(argv, cwd, tmp_path / "mlflow-ui.log")
+    try:
+        exp = services.api_json(f"{ui.url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=amct-export")
+        runs = services.api_json(f"{ui.url}/api/2.0/mlflow/runs/search",
+                                 {"experiment_ids": [exp["experiment"]["experiment_id"]]})
+        assert [x["info"]["run_id"] for x in runs["runs"]] == [_embedded_run(cwd).info.run_id]
+    finally:
+        ui.stop()
 
 
 @pytest.mark.integration
