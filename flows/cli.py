@@ -169,7 +169,7 @@ def _classify(exc: BaseException | None) -> int:
     from prefect.exceptions import ParameterTypeError
 
     from flows.distill_export import LoggingFailed, ParityFailed
-    from tasks._common import ParameterError
+    from tasks._params import ParameterError
 
     if exc is None:
         return EXIT_FAILED
@@ -182,8 +182,24 @@ def _classify(exc: BaseException | None) -> int:
     return EXIT_FAILED
 
 
+def check_parameters(params: dict) -> int:
+    """The flow's own parameter rules (flows/parameters.py), before any flow starts: a bad parameter costs
+    about a second and one line naming it, not a Prefect start and tracebacks."""
+    from flows.parameters import flow_defaults, validate_parameters
+    from tasks._params import ParameterError
+
+    try:
+        validate_parameters({**flow_defaults(), **params})
+    except ParameterError as e:
+        return _usage_error(str(e))
+    return EXIT_OK
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     params = _collect_params(a)
+    rc = check_parameters(params)
+    if rc != EXIT_OK:
+        return rc
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.distill_export import distill_export

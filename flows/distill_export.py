@@ -21,11 +21,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run as runtime_flow_run
 
-from tasks._common import ModelSpec, ParameterError, import_callable, input_list, peak_rss_mb, sha256_file
-from tasks.checkpoint import is_mlflow_uri, load_checkpoint
+from flows.parameters import validate_parameters
+from tasks._common import ModelSpec, import_callable, peak_rss_mb, sha256_file
+from tasks.checkpoint import load_checkpoint
 from tasks.export import deploy_build, fake_quant_build, record, trace
 from tasks.manifest import versions, write_manifest
-from tasks.parity import known_tolerance_keys, parity
+from tasks.parity import parity
 
 FLOW_NAME = "distill-export"
 HEAVY_STAGES = ("trace", "record", "fake-quant-build", "deploy-build", "parity")
@@ -37,121 +38,6 @@ class ParityFailed(RuntimeError):
 
 class LoggingFailed(RuntimeError):
     """MLflow logging failed after its retries; the exported files are on disk."""
-
-
-# ---- parameters ---------------------------------------------------------------------------------
-
-def _names(value, parameter: str) -> list[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(n, str) and n for n in value):
-        raise ParameterError(parameter, f"must be a non-empty list of non-empty strings, got {value!r}")
-    if len(set(value)) != len(value):
-        raise ParameterError(parameter, f"has duplicate names: {value!r}")
-    return list(value)
-
-
-def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
-    """Check every parameter before any work; raise ParameterError naming the first bad one."""
-    from amct_core.errors import TargetError
-    from amct_core.targets import check_opset, get_target
-
-    out = dict(p)
-    ck = p["checkpoint"]
-    if not isinstance(ck, str) or not ck.strip():
-        raise ParameterError("checkpoint", "is required: a file path or an MLflow URI ('runs:/<id>/<path>', 'models:/<name>/<version>')")
-    if not is_mlflow_uri(ck):
-        if not Path(ck).is_file():
-            raise ParameterError("checkpoint", f"{ck!r} does not exist (give a file path, or an MLflow URI such as "
-                                               f"'runs:/<run_id>/<path>' or 'models:/<name>/<version>')")
-        out["checkpoint"] = str(Path(ck).resolve())
-    try:
-        tgt = get_target(p["target"])
-    except TargetError as e:
-        raise ParameterError("target", str(e)) from None
-    out["target"] = tgt.name
-    try:
-        check_opset(tgt, p["opset"])
-    except TargetError as e:
-        raise ParameterError("opset", str(e)) from None
-    import_callable(p["model"], "model")
-    kw = p.get("model_kwargs") or {}
-    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
-        raise ParameterError("model_kwargs", f"must be a JSON object of keyword arguments, got {kw!r}")
-    out["model_kwargs"] = kw
-    if p.get("distill_config"):
-        dc = Path(p["distill_config"])
-        if not dc.is_file():
-            raise ParameterError("distill_config", f"{str(dc)!r} does not exist")
-        try:
-            json.loads(dc.read_text())
-        except json.JSONDecodeError as e:
-            raise ParameterError("distill_config", f"{str(dc)!r} is not valid JSON: {e}") from None
-        out["distill_config"] = str(dc.resolve())
-    inputs = input_list(p["input_shape"], p["input_dtype"])
-    out["input_names"] = _names(p.get("input_names"), "input_names")
-    out["output_names"] = _names(p.get("output_names"), "output_names")
-    if out["input_names"] is not None and len(out["input_names"]) != len(inputs):
-        raise ParameterError("input_names", f"gives {len(out['input_names'])} name(s) for {len(inputs)} input(s) "
-                                            f"(input_shape {p['input_shape']!r}): {out['input_names']!r}")
-    ranks = dict(zip(out["input_names"] or [], [len(s) for s, _ in inputs]))
-    axes = p.get("dynamic_axes")
-    if axes is not None:
-        known = (out["input_names"] or []) + (out["output_names"] or [])
-        if not isinstance(axes, dict):
-            raise ParameterError("dynamic_axes", f"must be an object like {{\"input\": [0]}}, got {axes!r}")
-        for n, ax in axes.items():
-            if n not in known:
-                raise ParameterError("dynamic_axes", f"names {n!r}, which is not in input_names/output_names {known}")
-            idx = list(ax) if isinstance(ax, (list, tuple)) else list(ax.keys()) if isinstance(ax, dict) else None
-            if idx is None:
-                raise ParameterError("dynamic_axes", f"[{n!r}] must be a list of axes or an object axis -> name, got {ax!r}")
-            try:
-                idx = [int(a) for a in idx]
-            except (TypeError, ValueError):
-                raise ParameterError("dynamic_axes", f"[{n!r}] axes must be ints, got {ax!r}") from None
-            if n in ranks and any(not 0 <= a < ranks[n] for a in idx):
-                raise ParameterError("dynamic_axes", f"[{n!r}] = {idx} is out of range for an input of rank {ranks[n]}")
-        # JSON object keys are strings: give amct_core int axes.
-        out["dynamic_axes"] = {n: ([int(a) for a in ax] if isinstance(ax, (list, tuple)) else {int(k): str(v) for k, v in ax.items()})
-                               for n, ax in axes.items()}
-    if p.get("record_file"):
-        rf = Path(p["record_file"])
-        if not rf.is_file():
-            raise ParameterError("record_file", f"{str(rf)!r} does not exist (omit it to write the record from the model)")
-        out["record_file"] = str(rf.resolve())
-    tol = p.get("parity_tolerances") or {}
-    if not isinstance(tol, dict):
-        raise ParameterError("parity_tolerances", f"must be an object, got {tol!r}")
-    unknown = sorted(set(tol) - known_tolerance_keys())
-    if unknown:
-        raise ParameterError("parity_tolerances", f"unknown key(s) {unknown}; known: {sorted(known_tolerance_keys())}")
-    for k, v in tol.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ParameterError("parity_tolerances", f"[{k!r}] must be a number or null, got {v!r}")
-    name = p["name"]
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ParameterError("name", f"must be a file-name prefix without '/', got {name!r}")
-    od = Path(p["output_dir"])
-    probe = od.resolve()
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ParameterError("output_dir", f"{str(od)!r} cannot be created: {str(probe)!r} is not a directory")
-    out["output_dir"] = str(od.resolve())
-    if not isinstance(p["mlflow_experiment"], str) or not p["mlflow_experiment"].strip():
-        raise ParameterError("mlflow_experiment", "must be a non-empty experiment name")
-    loc = p.get("mlflow_artifact_location")
-    if loc is not None:
-        if not isinstance(loc, str) or not loc.strip():
-            raise ParameterError("mlflow_artifact_location", f"must be a directory or an artifact URI, got {loc!r}")
-        if "://" not in loc and not loc.startswith("file:"):
-            out["mlflow_artifact_location"] = str(Path(loc).resolve())
-    if p["mlflow_retries"] < 0:
-        raise ParameterError("mlflow_retries", f"must be >= 0, got {p['mlflow_retries']}")
-    if p["mlflow_retry_delay_seconds"] < 0:
-        raise ParameterError("mlflow_retry_delay_seconds", f"must be >= 0, got {p['mlflow_retry_delay_seconds']}")
-    return out
 
 
 def model_source_sha256(model_ref: str) -> str:

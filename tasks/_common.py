@@ -7,8 +7,6 @@ rebuild is memoised per process, so a flow that runs its stages in one process b
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import resource
@@ -22,16 +20,10 @@ from typing import Any, Iterator
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
+from ._params import DTYPES, ParameterError, import_callable, input_list, make_float_model  # noqa: F401 (re-exported)
+
 CHUNK = 1 << 20
 MEMO_MIN_BYTES = 64 << 20
-
-
-class ParameterError(ValueError):
-    """A flow parameter is invalid; the message starts with the parameter's name."""
-
-    def __init__(self, parameter: str, message: str):
-        self.parameter = parameter
-        super().__init__(f"parameter {parameter!r}: {message}")
 
 
 _SHA_MEMO: dict[tuple, str] = {}
@@ -195,9 +187,6 @@ def stage_cache(*outputs: str) -> CachePolicy:
 
 # ---- the model ---------------------------------------------------------------------------------
 
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8")
-
-
 @dataclass
 class ModelSpec:
     """Everything needed to rebuild the distilled torch model, as plain values."""
@@ -209,63 +198,6 @@ class ModelSpec:
     input_shape: list = field(default_factory=list)  # [1, 3, 8, 8], or one shape per input: [[1, 3, 8, 8], [1, 4]]
     input_dtype: str | list[str] = "float32"  # one dtype, or one per input
     seed: int = 0
-
-
-def import_callable(ref: str, parameter: str = "model"):
-    """Resolve ``package.module:callable`` (or ``file.py:callable``) without touching any checkpoint."""
-    if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ParameterError(parameter, f"{ref!r} must look like 'package.module:callable' (or 'path/file.py:callable')")
-    mod_name, attr = ref.split(":")
-    if not mod_name or not attr:
-        raise ParameterError(parameter, f"{ref!r} must look like 'package.module:callable'")
-    try:
-        if mod_name.endswith(".py") or os.sep in mod_name:
-            path = Path(mod_name).resolve()
-            if not path.is_file():
-                raise ParameterError(parameter, f"{ref!r}: file {str(path)!r} does not exist")
-            name = "amct_user_model_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-            module = sys.modules.get(name)
-            if module is None:
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.append(os.getcwd())
-            module = importlib.import_module(mod_name)
-    except ParameterError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ParameterError(parameter, f"{ref!r}: module {mod_name!r} does not import: {type(e).__name__}: {e}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ParameterError(parameter, f"{ref!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ParameterError(parameter, f"{ref!r}: {attr!r} is not callable")
-    return obj
-
-
-def input_list(shape, dtype) -> list[tuple[list[int], str]]:
-    """[(shape, dtype)] per model input from ``input_shape`` (one shape or a list of shapes) and ``input_dtype``
-    (one dtype for all, or one per input). Raises ParameterError naming the parameter."""
-    if isinstance(shape, (list, tuple)) and shape and all(isinstance(s, (list, tuple)) for s in shape):
-        shapes = [list(s) for s in shape]
-    else:
-        shapes = [list(shape) if isinstance(shape, (list, tuple)) else shape]
-    for s in shapes:
-        if not isinstance(s, list) or not s or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s):
-            raise ParameterError("input_shape", f"must be a non-empty list of positive ints such as [1, 1, 8, 8] "
-                                                f"(or a list of such lists, one per input), got {shape!r}")
-    dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
-    if len(dtypes) != len(shapes):
-        raise ParameterError("input_dtype", f"gives {len(dtypes)} dtypes for {len(shapes)} inputs: {dtype!r}")
-    for d in dtypes:
-        if d not in DTYPES:
-            raise ParameterError("input_dtype", f"{d!r} is not one of {list(DTYPES)}")
-    return list(zip(shapes, dtypes))
 
 
 def example_input(shape: list[int], dtype: str, seed: int = 0):
@@ -322,21 +254,13 @@ def build_model(spec: ModelSpec):
 
     Raises ParameterError naming 'model', 'model_kwargs', 'distill_config' or 'checkpoint'.
     """
-    import torch
-
     key = spec_key(spec)
     if key in _MODELS:
         return _MODELS[key]
     from amct_core import create_distill_config, create_distill_model
     from amct_core.errors import AmctError
 
-    factory = import_callable(spec.model, "model")
-    try:
-        float_model = factory(**(spec.model_kwargs or {}))
-    except Exception as e:  # noqa: BLE001
-        raise ParameterError("model_kwargs", f"{spec.model}(**{spec.model_kwargs!r}) failed: {type(e).__name__}: {e}") from None
-    if not isinstance(float_model, torch.nn.Module):
-        raise ParameterError("model", f"{spec.model} returned a {type(float_model).__name__}, not a torch.nn.Module")
+    float_model = make_float_model(spec.model, spec.model_kwargs)
     float_model.eval()
     x = spec_inputs(spec)
     cfg = spec.distill_config

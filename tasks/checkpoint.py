@@ -8,12 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ._common import ModelSpec, ParameterError, build_model, measured, sha256_file
-
-MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-
-
-def is_mlflow_uri(checkpoint: str) -> bool:
-    return str(checkpoint).startswith(MLFLOW_SCHEMES)
+from ._params import MLFLOW_SCHEMES, is_mlflow_uri  # noqa: F401 (re-exported)
 
 
 @dataclass

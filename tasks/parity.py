@@ -35,14 +35,6 @@ class ParityResult:
         return all(f.intact() for f in self.files)
 
 
-def known_tolerance_keys() -> set[str]:
-    from dataclasses import fields
-
-    from amct_core.verify import Tolerances
-
-    return {f.name for f in fields(Tolerances)}
-
-
 def _num(v):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 

@@ -22,6 +22,11 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(_SESSION_DIR / "hypothesis")  # not ./.hypothesis in the repository
 
+# Prefect sets up its log handlers when its main API is first imported, bound to the sys.stderr of that
+# moment. Import it now, with the session's stderr, not inside a test whose captured stderr (capsys) is
+# closed when the test ends (a later flow run would then log to a closed file).
+import prefect.main  # noqa: E402, F401
+
 _REPO = Path(__file__).resolve().parents[1]
 
 

@@ -47,6 +47,31 @@ def test_no_command_and_bad_arguments_exit_2(capsys):
     assert "--checkpoint is required" in capsys.readouterr().err
 
 
+_RUN_AND_REPORT_IMPORTS = ("import sys; from flows import cli; rc = cli.main(sys.argv[1:]); "
+                           "print(sorted(m for m in ('prefect', 'mlflow') if m in sys.modules)); sys.exit(rc)")
+
+
+@pytest.mark.parametrize("flag, value, parameter", [
+    ("--target", "B7", "target"),
+    ("--opset", "30", "opset"),
+    ("--input-shape", "1,3,8,8", "input_shape"),
+    ("--checkpoint", "/no/such/checkpoint.pt", "checkpoint"),
+    ("--dynamic-axes", '{"x": [0]}', "dynamic_axes"),
+    ("--parity-tolerances", '{"nope": 1}', "parity_tolerances"),
+])
+def test_a_bad_run_parameter_exits_2_with_one_line_naming_it_before_any_flow_starts(tmp_path, flag, value, parameter):
+    ck = tmp_path / "student.safetensors"
+    ck.write_bytes(b"")
+    args = ["run", "--checkpoint", str(ck), "--model", "examples.digits:build_model", "--input-shape", "1,1,8,8",
+            "--output-dir", str(tmp_path / "out"), flag, value]
+    r = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT_IMPORTS, *args], capture_output=True, text=True,
+                       cwd=services.REPO, timeout=120)
+    assert r.returncode == cli.EXIT_USAGE, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"amct-export: error: parameter '{parameter}': "), r.stderr
+    assert r.stdout.strip() == "[]"  # neither Prefect (no flow, no temporary server) nor MLflow was loaded
+    assert not (tmp_path / "out").exists()
+
+
 def test_validate_record_ok_and_invalid(exported, capsys):
     rec = exported / "mlp_record.txt"
     assert cli.main(["validate-record", str(rec)]) == cli.EXIT_OK

@@ -1,0 +1,205 @@
+"""The distill-export flow's parameter rules, in one place: the flow checks its parameters with
+:func:`validate_parameters` before any work, and the CLI calls the same function before it starts any flow.
+
+Importable without Prefect, torch or MLflow: the cheap rules run first (files exist, names, shapes,
+numbers), then the ones that need the library (target, opset, tolerances), then the model: its reference
+must import and the float model must run on the example input (built on PyTorch's ``meta`` device, so no
+weights are allocated).
+"""
+from __future__ import annotations
+
+import ast
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tasks._params import (
+    ParameterError,
+    import_callable,
+    input_list,
+    is_mlflow_uri,
+    make_float_model,
+)
+
+FLOW_FILE = Path(__file__).with_name("distill_export.py")
+FLOW_FUNCTION = "distill_export"
+
+
+@lru_cache(maxsize=1)
+def flow_defaults() -> dict[str, Any]:
+    """The flow's parameter defaults, read from its signature in flows/distill_export.py (not imported:
+    that would import Prefect)."""
+    tree = ast.parse(FLOW_FILE.read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == FLOW_FUNCTION)
+    args = fn.args.args
+    return {a.arg: ast.literal_eval(d) for a, d in zip(args[len(args) - len(fn.args.defaults):], fn.args.defaults)}
+
+
+def known_tolerance_keys() -> set[str]:
+    from dataclasses import fields
+
+    from amct_core.verify.tolerances import Tolerances
+
+    return {f.name for f in fields(Tolerances)}
+
+
+def _names(value, parameter: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(n, str) and n for n in value):
+        raise ParameterError(parameter, f"must be a non-empty list of non-empty strings, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ParameterError(parameter, f"has duplicate names: {value!r}")
+    return list(value)
+
+
+def _number(p: dict, key: str, minimum: float, integer: bool = False) -> None:
+    v = p[key]
+    kind = (int,) if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kind) or v < minimum:
+        raise ParameterError(key, f"must be {'an integer' if integer else 'a number'} >= {minimum}, got {v!r}")
+
+
+def _existing_file(p: dict, key: str, what: str) -> str | None:
+    v = p.get(key)
+    if not v:
+        return None
+    f = Path(v)
+    if not f.is_file():
+        raise ParameterError(key, f"{str(f)!r} does not exist{what}")
+    return str(f.resolve())
+
+
+def _dynamic_axes(axes, names: list[str], ranks: dict[str, int]) -> dict | None:
+    if axes is None:
+        return None
+    if not isinstance(axes, dict):
+        raise ParameterError("dynamic_axes", f"must be an object like {{\"input\": [0]}}, got {axes!r}")
+    for n, ax in axes.items():
+        if n not in names:
+            raise ParameterError("dynamic_axes", f"names {n!r}, which is not in input_names/output_names {names}")
+        idx = list(ax) if isinstance(ax, (list, tuple)) else list(ax.keys()) if isinstance(ax, dict) else None
+        if idx is None:
+            raise ParameterError("dynamic_axes", f"[{n!r}] must be a list of axes or an object axis -> name, got {ax!r}")
+        try:
+            idx = [int(a) for a in idx]
+        except (TypeError, ValueError):
+            raise ParameterError("dynamic_axes", f"[{n!r}] axes must be ints, got {ax!r}") from None
+        if n in ranks and any(not 0 <= a < ranks[n] for a in idx):
+            raise ParameterError("dynamic_axes", f"[{n!r}] = {idx} is out of range for an input of rank {ranks[n]}")
+    # JSON object keys are strings: give amct_core int axes.
+    return {n: ([int(a) for a in ax] if isinstance(ax, (list, tuple)) else {int(k): str(v) for k, v in ax.items()})
+            for n, ax in axes.items()}
+
+
+def count_outputs(model_ref: str, model_kwargs: dict, inputs: list[tuple[list[int], str]]) -> int:
+    """How many tensors the float model returns for example inputs of these shapes and dtypes. Runs it on
+    the ``meta`` device (shapes only, no memory); a model that cannot run there is run on the CPU.
+    Raises ParameterError naming 'input_shape' when the model does not accept the inputs."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    def run(device: str) -> int:
+        with torch.device(device), torch.no_grad():
+            model = make_float_model(model_ref, model_kwargs).eval()
+            xs = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in inputs]
+            return sum(isinstance(t, torch.Tensor) for t in tree_leaves(model(*xs)))
+
+    for device in ("meta", "cpu"):  # code that needs real values cannot run on meta tensors: decide on the CPU
+        try:
+            return run(device)
+        except ParameterError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            error = e
+    shapes = "; ".join(f"{s} {d}" for s, d in inputs)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    raise ParameterError("input_shape", f"model {model_ref} does not run on example input(s) of shape {shapes}: "
+                                        f"{type(error).__name__}: {first} (give the shape(s) the model takes, and "
+                                        f"input_dtype if it is not float32)")
+
+
+def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
+    """Check every parameter of the flow (``p`` holds all of them; see :func:`flow_defaults`) and return
+    them normalised (absolute paths, int axes); raise ParameterError naming the first
+    bad one. Cheap rules first; the model is imported and run last."""
+    out = dict(p)
+    ck = p["checkpoint"]
+    if not isinstance(ck, str) or not ck.strip():
+        raise ParameterError("checkpoint", "is required: a file path or an MLflow URI ('runs:/<id>/<path>', "
+                                           "'models:/<name>/<version>')")
+    if not is_mlflow_uri(ck):
+        out["checkpoint"] = _existing_file(p, "checkpoint", " (give a file path, or an MLflow URI such as "
+                                                            "'runs:/<run_id>/<path>' or 'models:/<name>/<version>')")
+    name = p["name"]
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ParameterError("name", f"must be a file-name prefix without '/', got {name!r}")
+    od = Path(p["output_dir"])
+    probe = od.resolve()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ParameterError("output_dir", f"{str(od)!r} cannot be created: {str(probe)!r} is not a directory")
+    out["output_dir"] = str(od.resolve())
+    inputs = input_list(p["input_shape"], p["input_dtype"])
+    out["input_names"] = _names(p.get("input_names"), "input_names")
+    out["output_names"] = _names(p.get("output_names"), "output_names")
+    if out["input_names"] is not None and len(out["input_names"]) != len(inputs):
+        raise ParameterError("input_names", f"gives {len(out['input_names'])} name(s) for {len(inputs)} input(s) "
+                                            f"(input_shape {p['input_shape']!r}): {out['input_names']!r}")
+    kw = p.get("model_kwargs") or {}
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        raise ParameterError("model_kwargs", f"must be a JSON object of keyword arguments, got {kw!r}")
+    out["model_kwargs"] = kw
+    if p.get("distill_config"):
+        out["distill_config"] = _existing_file(p, "distill_config", "")
+        try:
+            json.loads(Path(out["distill_config"]).read_text())
+        except json.JSONDecodeError as e:
+            raise ParameterError("distill_config", f"{p['distill_config']!r} is not valid JSON: {e}") from None
+    if p.get("record_file"):
+        out["record_file"] = _existing_file(p, "record_file", " (omit it to write the record from the model)")
+    tol = p.get("parity_tolerances") or {}
+    if not isinstance(tol, dict):
+        raise ParameterError("parity_tolerances", f"must be an object, got {tol!r}")
+    for k, v in tol.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ParameterError("parity_tolerances", f"[{k!r}] must be a number or null, got {v!r}")
+    if not isinstance(p["mlflow_experiment"], str) or not p["mlflow_experiment"].strip():
+        raise ParameterError("mlflow_experiment", "must be a non-empty experiment name")
+    loc = p.get("mlflow_artifact_location")
+    if loc is not None:
+        if not isinstance(loc, str) or not loc.strip():
+            raise ParameterError("mlflow_artifact_location", f"must be a directory or an artifact URI, got {loc!r}")
+        if "://" not in loc and not loc.startswith("file:"):
+            out["mlflow_artifact_location"] = str(Path(loc).resolve())
+    _number(p, "mlflow_retries", 0, integer=True)
+    _number(p, "mlflow_retry_delay_seconds", 0)
+    _number(p, "seed", 0, integer=True)
+
+    # the library's rules (imports amct_core, hence torch)
+    from amct_core.errors import TargetError
+    from amct_core.targets import check_opset, get_target
+
+    try:
+        tgt = get_target(p["target"])
+    except TargetError as e:
+        raise ParameterError("target", str(e)) from None
+    out["target"] = tgt.name
+    try:
+        check_opset(tgt, p["opset"])
+    except TargetError as e:
+        raise ParameterError("opset", str(e)) from None
+    if tol:
+        unknown = sorted(set(tol) - known_tolerance_keys())
+        if unknown:
+            raise ParameterError("parity_tolerances", f"unknown key(s) {unknown}; known: {sorted(known_tolerance_keys())}")
+
+    # the model: it imports, and runs on the example input(s)
+    import_callable(p["model"], "model")
+    count_outputs(p["model"], kw, inputs)
+    ranks = {n: len(s) for n, (s, _) in zip(out["input_names"] or [], inputs)}
+    out["dynamic_axes"] = _dynamic_axes(p.get("dynamic_axes"), (out["input_names"] or []) + (out["output_names"] or []),
+                                        ranks)
+    return out

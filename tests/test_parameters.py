@@ -1,0 +1,86 @@
+"""The flow's parameter rules (flows/parameters.py), shared by the flow and the CLI."""
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from flows.parameters import flow_defaults, validate_parameters
+from tasks._params import ParameterError
+from tests import services
+
+
+@pytest.fixture
+def params(tmp_path):
+    ck = tmp_path / "ck.safetensors"
+    ck.write_bytes(b"")  # the rules check that it exists; loading it is the first stage's job
+    return {**flow_defaults(), "checkpoint": str(ck), "model": "tests.models:build", "model_kwargs": {"name": "cnn"},
+            "input_shape": [1, 3, 16, 16], "output_dir": str(tmp_path / "out")}
+
+
+def _error(p) -> ParameterError:
+    with pytest.raises(ParameterError) as e:
+        validate_parameters(p)
+    return e.value
+
+
+def test_flow_defaults_are_the_flows_signature():
+    from flows.distill_export import distill_export
+
+    sig = inspect.signature(distill_export.fn).parameters
+    assert flow_defaults() == {k: v.default for k, v in sig.items() if v.default is not inspect.Parameter.empty}
+
+
+def test_the_rules_load_without_prefect_or_torch():
+    code = ("import sys; import flows.parameters, flows.cli; "
+            "print(sorted(m for m in ('prefect', 'torch', 'mlflow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=services.REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_a_wrong_input_shape_is_blamed_on_input_shape(params):
+    e = _error({**params, "input_shape": [1, 1, 16, 16]})
+    assert e.parameter == "input_shape"
+    assert "[1, 1, 16, 16]" in str(e) and "channels" in str(e)
+
+
+def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, tmp_path):
+    src = tmp_path / "datadep.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+
+        class DataDependent(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(4, 2)
+
+            def forward(self, x):
+                scale = float(x.abs().max().item()) + 1.0  # needs real values
+                return self.fc(x / scale), x.sum(1)
+
+        def build():
+            return DataDependent()
+    """))
+    validate_parameters({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 4]})
+    e = _error({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 5]})
+    assert e.parameter == "input_shape"
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("checkpoint", "/no/such/file.pt", "does not exist"),
+    ("name", "a/b", "without '/'"),
+    ("target", "B7", "'B7' is unknown"),
+    ("opset", 30, "outside target A2's range"),
+    ("parity_tolerances", {"nope": 1.0}, "unknown key(s) ['nope']"),
+    ("mlflow_retries", -1, ">= 0"),
+    ("mlflow_artifact_location", "", "directory or an artifact URI"),
+    ("model", "tests.models:nope", "no attribute 'nope'"),
+    ("model_kwargs", {"name": "nope"}, "failed: KeyError"),
+])
+def test_each_bad_parameter_is_named(params, key, value, words):
+    e = _error({**params, key: value})
+    assert e.parameter == key and words in str(e), str(e)
