@@ -94,8 +94,10 @@ def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--record-file", default=None, help="use (after validating) this record file instead of the model's factors")
     g.add_argument("--target", default=None, help="A2, A3 or 950 (default A2)")
     g.add_argument("--opset", type=int, default=None, help="ONNX opset (default 11, within the target's range)")
-    g.add_argument("--input-names", type=_names, default=None, metavar="A,B", help="graph input names")
-    g.add_argument("--output-names", type=_names, default=None, metavar="A,B", help="graph output names")
+    g.add_argument("--input-names", type=_names, default=None, metavar="A,B",
+                   help="graph input names (default: input, or input_0,input_1,... for several)")
+    g.add_argument("--output-names", type=_names, default=None, metavar="A,B",
+                   help="graph output names (default: output, or output_0,output_1,... for several)")
     g.add_argument("--dynamic-axes", type=_json_obj, default=None, metavar="JSON", help="e.g. '{\"input\": [0], \"output\": [0]}'")
     g = p.add_argument_group("checks and tracking")
     g.add_argument("--parity-tolerances", type=_json_obj, default=None, metavar="JSON",

@@ -117,7 +117,8 @@ def distill_export(
         output_dir: where the files go; name: their name prefix.
         record_file: a record file to validate and use instead of writing one from the model.
         target: A2, A3 or 950. opset: ONNX opset (default 11; within the target's range).
-        input_names / output_names / dynamic_axes: as save_distill_model.
+        input_names / output_names / dynamic_axes: as save_distill_model; default names 'input' and
+            'output', or 'input_0', 'input_1', ... / 'output_0', ... when there are several.
         parity_tolerances: overrides of amct_core.verify.Tolerances, e.g. {"output_cosine_min": 0.999,
             "layer_sqnr_min_db": 30.0} (docs/VERIFY.md lists them and their defaults).
         mlflow_experiment / mlflow_tracking_uri: where to log (default: MLFLOW_TRACKING_URI or ./mlflow.db).

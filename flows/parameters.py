@@ -4,7 +4,8 @@
 Importable without Prefect, torch or MLflow: the cheap rules run first (files exist, names, shapes,
 numbers), then the ones that need the library (target, opset, tolerances), then the model: its reference
 must import and the float model must run on the example input (built on PyTorch's ``meta`` device, so no
-weights are allocated).
+weights are allocated). That run also gives the number of outputs, from which the default graph names
+come (:func:`default_names`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def flow_defaults() -> dict[str, Any]:
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == FLOW_FUNCTION)
     args = fn.args.args
     return {a.arg: ast.literal_eval(d) for a, d in zip(args[len(args) - len(fn.args.defaults):], fn.args.defaults)}
+
+
+def default_names(prefix: str, count: int) -> list[str]:
+    """Graph input/output names when none are given: ``input`` / ``output`` for one, ``input_0``,
+    ``input_1``, ... for several."""
+    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
 
 
 def known_tolerance_keys() -> set[str]:
@@ -78,7 +85,8 @@ def _dynamic_axes(axes, names: list[str], ranks: dict[str, int]) -> dict | None:
         raise ParameterError("dynamic_axes", f"must be an object like {{\"input\": [0]}}, got {axes!r}")
     for n, ax in axes.items():
         if n not in names:
-            raise ParameterError("dynamic_axes", f"names {n!r}, which is not in input_names/output_names {names}")
+            raise ParameterError("dynamic_axes", f"names {n!r}, which is not a graph input or output name {names} "
+                                                 f"(input_names/output_names, or the defaults)")
         idx = list(ax) if isinstance(ax, (list, tuple)) else list(ax.keys()) if isinstance(ax, dict) else None
         if idx is None:
             raise ParameterError("dynamic_axes", f"[{n!r}] must be a list of axes or an object axis -> name, got {ax!r}")
@@ -122,7 +130,7 @@ def count_outputs(model_ref: str, model_kwargs: dict, inputs: list[tuple[list[in
 
 def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
     """Check every parameter of the flow (``p`` holds all of them; see :func:`flow_defaults`) and return
-    them normalised (absolute paths, int axes); raise ParameterError naming the first
+    them normalised (absolute paths, int axes, default graph names); raise ParameterError naming the first
     bad one. Cheap rules first; the model is imported and run last."""
     out = dict(p)
     ck = p["checkpoint"]
@@ -198,8 +206,12 @@ def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
 
     # the model: it imports, and runs on the example input(s)
     import_callable(p["model"], "model")
-    count_outputs(p["model"], kw, inputs)
-    ranks = {n: len(s) for n, (s, _) in zip(out["input_names"] or [], inputs)}
-    out["dynamic_axes"] = _dynamic_axes(p.get("dynamic_axes"), (out["input_names"] or []) + (out["output_names"] or []),
-                                        ranks)
+    n_out = count_outputs(p["model"], kw, inputs)
+    if out["output_names"] is not None and len(out["output_names"]) > n_out:
+        raise ParameterError("output_names", f"gives {len(out['output_names'])} name(s) for the {n_out} output(s) "
+                                             f"of model {p['model']}: {out['output_names']!r}")
+    out["input_names"] = out["input_names"] or default_names("input", len(inputs))
+    out["output_names"] = out["output_names"] or default_names("output", n_out)
+    ranks = {n: len(s) for n, (s, _) in zip(out["input_names"], inputs)}
+    out["dynamic_axes"] = _dynamic_axes(p.get("dynamic_axes"), out["input_names"] + out["output_names"], ranks)
     return out

@@ -198,6 +198,20 @@ def test_a_run_on_the_ephemeral_api_has_no_prefect_ui_link(embedded):
 
 
 @pytest.mark.integration
+def test_without_names_the_graph_has_input_and_output_and_the_atc_command_uses_them(embedded):
+    import onnx
+
+    out = embedded[1] / "out"
+    for f in ("emb_deploy_model.onnx", "emb_fake_quant_model.onnx"):
+        g = onnx.load(str(out / f), load_external_data=False).graph
+        inits = {t.name for t in g.initializer}
+        assert [i.name for i in g.input if i.name not in inits] == ["input"], f
+        assert [o.name for o in g.output] == ["output"], f
+    atc = json.loads((out / "manifest.json").read_text())["atc_command"]
+    assert '--input_shape="input:1,3,16,16"' in atc
+
+
+@pytest.mark.integration
 def test_the_printed_mlflow_ui_command_runs_as_typed_and_shows_the_run(embedded, tmp_path):
     r, cwd = embedded
     line = next(l for l in r.stdout.splitlines() if l.startswith("open the MLflow UI: "))

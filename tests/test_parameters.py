@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from flows.parameters import flow_defaults, validate_parameters
+from flows.parameters import default_names, flow_defaults, validate_parameters
 from tasks._params import ParameterError
 from tests import services
 
@@ -48,6 +48,34 @@ def test_a_wrong_input_shape_is_blamed_on_input_shape(params):
     assert "[1, 1, 16, 16]" in str(e) and "channels" in str(e)
 
 
+def test_one_input_and_one_output_are_named_input_and_output(params):
+    p = validate_parameters({**params, "model_kwargs": {"name": "mlp"}, "input_shape": [1, 20]})
+    assert p["input_names"] == ["input"] and p["output_names"] == ["output"]
+
+
+def test_several_outputs_are_numbered_from_0(params):
+    p = validate_parameters({**params, "model_kwargs": {"name": "two"}, "input_shape": [1, 3, 8, 8]})
+    assert p["output_names"] == ["output_0", "output_1"]
+    assert default_names("input", 3) == ["input_0", "input_1", "input_2"]
+
+
+def test_given_names_are_kept(params):
+    p = validate_parameters({**params, "input_names": ["pixels"], "output_names": ["logits"]})
+    assert p["input_names"] == ["pixels"] and p["output_names"] == ["logits"]
+
+
+def test_more_output_names_than_outputs_is_an_error_naming_output_names(params):
+    e = _error({**params, "output_names": ["a", "b"]})
+    assert e.parameter == "output_names" and "1 output(s)" in str(e)
+
+
+def test_dynamic_axes_may_name_the_default_names(params):
+    p = validate_parameters({**params, "dynamic_axes": {"input": [0], "output": {"0": "batch"}}})
+    assert p["dynamic_axes"] == {"input": [0], "output": {0: "batch"}}
+    e = _error({**params, "dynamic_axes": {"x": [0]}})
+    assert e.parameter == "dynamic_axes" and "['input', 'output']" in str(e)
+
+
 def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, tmp_path):
     src = tmp_path / "datadep.py"
     src.write_text(textwrap.dedent("""
@@ -65,7 +93,8 @@ def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, t
         def build():
             return DataDependent()
     """))
-    validate_parameters({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 4]})
+    p = validate_parameters({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 4]})
+    assert p["output_names"] == ["output_0", "output_1"]
     e = _error({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 5]})
     assert e.parameter == "input_shape"
 
