@@ -142,3 +142,18 @@ def cnn_checkpoint(session_dir) -> DistilledCheckpoint:
     torch.save(qat.state_dict(), ckpt)
     return DistilledCheckpoint(str(ckpt), "tests.models:build", {"name": "cnn"}, str(d / "cnn_distill_config.json"),
                                [1, 3, 16, 16], list(qat.state_dict()))
+
+
+@pytest.fixture(scope="session")
+def mlp_export(session_dir) -> Path:
+    """tests.models' MLP, QAT-wrapped and exported with save_distill_model (input 'x', output 'y'): the
+    directory holding mlp_fake_quant_model.onnx, mlp_deploy_model.onnx and mlp_record.txt. Read-only."""
+    from amct_core import save_distill_model
+    from tests import models
+
+    d = session_dir / "mlp-export"
+    d.mkdir(parents=True, exist_ok=True)
+    qat = models.make_qat("mlp", d)
+    save_distill_model(qat, str(d / "mlp"), models.example_inputs("mlp", 1), record_file=str(d / "mlp_record.txt"),
+                       input_names=["x"], output_names=["y"])
+    return d

@@ -12,19 +12,6 @@ from flows import cli
 from tests import services
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The MLP test model exported with save_distill_model (no Prefect needed)."""
-    from amct_core import save_distill_model
-    from tests import models
-
-    d = tmp_path_factory.mktemp("cli-export")
-    qat = models.make_qat("mlp", d)
-    save_distill_model(qat, str(d / "mlp"), models.example_inputs("mlp", 1), record_file=str(d / "mlp_record.txt"),
-                       input_names=["x"], output_names=["y"])
-    return d
-
-
 def test_help_lists_the_commands_and_exit_codes():
     r = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=services.REPO,
                        timeout=60)
@@ -72,19 +59,19 @@ def test_a_bad_run_parameter_exits_2_with_one_line_naming_it_before_any_flow_sta
     assert not (tmp_path / "out").exists()
 
 
-def test_validate_record_ok_and_invalid(exported, capsys):
-    rec = exported / "mlp_record.txt"
+def test_validate_record_ok_and_invalid(mlp_export, tmp_path, capsys):
+    rec = mlp_export / "mlp_record.txt"
     assert cli.main(["validate-record", str(rec)]) == cli.EXIT_OK
     assert "OK" in capsys.readouterr().out
-    bad = exported / "bad_record.txt"
+    bad = tmp_path / "bad_record.txt"
     bad.write_text(rec.read_text().replace("scale_d: ", "scale_d: -", 1))  # first layer (fc1): negative scale
     assert cli.main(["validate-record", str(bad)]) == cli.EXIT_INVALID
     err = capsys.readouterr().err
     assert "INVALID" in err and "scale_d" in err and "fc1" in err
-    assert cli.main(["validate-record", str(exported / "missing.txt")]) == cli.EXIT_INVALID
+    assert cli.main(["validate-record", str(mlp_export / "missing.txt")]) == cli.EXIT_INVALID
 
 
-def test_validate_record_against_the_model_names_missing_layers(exported, tmp_path, capsys):
+def test_validate_record_against_the_model_names_missing_layers(mlp_export, tmp_path, capsys):
     import torch
 
     from amct_core.record import read_record, write_record
@@ -96,10 +83,10 @@ def test_validate_record_against_the_model_names_missing_layers(exported, tmp_pa
     args = ["--model", "tests.models:build", "--model-kwargs", '{"name": "mlp"}', "--checkpoint", str(ck),
             "--distill-config", str(tmp_path / "mlp_distill_config.json"), "--input-shape", "1,20"]
     good = tmp_path / "good.txt"
-    write_record(good, read_record(exported / "mlp_record.txt"))
+    write_record(good, read_record(mlp_export / "mlp_record.txt"))
     # the record of another calibration still names the same layers, so it validates
     assert cli.main(["validate-record", str(good), *args]) == cli.EXIT_OK
-    recs = read_record(exported / "mlp_record.txt")
+    recs = read_record(mlp_export / "mlp_record.txt")
     recs.pop("fc2")
     partial = tmp_path / "partial.txt"
     write_record(partial, recs)
@@ -107,8 +94,8 @@ def test_validate_record_against_the_model_names_missing_layers(exported, tmp_pa
     assert "fc2" in capsys.readouterr().err
 
 
-def test_inspect_deploy_and_fake_quant(exported, capsys):
-    assert cli.main(["inspect", str(exported / "mlp_deploy_model.onnx"), "--json"]) == cli.EXIT_OK
+def test_inspect_deploy_and_fake_quant(mlp_export, capsys):
+    assert cli.main(["inspect", str(mlp_export / "mlp_deploy_model.onnx"), "--json"]) == cli.EXIT_OK
     facts = json.loads(capsys.readouterr().out)
     assert facts["kind"] == "deploy"
     assert facts["opset_import"] == [{"domain": "", "version": 11}]
@@ -116,12 +103,12 @@ def test_inspect_deploy_and_fake_quant(exported, capsys):
     assert facts["inputs"][0]["name"] == "x" and facts["outputs"][0]["name"] == "y"
     assert "INT8" in facts["initializer_types"] and "UINT64" in facts["initializer_types"]
     assert len(facts["files"][0]["sha256"]) == 64
-    assert cli.main(["inspect", str(exported / "mlp_fake_quant_model.onnx")]) == cli.EXIT_OK
+    assert cli.main(["inspect", str(mlp_export / "mlp_fake_quant_model.onnx")]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "fake_quant model" in out and "fc1, fc2, fc3" in out
 
 
-def test_inspect_missing_and_garbage(exported, tmp_path):
+def test_inspect_missing_and_garbage(mlp_export, tmp_path):
     assert cli.main(["inspect", str(tmp_path / "none.onnx")]) == cli.EXIT_USAGE
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00not a model" * 10)

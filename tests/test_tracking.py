@@ -8,26 +8,21 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The MLP test model exported with save_distill_model, and a manifest to log with it."""
-    from amct_core import save_distill_model
-    from tests import models
-
-    d = tmp_path_factory.mktemp("tracking-export")
-    qat = models.make_qat("mlp", d)
-    save_distill_model(qat, str(d / "mlp"), models.example_inputs("mlp", 1), record_file=str(d / "mlp_record.txt"),
-                       input_names=["x"], output_names=["y"])
+def exported(mlp_export, tmp_path_factory):
+    """The exported MLP (read-only) and a manifest to log with it."""
+    d = tmp_path_factory.mktemp("tracking")
     (d / "manifest.json").write_text(json.dumps({"name": "mlp"}))
-    return d
+    return mlp_export, d
 
 
-def _log(uri: str, experiment: str, d: Path, **kw):
+def _log(uri: str, experiment: str, exported, **kw):
     from tasks.tracking import log_to_mlflow
 
+    d, extra = exported
     fq = d / "mlp_fake_quant_model.onnx"
     return log_to_mlflow.fn(uri, experiment, "run", {"target": "A2"}, {"m": 1.0}, {"target": "A2"},
                             {"fake_quant_model": [str(fq)], "record": [str(d / "mlp_record.txt")]},
-                            str(d / "manifest.json"), str(fq), [1, 20], "float32", **kw)
+                            str(extra / "manifest.json"), str(fq), [1, 20], "float32", **kw)
 
 
 def _files(root: Path) -> list[str]:
