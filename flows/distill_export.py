@@ -167,7 +167,7 @@ def distill_export(
     create_table_artifact(
         table=[{"verdict": "PASS" if par.passed else "FAIL", **r} for r in par.rows],
         key="parity-summary",
-        description=f"Parity of {name} ({p['target']}): {par.summary}",
+        description=f"Parity of {name} ({p['target']}): {par.summary}. Parity layers: {par.layer_order or 'worst first'}.",
     )
 
     fq_bytes = sum(f.size for f in fq.files)

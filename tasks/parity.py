@@ -30,6 +30,7 @@ class ParityResult:
     seconds: float
     peak_rss_mb: float
     checks: list[str] = field(default_factory=list)  # which checks ran
+    layer_order: str = ""  # how the parity layers are ordered, in the report and in ``rows``
 
     def intact(self) -> bool:
         return all(f.intact() for f in self.files)
@@ -45,10 +46,12 @@ def summarize(report: dict) -> tuple[dict, list[dict]]:
     rows: list[dict] = []
     figs = ("cosine", "sqnr_db", "max_abs_error", "max_error_steps", "argmax_agreement")
 
-    def row(check, name, ok, f=None, message=""):
+    def row(check, name, ok, f=None, message="", local=None):
         r = {"check": check, "name": name, "ok": bool(ok)}
         for k in figs:
             r[k] = None if f is None else _num(f.get(k))
+        r["local_sqnr_db"] = None if local is None else _num(local.get("sqnr_db"))
+        r["local_max_error_steps"] = None if local is None else _num(local.get("max_error_steps"))
         r["message"] = message
         rows.append(r)
 
@@ -75,9 +78,9 @@ def summarize(report: dict) -> tuple[dict, list[dict]]:
             metrics["parity.worst_layer_sqnr_db"] = min(v for v in sq if v is not None)
         if any(v is not None for v in cs):
             metrics["parity.worst_layer_cosine"] = min(v for v in cs if v is not None)
-        worst = sorted(layers, key=lambda l: (bool(l.get("ok", True)), _num(l.get("figures", {}).get("sqnr_db")) or 0.0))
-        for l in worst[:MAX_LAYER_ROWS]:
-            row("parity layer", l["name"], l.get("ok", True), l.get("figures"), ", ".join(l.get("failed", []) or []))
+        for l in layers[:MAX_LAYER_ROWS]:  # the report's order (its "layer_order"), worst first
+            row("parity layer", l["name"], l.get("ok", True), l.get("figures"), ", ".join(l.get("failed", []) or []),
+                l.get("local"))
     dep = report.get("deploy_simulation")
     if dep:
         layers = dep.get("layers", [])
@@ -108,4 +111,5 @@ def parity(spec: ModelSpec, model_source_sha256: str, fake_quant_path: str, depl
     metrics, rows = summarize(report)
     files = [FileRef.of(paths.json), FileRef.of(paths.html)] + ([FileRef.of(paths.png)] if paths.png else [])
     return ParityResult(report.get("verdict") == "pass", report.get("summary", ""), metrics, rows, files,
-                        m.seconds, m.peak_rss_mb, list(report.get("checks_run", [])))
+                        m.seconds, m.peak_rss_mb, list(report.get("checks_run", [])),
+                        (report.get("parity") or {}).get("layer_order", ""))

@@ -229,3 +229,17 @@ def test_flow_parameters_are_exactly_the_documented_ones():
     doc = (REPO / "docs" / "PIPELINE.md").read_text()
     for n in names:
         assert f"`{n}`" in doc, f"parameter {n} is not documented in docs/PIPELINE.md"
+
+
+def test_prefect_parity_table_lists_layers_in_the_reports_order_with_local_figures(tmp_path):
+    from amct_core.verify import verify
+    from tasks.parity import summarize
+    from tests import broken_models as bm
+
+    e = bm.export("cnn")
+    report, _ = verify(deploy=e.deploy, fake_quant=e.fake_quant, torch_model=e.model, example_inputs=e.example,
+                       report_dir=tmp_path)
+    _, rows = summarize(report)
+    layer_rows = [r for r in rows if r["check"] == "parity layer"]
+    assert [r["name"] for r in layer_rows] == [l["name"] for l in report["parity"]["layers"]]
+    assert [r["local_sqnr_db"] for r in layer_rows] == sorted(r["local_sqnr_db"] for r in layer_rows)

@@ -59,6 +59,76 @@ def test_failing_verdict_names_the_worst_layer_and_the_figure(tmp_path):
     assert "worst layer &#x27;pw&#x27;" in html and 'class="verdict fail"' in html
 
 
+class _FirstCells(HTMLParser):
+    """The first cell of every row of the table that follows a heading starting with ``heading``."""
+
+    def __init__(self, heading: str):
+        super().__init__()
+        self.heading, self.in_h3, self.active, self.in_td, self.cells, self.col = heading, False, False, False, [], 0
+        self.title = ""
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "h3":
+            self.in_h3, self.title = True, ""
+        elif tag == "tr":
+            self.col = 0
+        elif tag == "td":
+            self.in_td = self.active and self.col == 0
+            self.col += 1
+
+    def handle_endtag(self, tag):
+        if tag == "h3":
+            self.in_h3 = False
+            self.active = self.title.startswith(self.heading) and not self.cells
+        elif tag == "table":
+            self.active = False
+        elif tag == "td":
+            self.in_td = False
+
+    def handle_data(self, data):
+        if self.in_h3:
+            self.title += data
+        elif self.in_td:
+            self.cells.append(data)
+
+
+def test_headline_table_and_chart_list_the_parity_layers_in_one_order(tmp_path):
+    from amct_core.verify.report import layer_chart_figure
+
+    report, paths = _good(tmp_path)
+    layers = report["parity"]["layers"]
+    order = [l["name"] for l in layers]
+    by_end_to_end = [l["name"] for l in sorted(layers, key=lambda l: l["figures"]["sqnr_db"])]
+    assert order != by_end_to_end  # the model makes the two orders differ, so the test can tell them apart
+    assert "local SQNR" in report["parity"]["layer_order"]
+    assert f"worst layer {order[0]!r}: local SQNR" in report["summary"]
+    table = _FirstCells("Per quantized layer (worst first: failing layers, then by local SQNR")
+    table.feed(paths.html.read_text())
+    assert table.cells == order
+    fig = layer_chart_figure(report)
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert ticks[::-1] == order  # worst at top
+    assert "local SQNR" in fig.axes[0].get_title()
+
+
+def test_the_chart_legend_covers_no_bar(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    from amct_core.verify.report import layer_chart_figure
+
+    report, _ = _good(tmp_path)
+    fig = layer_chart_figure(report)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    legends = fig.legends + [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    assert legends
+    bars = [p.get_window_extent(r) for a in fig.axes for p in a.patches if isinstance(p, Rectangle)]
+    assert len(bars) >= 3 * len(report["parity"]["layers"])
+    for leg in legends:
+        box = leg.get_window_extent(r)
+        assert not [b for b in bars if box.overlaps(b)]
+
+
 def test_png_is_written_alongside_and_embedded(tmp_path):
     report, paths = _good(tmp_path)
     png = paths.png.read_bytes()

@@ -412,9 +412,14 @@ class DeployCheckResult(Outcome):
             "ok": self.ok, "message": self.message, "opset": self.opset, "problems": list(self.problems),
             "notes": list(self.notes),
             "inputs": self.inputs,
+            "layer_order": LAYER_ORDER,
             "layers": [l.to_dict() for l in self.layers_sorted()],
             "outputs": [o.to_dict() for o in self.outputs],
         }
+
+
+LAYER_ORDER = ("worst first: failing layers whose own data is wrong, in graph order; then failures inherited "
+               "from upstream; then passing layers by largest accumulator difference")
 
 
 def _deploy_badness(r: DeployLayerResult) -> tuple:

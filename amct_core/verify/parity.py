@@ -78,11 +78,17 @@ class ParityResult(Outcome):
             "inputs": self.inputs,
             "opt_levels": list(self.opt_levels), "ort_opt_levels_max_diff": self.ort_opt_levels_max_diff,
             "outputs": [o.to_dict() for o in self.outputs],
+            "layer_order": LAYER_ORDER,
             "layers": [l.to_dict() for l in self.layers_sorted()],
         }
 
 
+LAYER_ORDER = ("worst first: failing layers, then by local SQNR (the torch layer fed ONNX Runtime's own input "
+               "of the layer), then by end-to-end SQNR")
+
+
 def _layer_badness(l: LayerParity) -> tuple:
+    """Sort key of LAYER_ORDER: the local figure isolates a layer's own factors from inherited error."""
     local = l.local["sqnr_db"] if l.local else l.figures["sqnr_db"]
     return (l.ok, local, l.figures["sqnr_db"])
 
@@ -326,12 +332,12 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
         msg = (f"parity passed: {len(outputs)} output check(s) over ONNX Runtime optimization levels "
                f"{list(opt_levels)}, {len(layers)} layer(s)")
         if layers:
+            # the worst layer is the first of LAYER_ORDER, as in every table and chart of the report
+            w = sorted(layers, key=_layer_badness)[0]
+            msg += (f"; worst layer {w.name!r}: {'local ' if w.local else ''}SQNR "
+                    f"{(w.local or w.figures)['sqnr_db']:.1f} dB")
             e2e = min(layers, key=lambda l: l.figures["sqnr_db"])
-            msg += f"; lowest layer SQNR {e2e.figures['sqnr_db']:.1f} dB ({e2e.name!r})"
-            with_local = [l for l in layers if l.local]
-            if with_local:
-                loc = min(with_local, key=lambda l: l.local["sqnr_db"])
-                msg += f", lowest local SQNR {loc.local['sqnr_db']:.1f} dB ({loc.name!r})"
+            msg += f"; lowest end-to-end layer SQNR {e2e.figures['sqnr_db']:.1f} dB ({e2e.name!r})"
     elif bad_layers:
         w = bad_layers[0]
         msg = f"parity FAILED: worst layer {w.name!r}: {w.failed[0]}"

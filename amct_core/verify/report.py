@@ -103,8 +103,10 @@ def build_report(*, preflight=None, parity=None, deploy=None, tolerances=None, f
 # ---------------------------------------------------------------------------------------------
 # chart
 # ---------------------------------------------------------------------------------------------
-def layer_chart_png(report: dict) -> bytes | None:
-    """A per-layer chart: parity SQNR (end-to-end and local) and deploy accumulator agreement."""
+def layer_chart_figure(report: dict):
+    """The per-layer chart as a matplotlib Figure (None when no check has per-layer figures): parity SQNR
+    (local and end-to-end) and deploy accumulator agreement, each panel in its section's ``layer_order``
+    (worst at top), the legend below the panels where it covers no bar."""
     par = report.get("parity")
     dep = report.get("deploy_simulation")
     panels = [p for p in (par and par.get("layers"), dep and dep.get("layers")) if p]
@@ -115,7 +117,8 @@ def layer_chart_png(report: dict) -> bytes | None:
     import matplotlib.pyplot as plt
 
     n = max(len(p) for p in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), max(2.5, 0.38 * n + 1.4)), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), max(3.0, 0.38 * n + 2.0)), squeeze=False,
+                             layout="constrained")
     k = 0
     tol = report.get("tolerances", {})
     if par and par.get("layers"):
@@ -123,18 +126,19 @@ def layer_chart_png(report: dict) -> bytes | None:
         k += 1
         layers = par["layers"]
         names = [l["name"] for l in layers][::-1]
-        e2e = [min(l["figures"]["sqnr_db"] or 0.0, 150.0) for l in layers][::-1]
         loc = [min((l["local"] or l["figures"])["sqnr_db"] or 0.0, 150.0) for l in layers][::-1]
+        e2e = [min(l["figures"]["sqnr_db"] or 0.0, 150.0) for l in layers][::-1]
         ys = range(len(names))
-        ax.barh([y + 0.2 for y in ys], e2e, height=0.4, label="layer output (same model inputs)",
+        ax.barh([y + 0.2 for y in ys], loc, height=0.4, label="local: torch layer on ONNX Runtime's input (orders the rows)",
                 color=["#c0392b" if not l["ok"] else "#2e86c1" for l in layers][::-1])
-        ax.barh([y - 0.2 for y in ys], loc, height=0.4, label="local (torch layer on ORT's input)", color="#7fb3d5")
-        ax.axvline(tol.get("layer_sqnr_min_db", 20.0), color="#c0392b", ls="--", lw=1, label="layer threshold")
+        ax.barh([y - 0.2 for y in ys], e2e, height=0.4, label="end-to-end: layer output, same model inputs",
+                color="#aed6f1")
         ax.axvline(tol.get("layer_local_sqnr_min_db", 40.0), color="#1a5276", ls=":", lw=1.5, label="local threshold")
+        ax.axvline(tol.get("layer_sqnr_min_db", 20.0), color="#c0392b", ls="--", lw=1, label="end-to-end threshold")
         ax.set_yticks(list(ys), names, fontsize=8)
         ax.set_xlabel("SQNR torch vs ONNX Runtime fake-quant [dB] (capped at 150)")
-        ax.set_title("Fake-quant parity per layer (worst at top)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title("Fake-quant parity per layer\n(worst at top: failing, then lowest local SQNR)", fontsize=10)
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower left", fontsize=7, ncol=2, frameon=False)
     if dep and dep.get("layers"):
         ax = axes[0][k]
         layers = dep["layers"]
@@ -151,8 +155,17 @@ def layer_chart_png(report: dict) -> bytes | None:
         ax.set_yticks(list(range(len(names))), names, fontsize=8)
         ax.set_xlim(0, 100)
         ax.set_xlabel("int32 accumulators equal to fake-quant [%]")
-        ax.set_title("Deploy simulation per layer (worst at top)")
-    fig.tight_layout()
+        ax.set_title("Deploy simulation per layer\n(worst at top: failing layers first, in graph order)", fontsize=10)
+    return fig
+
+
+def layer_chart_png(report: dict) -> bytes | None:
+    """:func:`layer_chart_figure` as PNG bytes."""
+    fig = layer_chart_figure(report)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -245,14 +258,16 @@ def render_html(report: dict, png: bytes | None, png_name: str | None) -> str:
               _fmt(o["figures"]["max_error_steps"]), _fmt(o["figures"]["cosine"], 6), _fmt(o["figures"]["sqnr_db"], 2),
               _fmt(o["figures"]["argmax_agreement"]), e("; ".join(o["failed"]))] for o in par["outputs"]],
             [o["ok"] for o in par["outputs"]]))
-        parts.append("<h3>Per quantized layer (worst first)</h3>")
+        parts.append(f"<h3>Per quantized layer ({e(par.get('layer_order', 'worst first'))})</h3>")
         parts.append(_table(
-            ["layer", "op", "cosine", "SQNR [dB]", "SQNR, ORT opt. on [dB]", "max error [steps]", "local SQNR [dB]",
-             "local max error [steps]", "folded BN", "failed"],
-            [[f"<code>{e(l['name'])}</code>", e(l["kind"]), _fmt(l["figures"]["cosine"], 6), _fmt(l["figures"]["sqnr_db"], 2),
-              _fmt((l.get("figures_opt_all") or {}).get("sqnr_db"), 2), _fmt(l["figures"]["max_error_steps"], 2),
-              _fmt((l.get("local") or {}).get("sqnr_db"), 2), _fmt((l.get("local") or {}).get("max_error_steps"), 3),
-              e(l.get("folded_bn") or ""), e("; ".join(l["failed"]))] for l in par["layers"]],
+            ["layer", "op", "local SQNR [dB]", "local max error [steps]", "end-to-end SQNR [dB]",
+             "end-to-end SQNR, ORT opt. on [dB]", "end-to-end cosine", "end-to-end max error [steps]",
+             "folded BN", "failed"],
+            [[f"<code>{e(l['name'])}</code>", e(l["kind"]), _fmt((l.get("local") or {}).get("sqnr_db"), 2),
+              _fmt((l.get("local") or {}).get("max_error_steps"), 3), _fmt(l["figures"]["sqnr_db"], 2),
+              _fmt((l.get("figures_opt_all") or {}).get("sqnr_db"), 2), _fmt(l["figures"]["cosine"], 6),
+              _fmt(l["figures"]["max_error_steps"], 2), e(l.get("folded_bn") or ""), e("; ".join(l["failed"]))]
+             for l in par["layers"]],
             [l["ok"] for l in par["layers"]]))
     dep = report.get("deploy_simulation")
     if dep is not None:
@@ -262,7 +277,7 @@ def render_html(report: dict, png: bytes | None, png_name: str | None) -> str:
             parts.append("<ul>" + "".join(f"<li><b>problem:</b> {e(p)}</li>" for p in dep["problems"]) + "</ul>")
         if dep.get("notes"):
             parts.append("<ul>" + "".join(f"<li>note: {e(p)}</li>" for p in dep["notes"]) + "</ul>")
-        parts.append("<h3>Per quantized layer (worst first)</h3>")
+        parts.append(f"<h3>Per quantized layer ({e(dep.get('layer_order', 'worst first'))})</h3>")
         parts.append(_table(
             ["layer", "op", "cause", "int8 input mismatches", "int32 acc. equal [%]", "acc. max |diff|", "allowed slack",
              "acc. max |value|", "dequant max rel. diff", "weights differing", "result"],
