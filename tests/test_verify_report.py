@@ -129,6 +129,17 @@ def test_the_chart_legend_covers_no_bar(tmp_path):
         assert not [b for b in bars if box.overlaps(b)]
 
 
+def test_a_passing_report_explains_its_end_to_end_max_error_in_steps(tmp_path):
+    report, paths = _good(tmp_path)
+    assert report["verdict"] == "pass"
+    steps = [l["figures"]["max_error_steps"] for l in report["parity"]["layers"]]
+    assert max(steps) > 100  # one flipped int8 input moves an output by its weight (up to 127 steps)
+    html = paths.html.read_text()
+    assert "end-to-end max error [steps] (not checked)" in html
+    assert "about 127 steps is one flipped input element" in html
+    assert "local max error &le; 4 steps" in html  # the figure the verdict uses, with its tolerance
+
+
 def test_png_is_written_alongside_and_embedded(tmp_path):
     report, paths = _good(tmp_path)
     png = paths.png.read_bytes()
