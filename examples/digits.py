@@ -250,10 +250,30 @@ def run_demo(out_dir: str | os.PathLike = "digits_out", seed: int = 0, epochs: i
         seconds_teacher=seconds_teacher, seconds_distill=seconds_distill,
         seconds_total=time.monotonic() - t_start, files=files,
     )
-    (out / "results.json").write_text(json.dumps(asdict(res), indent=2) + "\n")
+    write_results(res, out)
     if verbose:
         print(format_table(res))
     return res
+
+
+def write_results(res: DemoResult, out_dir: str | os.PathLike) -> Path:
+    """``<out_dir>/results.json``: the figures of :func:`format_table`, as numbers."""
+    path = Path(out_dir) / "results.json"
+    path.write_text(json.dumps(asdict(res), indent=2) + "\n")
+    return path
+
+
+def accuracy_metrics(res: DemoResult) -> dict[str, float]:
+    """The accuracy figures (percent of the held-out split) as MLflow metric names -> values; those not
+    measured are left out."""
+    figures = {
+        "accuracy.fp32_teacher": res.fp32_teacher,
+        "accuracy.int8_calibration_only": res.int8_calibration_only,
+        "accuracy.int8_distilled_torch": res.int8_distilled_torch,
+        "accuracy.int8_distilled_ort": res.int8_distilled_ort,
+        "accuracy.ort_torch_agreement": res.ort_torch_agreement,
+    }
+    return {k: v for k, v in figures.items() if v is not None}
 
 
 def format_table(r: DemoResult) -> str:

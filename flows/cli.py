@@ -74,6 +74,16 @@ def _json_obj(s: str):
     return v
 
 
+def _metric(s: str) -> tuple[str, float]:
+    name, sep, value = s.partition("=")
+    try:
+        if not sep or not name.strip():
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER such as accuracy.int8=98.9, got {s!r}") from None
+
+
 def _names(s: str) -> list[str]:
     return [n.strip() for n in s.split(",") if n.strip()]
 
@@ -110,6 +120,9 @@ def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--registered-model-name", default=None, help="register the logged fake-quant model under this name")
     g.add_argument("--mlflow-retries", type=int, default=None, help="retries of the logging task (default 3)")
     g.add_argument("--mlflow-retry-delay-seconds", type=float, default=None, help="first retry delay, doubled each time (default 2)")
+    g.add_argument("--metric", dest="metrics", type=_metric, action="append", default=None, metavar="NAME=VALUE",
+                   help="a figure measured elsewhere (e.g. accuracy.int8=98.9) to log with the run as an MLflow "
+                        "metric; repeatable")
     g.add_argument("--seed", type=int, default=None, help="seed of the example/parity inputs (default 0)")
     g.add_argument("--force", action="store_true", default=None, help="recompute every stage even if its inputs are unchanged")
     g.add_argument("--params-file", default=None, metavar="JSON_FILE",
@@ -119,8 +132,8 @@ def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 RUN_KEYS = ("checkpoint", "model", "model_kwargs", "distill_config", "input_shape", "input_dtype", "output_dir", "name",
             "record_file", "target", "opset", "input_names", "output_names", "dynamic_axes", "parity_tolerances",
-            "mlflow_experiment", "mlflow_tracking_uri", "mlflow_artifact_location", "registered_model_name", "mlflow_retries",
-            "mlflow_retry_delay_seconds", "seed", "force")
+            "mlflow_experiment", "mlflow_tracking_uri", "mlflow_artifact_location", "registered_model_name", "metrics",
+            "mlflow_retries", "mlflow_retry_delay_seconds", "seed", "force")
 
 
 def _collect_params(a: argparse.Namespace) -> dict:
@@ -137,6 +150,8 @@ def _collect_params(a: argparse.Namespace) -> dict:
             raise SystemExit(_usage_error(f"--params-file {a.params_file!r}: unknown parameter(s) {unknown}; known: {list(RUN_KEYS)}"))
     for k in RUN_KEYS:
         v = getattr(a, k, None)
+        if k == "metrics" and v is not None:  # --metric NAME=VALUE, repeated: added to the file's metrics
+            v = {**(params.get("metrics") or {}), **dict(v)}
         if v is not None:
             params[k] = v
     for k in ("checkpoint", "model", "input_shape"):
@@ -197,11 +212,11 @@ def check_parameters(params: dict) -> int:
     return EXIT_OK
 
 
-def cmd_run(a: argparse.Namespace) -> int:
-    params = _collect_params(a)
+def run_flow(params: dict, as_json: bool = False) -> tuple[int, dict | None]:
+    """Check the parameters, run the flow locally and print its summary: (exit code, summary or None)."""
     rc = check_parameters(params)
     if rc != EXIT_OK:
-        return rc
+        return rc, None
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.distill_export import distill_export
@@ -210,10 +225,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         state = distill_export(**params, return_state=True)
     except Exception as e:  # noqa: BLE001 - parameter binding errors surface before a state exists
         print(f"amct-export: error: {e}", file=sys.stderr)
-        return _classify(e)
+        return _classify(e), None
     if state.is_completed():
         summary = state.result()
-        if a.json:
+        if as_json:
             print(json.dumps(summary, indent=2, default=str))
         else:
             print(f"fake-quant model : {summary['fake_quant_model']}")
@@ -228,11 +243,15 @@ def cmd_run(a: argparse.Namespace) -> int:
                       f"then {summary['mlflow_run_url']}")
             else:
                 print(f"open: {summary['mlflow_run_url']}")
-        return EXIT_OK
+        return EXIT_OK, summary
     exc = state.result(raise_on_failure=False)
     exc = exc if isinstance(exc, BaseException) else None
     print(f"amct-export: run failed: {exc if exc is not None else state.message}", file=sys.stderr)
-    return _classify(exc)
+    return _classify(exc), None
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    return run_flow(_collect_params(a), a.json)[0]
 
 
 def cmd_validate_record(a: argparse.Namespace) -> int:
@@ -359,44 +378,54 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    """Train and distill the digits example, then run the flow on the checkpoint it wrote."""
+    """Train and distill the digits example, then run the flow on the checkpoint it wrote; log the accuracy
+    figures with the flow's MLflow run and in <out>/results.json."""
     import torch
 
     torch.set_num_threads(max(1, a.threads))
-    from examples.digits import run_demo
+    from examples.digits import accuracy_metrics, run_demo
 
     out = Path(a.out)
     print(f"[demo] training the fp32 teacher and distilling the int8 student into {out}/ ...", flush=True)
     res = run_demo(out, seed=a.seed, epochs=a.epochs, export=False, verbose=False)
     print(f"[demo] running the distill-export flow on {res.files['student']} ...", flush=True)
-    ns = argparse.Namespace(
-        params_file=None, checkpoint=res.files["student"], model="examples.digits:build_model", model_kwargs=None,
-        distill_config=res.files["config"], input_shape=[1, 1, 8, 8], input_dtype=None,
-        output_dir=str(out / "export"), name="digits", record_file=None, target=a.target, opset=None,
-        input_names=["input"], output_names=["output"], dynamic_axes={"input": [0], "output": [0]},
-        parity_tolerances=None, mlflow_experiment=a.mlflow_experiment, mlflow_tracking_uri=a.mlflow_tracking_uri,
-        mlflow_artifact_location=None,
-        registered_model_name=a.registered_model_name, mlflow_retries=None, mlflow_retry_delay_seconds=None,
-        seed=None, force=None, json=False,
-    )
-    rc = cmd_run(ns)
-    if rc == EXIT_OK:
-        import dataclasses
+    params = {
+        "checkpoint": res.files["student"], "model": "examples.digits:build_model",
+        "distill_config": res.files["config"], "input_shape": [1, 1, 8, 8], "output_dir": str(out / "export"),
+        "name": "digits", "input_names": ["input"], "output_names": ["output"],
+        "dynamic_axes": {"input": [0], "output": [0]}, "metrics": accuracy_metrics(res),
+    }
+    for k in ("target", "mlflow_experiment", "mlflow_tracking_uri", "registered_model_name"):
+        if getattr(a, k) is not None:
+            params[k] = getattr(a, k)
+    rc, summary = run_flow(params)
+    if rc != EXIT_OK:
+        return rc
+    import dataclasses
 
-        from examples.digits import format_table, load_digits_split, ort_predict, predict
+    from examples.digits import format_table, load_digits_split, ort_predict, predict, write_results
+    from tasks._common import ModelSpec, build_model
 
-        # the accuracy table, with the fake-quant ONNX model the flow exported, in ONNX Runtime
-        split = load_digits_split(a.seed)
-        from tasks._common import ModelSpec, build_model
+    # the accuracy of the fake-quant ONNX model the flow exported, in ONNX Runtime
+    split = load_digits_split(a.seed)
+    student = build_model(ModelSpec(res.files["student"], "examples.digits:build_model", {}, res.files["config"],
+                                    [1, 1, 8, 8]))
+    p_ort = ort_predict(summary["fake_quant_model"], split.x_test)
+    res = dataclasses.replace(res, int8_distilled_ort=float((p_ort == split.y_test.numpy()).mean() * 100.0),
+                              ort_torch_agreement=float((p_ort == predict(student, split.x_test)).mean() * 100.0))
+    write_results(res, out)
+    print()
+    print(format_table(res))
+    from tasks.tracking import TrackingError, log_metrics
 
-        student = build_model(ModelSpec(res.files["student"], "examples.digits:build_model", {}, res.files["config"],
-                                        [1, 1, 8, 8]))
-        p_ort = ort_predict(out / "export" / "digits_fake_quant_model.onnx", split.x_test)
-        acc = float((p_ort == split.y_test.numpy()).mean() * 100.0)
-        agree = float((p_ort == predict(student, split.x_test)).mean() * 100.0)
-        print()
-        print(format_table(dataclasses.replace(res, int8_distilled_ort=acc, ort_torch_agreement=agree)))
-    return rc
+    try:
+        log_metrics(summary["mlflow_tracking_uri"], summary["mlflow_run_id"], accuracy_metrics(res))
+    except TrackingError as e:
+        print(f"amct-export: the ONNX Runtime accuracy was not logged to MLflow: {e}", file=sys.stderr)
+        return EXIT_TRACKING
+    print(f"accuracy figures logged to MLflow run {summary['mlflow_run_id']} (metrics accuracy.*) and to "
+          f"{out / 'results.json'}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,6 +98,7 @@ def distill_export(
     mlflow_tracking_uri: Optional[str] = None,
     mlflow_artifact_location: Optional[str] = None,
     registered_model_name: Optional[str] = None,
+    metrics: Optional[dict[str, float]] = None,
     force: bool = False,
     seed: int = 0,
     mlflow_retries: int = 3,
@@ -125,6 +126,8 @@ def distill_export(
         mlflow_artifact_location: where a new experiment keeps its artifacts (default: beside a SQLite
             database, <its directory>/mlruns; on a tracking server, the server's artifact root).
         registered_model_name: register the logged fake-quant model under this name (new version).
+        metrics: figures the caller measured (e.g. {"accuracy.int8": 98.9}), logged with the run as MLflow
+            metrics under these names (the flow's own metrics keep their names and values).
         force: recompute every stage even if its inputs are unchanged.
         seed: seed of the example/parity inputs.
         mlflow_retries / mlflow_retry_delay_seconds: retries of the logging task (delay doubles each time).
@@ -208,8 +211,9 @@ def distill_export(
         "output_names": json.dumps(p["output_names"]), "dynamic_axes": json.dumps(p.get("dynamic_axes")),
         "parity_tolerances": json.dumps(p.get("parity_tolerances")), "soc_family": ",".join(tgt.soc_family),
     }
-    metrics = {_metric_name(k): v for k, v in par.metrics.items()}
-    metrics.update({
+    run_metrics = dict(p.get("metrics") or {})  # the caller's figures; the flow's own override a same name
+    run_metrics.update({_metric_name(k): v for k, v in par.metrics.items()})
+    run_metrics.update({
         "parity.passed": 1.0 if par.passed else 0.0,
         "fake_quant_model_bytes": fq_bytes, "deploy_model_bytes": dp_bytes, "checkpoint_bytes": ck.size,
         "compression_ratio": fq_bytes / dp_bytes if dp_bytes else None,
@@ -217,10 +221,10 @@ def distill_export(
                             dp.peak_rss_mb, par.peak_rss_mb]),
         "quantized_layer_count": len(ck.quantized_layers),
     })
-    metrics.update({f"stage_seconds.{k}": v for k, v in seconds.items()})
+    run_metrics.update({f"stage_seconds.{k}": v for k, v in seconds.items()})
     compute = {"load-checkpoint": ck.seconds, "trace": tr.seconds, "record": rec.seconds, "fake-quant-build": fq.seconds,
                "deploy-build": dp.seconds, "parity": par.seconds}
-    metrics.update({f"stage_compute_seconds.{k}": v for k, v in compute.items()})
+    run_metrics.update({f"stage_compute_seconds.{k}": v for k, v in compute.items()})
     tags = {
         "target": tgt.name, "soc_family": ",".join(tgt.soc_family), "atc_soc_version": tgt.soc_family[0],
         "checkpoint.sha256": ck.sha256,
@@ -236,7 +240,7 @@ def distill_export(
     delays = [mlflow_retry_delay_seconds * (2 ** i) for i in range(max(mlflow_retries, 1))]
     log_task = log_to_mlflow.with_options(retries=mlflow_retries, retry_delay_seconds=delays)
     run_name = f"{name}-{p['target']}-{runtime_flow_run.name or 'local'}"
-    log_state = log_task(uri, mlflow_experiment, run_name, params, metrics, tags, artifacts, manifest.path, fq.path,
+    log_state = log_task(uri, mlflow_experiment, run_name, params, run_metrics, tags, artifacts, manifest.path, fq.path,
                          p["input_shape"], input_dtype, registered_model_name, flow_run_id,
                          p.get("mlflow_artifact_location"), return_state=True)
     if not log_state.is_completed():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,19 @@ def _number(p: dict, key: str, minimum: float, integer: bool = False) -> None:
     kind = (int,) if integer else (int, float)
     if isinstance(v, bool) or not isinstance(v, kind) or v < minimum:
         raise ParameterError(key, f"must be {'an integer' if integer else 'a number'} >= {minimum}, got {v!r}")
+
+
+def _metrics(m) -> None:
+    if m is None:
+        return
+    if not isinstance(m, dict):
+        raise ParameterError("metrics", f"must be an object of metric name -> number, got {m!r}")
+    for k, v in m.items():
+        if not isinstance(k, str) or not k.strip() or not all(c.isalnum() or c in "_-./ " for c in k):
+            raise ParameterError("metrics", f"name {k!r} must be non-empty and made of letters, digits, '_', '-', "
+                                            f"'.', '/' and spaces (MLflow's rule)")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ParameterError("metrics", f"[{k!r}] must be a finite number, got {v!r}")
 
 
 def _existing_file(p: dict, key: str, what: str) -> str | None:
@@ -182,6 +196,7 @@ def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
             raise ParameterError("mlflow_artifact_location", f"must be a directory or an artifact URI, got {loc!r}")
         if "://" not in loc and not loc.startswith("file:"):
             out["mlflow_artifact_location"] = str(Path(loc).resolve())
+    _metrics(p.get("metrics"))
     _number(p, "mlflow_retries", 0, integer=True)
     _number(p, "mlflow_retry_delay_seconds", 0)
     _number(p, "seed", 0, integer=True)

@@ -4,6 +4,7 @@
 * :func:`log_to_mlflow` (task) logs one flow run as one MLflow run: params, metrics, artifacts in a fixed
   layout (``models/fake_quant``, ``models/deploy``, ``record``, ``parity``, ``plots``, ``config``,
   ``manifest.json``), tags, and the fake-quant model as an MLflow ONNX model (optionally registered).
+* :func:`log_metrics` adds figures measured after the run (the demo's ONNX Runtime accuracy).
 
 Tracking URI: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
 in the working directory. Artifacts: an experiment this module creates keeps them where the caller says
@@ -161,6 +162,21 @@ def download_checkpoint(uri: str, dst_dir: str, tracking_uri: str | None = None)
             f"name one file, e.g. '{uri.rstrip('/')}/<file>'",
         )
     return str(found[0])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Add figures measured after a flow run (e.g. accuracy of its exported model) to that run's metrics.
+    Raises TrackingError naming the URI and the run."""
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    mlflow = _mlflow(uri)
+    try:
+        client = mlflow.tracking.MlflowClient(uri)
+        for k, v in metrics.items():
+            client.log_metric(run_id, k, float(v))
+    except Exception as e:  # noqa: BLE001
+        raise TrackingError(f"logging metrics to run {run_id} at MLflow tracking URI {uri} failed: "
+                            f"{type(e).__name__}: {e}") from e
 
 
 @dataclass

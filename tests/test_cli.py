@@ -59,6 +59,18 @@ def test_a_bad_run_parameter_exits_2_with_one_line_naming_it_before_any_flow_sta
     assert not (tmp_path / "out").exists()
 
 
+def test_metric_flags_add_to_the_params_files_metrics(tmp_path):
+    pf = tmp_path / "params.json"
+    pf.write_text(json.dumps({"metrics": {"accuracy.fp32": 98.0, "accuracy.int8": 90.0}}))
+    a = cli.build_parser().parse_args(["run", "--checkpoint", "c.pt", "--model", "m:f", "--input-shape", "1,4",
+                                       "--params-file", str(pf), "--metric", "accuracy.int8=98.9",
+                                       "--metric", "latency_ms=3"])
+    assert cli._collect_params(a)["metrics"] == {"accuracy.fp32": 98.0, "accuracy.int8": 98.9, "latency_ms": 3.0}
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["run", "--metric", "accuracy"])
+    assert e.value.code == cli.EXIT_USAGE
+
+
 def test_validate_record_ok_and_invalid(mlp_export, tmp_path, capsys):
     rec = mlp_export / "mlp_record.txt"
     assert cli.main(["validate-record", str(rec)]) == cli.EXIT_OK
@@ -215,14 +227,51 @@ def test_the_printed_mlflow_ui_command_runs_as_typed_and_shows_the_run(embedded,
         ui.stop()
 
 
-@pytest.mark.integration
-def test_demo_runs_the_digits_example_through_the_flow(prefect_api, tmp_path):
-    """The README's main job: train + distill the digits example, run the flow on its checkpoint."""
-    r = _cli(["demo", "--epochs", "1", "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], prefect_api,
-             tmp_path)
+@pytest.fixture(scope="module")
+def demo(prefect_api, tmp_path_factory):
+    """The README's main job: `amct-export demo` (one distillation epoch) against the session's Prefect server."""
+    cwd = tmp_path_factory.mktemp("demo")
+    r = _cli(["demo", "--epochs", "1", "--mlflow-tracking-uri", f"sqlite:///{cwd / 'mlflow.db'}"], prefect_api, cwd)
     assert r.returncode == cli.EXIT_OK, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, cwd
+
+
+def _printed_percent(stdout: str, row: str) -> float:
+    line = next(line for line in stdout.splitlines() if row in line)
+    return float(line.split("|")[2].strip().rstrip("%").strip())
+
+
+@pytest.mark.integration
+def test_demo_runs_the_digits_example_through_the_flow(demo):
+    r, cwd = demo
     assert "int8, distilled (fake-quant ONNX, ONNX Runtime)" in r.stdout
     row = next(line for line in r.stdout.splitlines() if "fake-quant ONNX, ONNX Runtime" in line)
     assert "n/a" not in row
     for f in ("digits_fake_quant_model.onnx", "digits_deploy_model.onnx", "manifest.json", "parity/report.html"):
-        assert (tmp_path / "digits_out" / "export" / f).is_file(), f
+        assert (cwd / "digits_out" / "export" / f).is_file(), f
+
+
+@pytest.mark.integration
+def test_demo_results_json_holds_the_figures_the_terminal_shows(demo):
+    r, cwd = demo
+    res = json.loads((cwd / "digits_out" / "results.json").read_text())
+    for key, row in [("fp32_teacher", "fp32 teacher (torch)"), ("int8_calibration_only", "calibration only (torch)"),
+                     ("int8_distilled_torch", "int8, distilled (torch)"),
+                     ("int8_distilled_ort", "fake-quant ONNX, ONNX Runtime")]:
+        assert res[key] is not None and round(res[key], 2) == _printed_percent(r.stdout, row), key
+    assert res["ort_torch_agreement"] is not None
+
+
+@pytest.mark.integration
+def test_demo_logs_every_accuracy_figure_to_the_flows_mlflow_run(demo):
+    import mlflow
+
+    r, cwd = demo
+    res = json.loads((cwd / "digits_out" / "results.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["amct-export"], output_format="list")
+    m = run.data.metrics
+    for key in ("fp32_teacher", "int8_calibration_only", "int8_distilled_torch", "int8_distilled_ort",
+                "ort_torch_agreement"):
+        assert m[f"accuracy.{key}"] == pytest.approx(res[key]), key
+    assert run.info.run_id in r.stdout

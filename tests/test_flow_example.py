@@ -27,28 +27,56 @@ def test_prefect_yaml_has_a_nightly_schedule_with_timezone_and_an_on_demand_depl
     assert not deps["on-demand"]["schedules"]
 
 
-def test_nightly_parameters_export_the_digits_example(prefect_api, tmp_path, monkeypatch):
-    import numpy as np
+@pytest.fixture(scope="module")
+def nightly(prefect_api, tmp_path_factory):
+    """The nightly deployment's parameters run in a fresh working directory after the demo wrote its files."""
+    import os
+
     import torch
 
-    from examples.digits import load_digits_split, ort_predict, predict, run_demo
+    from examples.digits import run_demo
     from flows.distill_export import distill_export
 
-    monkeypatch.chdir(tmp_path)  # the deployment's relative paths resolve against the working directory
-    torch.set_num_threads(1)
-    res = run_demo("digits_out", epochs=1, teacher_epochs=5, export=False, verbose=False)
-    params = dict(_deployments()["nightly"]["parameters"])
-    assert Path(params["checkpoint"]).resolve() == Path(res.files["student"]).resolve()
-    state = distill_export(**params, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
+    cwd = tmp_path_factory.mktemp("nightly")
+    old = os.getcwd()
+    os.chdir(cwd)  # the deployment's relative paths resolve against the working directory
+    try:
+        torch.set_num_threads(1)
+        res = run_demo("digits_out", epochs=1, teacher_epochs=5, export=False, verbose=False)
+        params = dict(_deployments()["nightly"]["parameters"])
+        assert Path(params["checkpoint"]).resolve() == Path(res.files["student"]).resolve()
+        state = distill_export(**params, mlflow_tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}", return_state=True)
+    finally:
+        os.chdir(old)
     assert state.is_completed(), state.message
-    s = state.result()
+    return state.result(), params, cwd
+
+
+def test_nightly_parameters_export_the_digits_example(nightly):
+    import numpy as np
+
+    from examples.digits import load_digits_split, ort_predict, predict
+
+    s, params, cwd = nightly
     assert s["parity_passed"]
     split = load_digits_split(0)
     from tasks._common import ModelSpec, build_model as rebuild
 
-    student = rebuild(ModelSpec(params["checkpoint"], params["model"], {}, params["distill_config"], params["input_shape"]))
+    student = rebuild(ModelSpec(str(cwd / params["checkpoint"]), params["model"], {},
+                                str(cwd / params["distill_config"]), params["input_shape"]))
     agree = float((ort_predict(s["fake_quant_model"], split.x_test) == predict(student, split.x_test)).mean())
     assert agree >= 0.995
     manifest = json.loads(Path(s["manifest"]).read_text())
     assert manifest["target"] == params["target"]
     assert np.isfinite(manifest["parity"]["metrics"]["verify.passed"])
+
+
+def test_nightly_registers_each_export_as_a_model_version(nightly):
+    from mlflow.tracking import MlflowClient
+
+    s, params, cwd = nightly
+    assert params["registered_model_name"] == s["registered_model"] == "digits-int8"
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    (mv,) = client.search_model_versions("name = 'digits-int8'")
+    assert str(mv.version) == s["registered_version"] == "1" and mv.run_id == s["mlflow_run_id"]
+    assert mv.tags["deploy_model"] == f"runs:/{mv.run_id}/models/deploy/digits_deploy_model.onnx"

@@ -109,6 +109,8 @@ def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, t
     ("mlflow_artifact_location", "", "directory or an artifact URI"),
     ("model", "tests.models:nope", "no attribute 'nope'"),
     ("model_kwargs", {"name": "nope"}, "failed: KeyError"),
+    ("metrics", {"accuracy (%)": 98.9}, "letters, digits"),
+    ("metrics", {"accuracy": float("nan")}, "finite number"),
 ])
 def test_each_bad_parameter_is_named(params, key, value, words):
     e = _error({**params, key: value})
