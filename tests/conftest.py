@@ -157,3 +157,17 @@ def mlp_export(session_dir) -> Path:
     save_distill_model(qat, str(d / "mlp"), models.example_inputs("mlp", 1), record_file=str(d / "mlp_record.txt"),
                        input_names=["x"], output_names=["y"])
     return d
+
+
+@pytest.fixture(scope="session")
+def logged_export(prefect_api, mlflow_server, cnn_checkpoint, session_dir):
+    """One flow run of the SmallCNN checkpoint logged to the session's `mlflow server` (experiment
+    flow-mlflow-test), registered as version 1 of `cnn-int8`: (the flow's summary, its output directory)."""
+    from flows.distill_export import distill_export
+
+    out = session_dir / "logged-export"
+    state = distill_export(**cnn_checkpoint.params(out, mlflow_tracking_uri=mlflow_server.url,
+                                                   mlflow_experiment="flow-mlflow-test",
+                                                   registered_model_name="cnn-int8"), return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), out

@@ -21,15 +21,8 @@ def _sha(p: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def logged(prefect_api, mlflow_server, cnn_checkpoint, tmp_path_factory):
-    from flows.distill_export import distill_export
-
-    out = tmp_path_factory.mktemp("flow-mlflow") / "export"
-    state = distill_export(**cnn_checkpoint.params(out, mlflow_tracking_uri=mlflow_server.url,
-                                                   mlflow_experiment="flow-mlflow-test",
-                                                   registered_model_name="cnn-int8"), return_state=True)
-    assert state.is_completed(), state.message
-    return state.result(), out
+def logged(logged_export):
+    return logged_export
 
 
 def test_run_has_params_metrics_and_tags(logged, mlflow_server):
