@@ -1,18 +1,23 @@
-"""amct-export: run the distill-export flow locally, validate a record file, inspect an exported model.
+"""amct-export: run the distill-export flow locally, validate a record file, inspect an exported model,
+fetch an export back from MLflow.
 
 Exit codes (for scripts):
   0  success
   1  the run failed in a stage (see the message)
-  2  invalid arguments or parameters (the message names the parameter)
-  3  MLflow logging failed after its retries (every exported file is still on disk)
+  2  invalid arguments or parameters (the message names the parameter; fetch: also an unknown run or
+     model version, or a --to directory that is not empty)
+  3  MLflow failed: logging failed after its retries (every exported file is still on disk) / fetch: the
+     tracking server cannot be reached
   4  parity failed (files written and logged; the report says which output/layer)
-  5  validate-record: the record file is invalid / inspect: the file is not a readable ONNX model
+  5  validate-record: the record file is invalid / inspect: the file is not a readable ONNX model /
+     fetch: the run holds no complete export, or a file differs from its manifest (nothing is left in --to)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,13 +36,16 @@ examples:
   amct-export validate-record out/model_scale_offset_record.txt
   # what is inside an exported model
   amct-export inspect out/model_deploy_model.onnx
+  # an export back from MLflow (deploy + fake-quant models, record, manifest; SHA-256 checked)
+  amct-export fetch models:/digits-int8/latest --to deploy/ --mlflow-tracking-uri http://127.0.0.1:5001
 
 Without configuration the flow runs on Prefect's ephemeral API and logs to ./mlflow.db; set
 PREFECT_API_URL and MLFLOW_TRACKING_URI (or --mlflow-tracking-uri) to use real servers.
 See the MLflow UI with:  {mlflow} ui --backend-store-uri sqlite:///mlflow.db --port 5000  (then http://127.0.0.1:5000)
 
-exit codes: 0 ok, 1 stage failed, 2 bad arguments/parameters, 3 MLflow logging failed (files kept),
-4 parity failed, 5 invalid record file / unreadable model
+exit codes: 0 ok, 1 stage failed, 2 bad arguments/parameters, 3 MLflow failed (logging: files kept;
+fetch: server unreachable), 4 parity failed, 5 invalid record file / unreadable model / fetched files do
+not match their manifest
 """
 
 
@@ -377,6 +385,39 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fetch(a: argparse.Namespace) -> int:
+    """Download an export from MLflow into a new or empty directory, checked against its manifest."""
+    from tasks._params import ParameterError
+    from tasks.tracking import ExportMismatch, TrackingError, fetch_export
+
+    try:
+        f = fetch_export(a.uri, a.to, a.mlflow_tracking_uri)
+    except ParameterError as e:
+        return _usage_error(str(e).replace("parameter 'to'", "--to").replace("parameter 'uri'", "URI"))
+    except ExportMismatch as e:
+        print(f"INVALID: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except TrackingError as e:
+        print(f"amct-export: error: {e}", file=sys.stderr)
+        return EXIT_TRACKING
+    if a.json:
+        print(json.dumps({"uri": f.source, "run_id": f.run_id, "model_version": f.model_version,
+                          "directory": f.directory, "files": f.files, "atc_command": f.atc_command,
+                          "target": f.manifest.get("target")}, indent=2))
+        return EXIT_OK
+    src = f"run {f.run_id}" + (f", model version {f.model_version}" if f.model_version else "")
+    n = sum(len(v) for v in f.files.values()) + 1
+    print(f"fetched {f.source} ({src}) into {f.directory}: {n} files, sizes and SHA-256 match manifest.json")
+    for role, label in (("deploy_model", "deploy model"), ("fake_quant_model", "fake-quant model"),
+                        ("record", "record file")):
+        for i, path in enumerate(f.files[role]):
+            print(f"  {label if i == 0 else '  external data':17s}: {path}")
+    print(f"  {'manifest':17s}: {Path(f.directory) / 'manifest.json'}")
+    print(f"compile for {f.manifest.get('target', '?')} with ATC (CANN {f.manifest.get('cann', '?')}):")
+    print(f"  cd {shlex.quote(f.directory)} && {f.atc_command}")
+    return EXIT_OK
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """Train and distill the digits example, then run the flow on the checkpoint it wrote; log the accuracy
     figures with the flow's MLflow run and in <out>/results.json."""
@@ -464,6 +505,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("fetch", help="download an export from MLflow (deploy + fake-quant models, record, manifest)",
+                       description="Download what the distill-export flow logged to MLflow: the deploy model (with "
+                                   "its external data file, if any), the fake-quant model, the record file and "
+                                   "manifest.json, into a new or empty directory. Every file's size and SHA-256 is "
+                                   "checked against the manifest before the directory appears; then the ATC "
+                                   "command line is printed.",
+                       epilog="URI: runs:/<run_id>, models:/<name>/<version>, models:/<name>/latest or "
+                              "models:/<name>@<alias>.\n"
+                              "exit codes: 0 ok, 2 bad arguments / unknown run or version / --to not empty, "
+                              "3 tracking server unreachable, 5 not a complete export or a file differs from "
+                              "its manifest (nothing is left in --to)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("uri", help="runs:/<run_id> or models:/<name>/<version|latest> (or models:/<name>@<alias>)")
+    p.add_argument("--to", required=True, metavar="DIR", help="a new or empty directory to put the files in")
+    p.add_argument("--mlflow-tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    p.add_argument("--json", action="store_true", help="print what was fetched as JSON")
+    p.set_defaults(fn=cmd_fetch)
     p = sub.add_parser("demo", help="the digits example end to end: train, distill, then run the flow",
                        description="Train a small CNN on scikit-learn's digits, distill it to int8 (examples/digits.py), "
                                    "then run the distill-export flow on the checkpoint it wrote and log to MLflow.")

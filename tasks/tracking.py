@@ -310,3 +310,157 @@ def _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, m
         raise cls(f"logging to MLflow tracking server {uri} failed: {type(e).__name__}: {e}") from e
     return TrackingResult(uri, exp.experiment_id, run_id, run_url(uri, exp.experiment_id, run_id), model_uri,
                           registered_model_name, version)
+
+
+# ---- fetch: an export back from MLflow -----------------------------------------------------------
+
+FETCH_ROLES = ("deploy_model", "fake_quant_model", "record")  # with manifest.json: what ATC and ORT need
+
+
+class ExportMismatch(TrackingError):
+    """What MLflow holds is not a complete export: no manifest, a role missing, or a file whose size or
+    SHA-256 differs from the manifest."""
+
+
+@dataclass
+class FetchedExport:
+    source: str  # the URI as given
+    run_id: str
+    model_version: str | None  # "name/version" when the URI named a registered model
+    directory: str
+    files: dict[str, list[str]]  # role -> fetched paths (the .onnx first, then its external data)
+    manifest: dict
+    atc_command: str  # the manifest's command, to be run in ``directory``
+
+
+def _resolve_export_uri(client, uri: str) -> tuple[str, str | None]:
+    """(run_id, "name/version" or None) for ``runs:/<run_id>[/...]`` or ``models:/<name>/<version|latest>``
+    or ``models:/<name>@<alias>``. Raises ParameterError naming 'uri'."""
+    from mlflow.exceptions import MlflowException
+
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].strip("/").split("/")[0]
+        if not run_id:
+            raise ParameterError("uri", f"{uri!r} names no run: expected 'runs:/<run_id>'")
+        try:
+            client.get_run(run_id)
+        except MlflowException as e:
+            raise ParameterError("uri", f"{uri!r}: no run {run_id!r} at {client.tracking_uri}: {e.message}") from None
+        return run_id, None
+    if uri.startswith("models:/"):
+        ref = uri[len("models:/"):].strip("/")
+        try:
+            if "@" in ref and "/" not in ref:
+                name, alias = ref.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, version = ref.rpartition("/")
+                if not name or not version:
+                    raise ParameterError("uri", f"{uri!r}: expected 'models:/<name>/<version>', "
+                                                f"'models:/<name>/latest' or 'models:/<name>@<alias>'")
+                if version == "latest":
+                    found = client.search_model_versions(f"name = '{name}'")
+                    if not found:
+                        raise ParameterError("uri", f"{uri!r}: registered model {name!r} has no version at "
+                                                    f"{client.tracking_uri}")
+                    mv = max(found, key=lambda v: int(v.version))
+                else:
+                    mv = client.get_model_version(name, version)
+        except MlflowException as e:
+            raise ParameterError("uri", f"{uri!r}: not found at {client.tracking_uri}: {e.message}") from None
+        if not mv.run_id:
+            raise ParameterError("uri", f"{uri!r}: model version {mv.name}/{mv.version} belongs to no run")
+        return mv.run_id, f"{mv.name}/{mv.version}"
+    raise ParameterError("uri", f"{uri!r}: expected 'runs:/<run_id>', 'models:/<name>/<version>', "
+                                f"'models:/<name>/latest' or 'models:/<name>@<alias>'")
+
+
+def _empty_target(dest: Path) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise ParameterError("to", f"{str(dest)!r} exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise ParameterError("to", f"{str(dest)!r} is not empty: fetch into a new or empty directory "
+                                   f"(nothing already there is overwritten)")
+
+
+def fetch_export(uri: str, dest: str | os.PathLike, tracking_uri: str | None = None) -> FetchedExport:
+    """Download an export logged by the flow (deploy model with its external data, fake-quant model, record
+    file, manifest.json) into the new or empty directory ``dest``, and check every file's size and SHA-256
+    against the manifest. Everything is downloaded and checked in a temporary directory beside ``dest``
+    first; ``dest`` appears only complete and checked.
+
+    Raises ParameterError ('uri', 'to') for a bad or unknown URI or a non-empty ``dest``,
+    TrackingUnavailable when the server cannot be reached, ExportMismatch when the run holds no complete
+    export or a file differs from its manifest."""
+    import json
+    import shutil
+    import tempfile
+
+    from ._common import sha256_file
+
+    dest = Path(dest).absolute()
+    _empty_target(dest)
+    uri_t = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri_t)
+    mlflow = _mlflow(uri_t)
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.tracking.MlflowClient(uri_t)
+    try:
+        run_id, version = _resolve_export_uri(client, uri)
+    except (ParameterError, TrackingError):
+        raise
+    except Exception as e:  # noqa: BLE001 - connection trouble inside MLflow's client
+        cls = TrackingUnavailable if _is_transient(e) else TrackingError
+        raise cls(f"MLflow tracking server {uri_t}: {type(e).__name__}: {e}") from e
+    what = f"run {run_id}" + (f" (model version {version})" if version else "")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.fetch-", dir=dest.parent))
+    staged = work / "export"
+    staged.mkdir()
+
+    def download(artifact_path: str) -> Path:
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                            dst_path=str(work / "download"), tracking_uri=uri_t))
+        except MlflowException as e:
+            raise ExportMismatch(f"{what} at {uri_t} has no artifact {artifact_path!r}: {e.message}") from None
+        except Exception as e:  # noqa: BLE001
+            cls = TrackingUnavailable if _is_transient(e) else TrackingError
+            raise cls(f"downloading {artifact_path!r} of {what} from {uri_t} failed: {type(e).__name__}: {e}") from e
+
+    try:
+        try:
+            manifest_file = download("manifest.json")
+        except ExportMismatch:
+            raise ExportMismatch(f"{what} at {uri_t} has no manifest.json: it is not an export of the "
+                                 f"distill-export flow") from None
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            entries = {role: list(manifest["files"][role]) for role in FETCH_ROLES}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ExportMismatch(f"manifest.json of {what} is not a complete export manifest "
+                                 f"(roles {list(FETCH_ROLES)} expected): {type(e).__name__}: {e}") from None
+        files: dict[str, list[str]] = {}
+        for role, role_entries in entries.items():
+            if not role_entries:
+                raise ExportMismatch(f"manifest.json of {what} lists no {role} file")
+            for e in role_entries:
+                got = download(e["artifact_path"])
+                target = staged / Path(e["artifact_path"]).name
+                if target.exists():
+                    raise ExportMismatch(f"manifest.json of {what} lists two files named {target.name!r}")
+                shutil.move(str(got), target)
+                size, sha = target.stat().st_size, sha256_file(target)
+                if size != e["size"] or sha != e["sha256"]:
+                    raise ExportMismatch(
+                        f"{e['artifact_path']} of {what} does not match manifest.json: {size} bytes, sha256 {sha} "
+                        f"(manifest: {e['size']} bytes, sha256 {e['sha256']})")
+                files.setdefault(role, []).append(str(dest / target.name))
+        shutil.move(str(manifest_file), staged / "manifest.json")
+        _empty_target(dest)  # still empty: nothing the user put there meanwhile is replaced
+        os.rename(staged, dest)  # onto a missing or empty directory: the set appears at once
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return FetchedExport(uri, run_id, version, str(dest), files, manifest, manifest.get("atc_command", ""))
