@@ -263,16 +263,16 @@ def build_model(spec: ModelSpec):
     float_model = make_float_model(spec.model, spec.model_kwargs)
     float_model.eval()
     x = spec_inputs(spec)
-    cfg = spec.distill_config
     try:
-        if not cfg:
+        if spec.distill_config:
+            model = create_distill_model(spec.distill_config, float_model, x)
+        else:  # the default config, in a temporary directory that is removed at once
             import tempfile
 
-            tmp = tempfile.NamedTemporaryFile(prefix="amct_distill_config_", suffix=".json", delete=False)
-            tmp.close()
-            create_distill_config(tmp.name, float_model, x)
-            cfg = tmp.name
-        model = create_distill_model(cfg, float_model, x)
+            with tempfile.TemporaryDirectory(prefix="amct_distill_config_") as d:
+                cfg = os.path.join(d, "distill_config.json")
+                create_distill_config(cfg, float_model, x)
+                model = create_distill_model(cfg, float_model, x)
     except AmctError as e:
         raise ParameterError("distill_config", f"{spec.distill_config or '(default)'}: {e}") from None
     state = read_state_dict(spec.checkpoint)

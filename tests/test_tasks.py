@@ -91,6 +91,18 @@ def test_wrong_shapes_are_named(tmp_path):
         build_model(ModelSpec(str(tmp_path / "shape.pt"), spec.model, spec.model_kwargs, spec.distill_config, spec.input_shape))
 
 
+def test_the_default_distill_config_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import tempfile
+
+    spec, qat = _spec(tmp_path)  # tests.models wraps with the default config too
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    model = build_model(ModelSpec(spec.checkpoint, spec.model, spec.model_kwargs, None, spec.input_shape))
+    assert list(model.state_dict()) == list(qat.state_dict())
+    assert list(tmp.iterdir()) == []
+
+
 def test_bad_model_kwargs_name_model_kwargs(tmp_path):
     spec, _ = _spec(tmp_path)
     with pytest.raises(ParameterError, match="parameter 'model_kwargs'"):
