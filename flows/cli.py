@@ -282,19 +282,20 @@ def cmd_validate_record(a: argparse.Namespace) -> int:
                 trace_to_file(model, spec_inputs(spec), f"{d}/traced.onnx", f"{d}/record.txt", target=a.target,
                               opset_version=a.opset)
                 records = validate_record_file(a.record_file, f"{d}/traced.onnx", a.target)
-            how = f"against model {a.model} with checkpoint {a.checkpoint}"
+            how = f"checked against model {a.model} with checkpoint {a.checkpoint}"
         else:
             records = read_record(a.record_file)
             validate_record(records, {k: LayerInfo(c_out=max(1, len(r.scale_w))) for k, r in records.items()},
                             a.target, source=f"record file {a.record_file!r}")
-            how = "syntax and values only (give --model/--checkpoint/--input-shape to check layers and biases)"
+            how = ("syntax and values only; give --model, --checkpoint and --input-shape to check it against the "
+                   "model's layers and biases too")
     except AmctError as e:
         print(f"INVALID: {e}", file=sys.stderr)
         return EXIT_INVALID
     except ValueError as e:  # ParameterError and friends
         print(f"amct-export: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"OK: {a.record_file}: {len(records)} layer record(s) valid for target {a.target or 'A2'} ({how})")
+    print(f"OK: {a.record_file}: {len(records)} layer record(s) valid for target {a.target or 'A2'}: {how}")
     for k, r in records.items():
         print(f"  {k}: scale_d={r.scale_d:.6g} offset_d={r.offset_d} scale_w[{len(r.scale_w)}]")
     return EXIT_OK

@@ -83,6 +83,21 @@ def test_validate_record_ok_and_invalid(mlp_export, tmp_path, capsys):
     assert cli.main(["validate-record", str(mlp_export / "missing.txt")]) == cli.EXIT_INVALID
 
 
+def _paren_depth(text: str) -> int:
+    depth = deepest = 0
+    for c in text:
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def test_validate_record_ok_line_has_no_nested_parentheses(mlp_export, capsys):
+    assert cli.main(["validate-record", str(mlp_export / "mlp_record.txt")]) == cli.EXIT_OK
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("OK: ") and "3 layer record(s) valid for target A2: syntax and values only" in first
+    assert _paren_depth(first) <= 1, first
+
+
 def test_validate_record_against_the_model_names_missing_layers(mlp_export, tmp_path, capsys):
     import torch
 
