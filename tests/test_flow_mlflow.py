@@ -171,6 +171,7 @@ def test_prefect_artifacts_show_parity_table_and_mlflow_link(logged, prefect_api
     assert any(r["check"].startswith("parity output") and r["cosine"] > 0.99 for r in rows)
     assert {r["check"] for r in rows} >= {"preflight", "deploy simulation"}
     link = arts["mlflow-run"]
+    assert link.type == "markdown"  # docs/PIPELINE.md says so
     assert summary["mlflow_run_id"] in json.dumps(link.data) and mlflow_server.url in json.dumps(link.data)
 
 
