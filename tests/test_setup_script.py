@@ -1,0 +1,66 @@
+"""scripts/setup.sh installs once and then skips pip while pyproject.toml is unchanged. Run on a copy of
+the script and pyproject.toml whose .venv/bin/python is a stand-in that records how it was called."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from tests.services import REPO
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/calls.log"
+if [ -n "${FAIL_PIP:-}" ]; then exit 1; fi
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    py = tmp_path / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text(FAKE_PYTHON)
+    py.chmod(0o755)
+    return tmp_path
+
+
+def _setup(project, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
+    log = project / ".venv" / "bin" / "calls.log"
+    log.unlink(missing_ok=True)
+    r = subprocess.run(["bash", str(project / "scripts" / "setup.sh")], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", **env})
+    return r, (log.read_text().splitlines() if log.exists() else [])
+
+
+def test_first_run_installs_and_says_so(project):
+    r, calls = _setup(project)
+    assert r.returncode == 0, r.stderr
+    assert any("pip install" in c and "torch==2.13.0" in c for c in calls)
+    assert any("pip install" in c and "-e .[test]" in c for c in calls)
+    assert "installing into .venv" in r.stdout and "first time" in r.stdout
+    assert not any(" -q " in f" {c} " for c in calls if "torch==" in c or "-e .[test]" in c)  # pip shows progress
+
+
+def test_an_unchanged_pyproject_skips_pip(project):
+    _setup(project)
+    r, calls = _setup(project)
+    assert r.returncode == 0 and calls == []
+    assert "setup: .venv is current" in r.stdout
+
+
+def test_a_changed_pyproject_installs_again(project):
+    _setup(project)
+    with open(project / "pyproject.toml", "a") as f:
+        f.write("\n# changed\n")
+    r, calls = _setup(project)
+    assert r.returncode == 0 and any("-e .[test]" in c for c in calls)
+
+
+def test_a_failed_install_is_retried_next_time(project):
+    r, _ = _setup(project, FAIL_PIP="1")
+    assert r.returncode != 0
+    r, calls = _setup(project)
+    assert r.returncode == 0 and any("-e .[test]" in c for c in calls)
