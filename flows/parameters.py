@@ -3,8 +3,8 @@
 
 Importable without Prefect, torch or MLflow: the cheap rules run first (files exist, names, shapes,
 numbers), then the ones that need the library (target, opset, tolerances), then the model: its reference
-must import and the float model must run on the example input (built on PyTorch's ``meta`` device, so no
-weights are allocated). That run also gives the number of outputs, from which the default graph names
+must import and the float model must run on the example input (on the CPU when it is small, else on
+PyTorch's ``meta`` device, which allocates no weights). That run also gives the number of outputs, from which the default graph names
 come (:func:`default_names`).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tasks._params import (
 )
 
 FLOW_FILE = Path(__file__).with_name("distill_export.py")
+SMALL_MODEL_BYTES = 64 << 20  # parameters + buffers up to this are checked on the CPU
 FLOW_FUNCTION = "distill_export"
 
 
@@ -115,10 +116,27 @@ def _dynamic_axes(axes, names: list[str], ranks: dict[str, int]) -> dict | None:
             for n, ax in axes.items()}
 
 
+def _devices(model_ref: str, model_kwargs: dict) -> tuple[str, ...]:
+    """Where to run the model for the check: a small one on the CPU (quick); a large one on the ``meta``
+    device, which allocates no memory (its first use costs about a second of loading), then on the CPU
+    if its forward needs real values."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = make_float_model(model_ref, model_kwargs)
+    except ParameterError:
+        raise
+    except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the CPU decides
+        return ("cpu",)
+    nbytes = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
+    return ("cpu",) if nbytes <= SMALL_MODEL_BYTES else ("meta", "cpu")
+
+
 def count_outputs(model_ref: str, model_kwargs: dict, inputs: list[tuple[list[int], str]]) -> int:
-    """How many tensors the float model returns for example inputs of these shapes and dtypes. Runs it on
-    the ``meta`` device (shapes only, no memory); a model that cannot run there is run on the CPU.
-    Raises ParameterError naming 'input_shape' when the model does not accept the inputs."""
+    """How many tensors the float model returns for example inputs of these shapes and dtypes (see
+    :func:`_devices` for where it runs). Raises ParameterError naming 'input_shape' when the model does not
+    accept the inputs."""
     import torch
     from torch.utils._pytree import tree_leaves
 
@@ -128,7 +146,7 @@ def count_outputs(model_ref: str, model_kwargs: dict, inputs: list[tuple[list[in
             xs = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in inputs]
             return sum(isinstance(t, torch.Tensor) for t in tree_leaves(model(*xs)))
 
-    for device in ("meta", "cpu"):  # code that needs real values cannot run on meta tensors: decide on the CPU
+    for device in _devices(model_ref, model_kwargs):
         try:
             return run(device)
         except ParameterError:

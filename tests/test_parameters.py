@@ -76,7 +76,17 @@ def test_dynamic_axes_may_name_the_default_names(params):
     assert e.parameter == "dynamic_axes" and "['input', 'output']" in str(e)
 
 
-def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, tmp_path):
+def test_a_small_model_is_checked_on_the_cpu_and_a_large_one_on_the_meta_device(tmp_path):
+    from flows.parameters import _devices
+
+    src = tmp_path / "big.py"
+    src.write_text("import torch\n\ndef build():\n    return torch.nn.Linear(8192, 8192)  # 256 MiB of weights\n")
+    assert _devices("tests.models:build", {"name": "cnn"}) == ("cpu",)
+    assert _devices(f"{src}:build", {}) == ("meta", "cpu")
+
+
+def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, tmp_path, monkeypatch):
+    monkeypatch.setattr("flows.parameters.SMALL_MODEL_BYTES", 0)  # every model counts as large: meta first
     src = tmp_path / "datadep.py"
     src.write_text(textwrap.dedent("""
         import torch
