@@ -100,3 +100,13 @@ def test_zoo_bench_rejects_an_unknown_model():
 
     with pytest.raises(SystemExit):
         zoo.main(["--models", "alexnet"])
+
+
+def test_cli_errors_bench_times_a_refused_parameter(capsys):
+    from bench import cli_errors
+
+    assert cli_errors.main(["--smoke"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| checkpoint |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert _positive(float(cells[1])) and cells[4] == "2" and cells[5] == "1"
+    assert "parameter 'checkpoint'" in cells[6]
