@@ -83,3 +83,15 @@ def test_quant_factors_refuse_an_uncalibrated_layer():
 def test_qat_conv_refuses_reflect_padding():
     with pytest.raises(ValueError, match="padding_mode"):
         QuantConv2d(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+
+
+def test_weight_memo_follows_in_place_changes_of_the_weight():
+    conv = QuantConv2d(nn.Conv2d(2, 3, 3))
+    conv.weight_memo = {}
+    with torch.no_grad():
+        first = conv.fake_quant_weight()
+        assert conv.fake_quant_weight() is first  # computed once while the weight is unchanged
+        conv.weight.mul_(2.0)
+        second = conv.fake_quant_weight()
+    assert torch.equal(second, conv._fake_quant_weight()) and not torch.equal(second, first)
+    assert conv.fake_quant_weight().requires_grad  # with autograd on, no memo: a fresh graph

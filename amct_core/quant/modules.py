@@ -74,7 +74,22 @@ class _QuantBase(nn.Module):
     def weight_scale(self) -> torch.Tensor:
         return arith.weight_scale(self.weight, self.channel_wise)
 
+    # A dict while distill() runs forwards in which the weights do not change (its checks and the
+    # forward that carries the batches past a trained group): the fake-quantized weight is then
+    # computed once, not once per batch. Only used without autograd; keyed by the weight tensor and
+    # its version counter (bumped by every in-place change, optimizer steps included).
+    weight_memo: dict | None = None
+
     def fake_quant_weight(self) -> torch.Tensor:
+        memo = self.weight_memo
+        if memo is not None and not torch.is_grad_enabled():
+            key = (id(self.weight), self.weight._version)
+            if memo.get("key") != key:
+                memo["key"], memo["value"] = key, self._fake_quant_weight()
+            return memo["value"]
+        return self._fake_quant_weight()
+
+    def _fake_quant_weight(self) -> torch.Tensor:
         scale = self.weight_scale()
         q = arith.quantize_weight(self.weight, scale)
         return q * scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
