@@ -5,12 +5,10 @@ How it works
 1. **Calibration.** Every quantized layer's activation range is reset and re-measured (min/max)
    over the first ``batch_num`` batches of ``train_loader`` (``batch_num`` from the config).
 2. **Block-wise training.** The distill groups of the config are trained one after the other, in
-   the order the forward pass reaches them. For a group, the student runs up to the group's last
-   module and that module's output is matched to the teacher's output of the same module (the
-   module names are the same in both models: the QAT wrappers replace layers in place). Each
-   forward stops as soon as the group's last module has produced its output, so later layers
-   cost nothing. The student sees its own (quantized, already distilled) upstream activations,
-   so each block also learns to absorb the error of the blocks before it.
+   the order the forward pass reaches them. A group's output (its last module's) is matched to the
+   teacher's output of the same module (the module names are the same in both models: the QAT
+   wrappers replace layers in place). The student sees its own (quantized, already distilled)
+   upstream activations, so each block also learns to absorb the error of the blocks before it.
    Trainable: the parameters of the modules the group names (submodules included), i.e. the QAT
    layers' ``weight``, ``bias``, ``clip_min``, ``clip_max`` and the affine parameters of BatchNorms
    in the group. The default optimizer is Adam with steps relative to each parameter's scale.
@@ -19,6 +17,17 @@ How it works
    overrides this). Everything runs in eval mode (BatchNorm uses its frozen running statistics, so
    the exporter's BN fold stays exact; dropout is off); only the QAT layers of the group train
    their ranges.
+
+   **Cost.** After calibration ``train_loader`` is iterated once; each batch's teacher and student
+   forwards run once in total, paused at the group boundaries (``stepped.py``): a group trains on the
+   inputs its first module received from the paused student forward and on the teacher's output
+   taken from the paused teacher forward, replaying only its own modules. So the time is linear in
+   depth. The paused forwards hold what is live at the boundary, for every cached batch: that memory
+   is bounded by ``cache_bytes`` (default: a quarter of the machine's memory). Batches beyond the
+   budget, groups whose modules are not a chain (functional code between them) and batches whose
+   modules are called in another order than planned take the exact slow path: the model is run
+   from its input up to the group's output for every step (cost groups x depth, as before); the
+   progress output says which and why.
 
 3. **Check.** Each block's loss is measured on the first ``max(batch_num, 4)`` batches before and
    after its training; a block whose loss went up keeps its calibrated values. The figures are left
@@ -31,8 +40,11 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -41,16 +53,15 @@ import torch.nn as nn
 from .._modes import eval_mode
 from ..errors import AmctError, ConfigError
 from ..quant.modules import is_quant_module
+from . import stepped
 from .config import enabled_layers, load_distill_config, validate_distill_config
 
 logger = logging.getLogger("amct_core.distill")
 # Batches (the first ones of train_loader, at least batch_num) on which each block's loss is measured
 # before and after its training; a block that got worse there keeps its calibrated values.
 CHECK_BATCHES = 4
-# What a block's first module receives while the block trains: "student" (the student's own,
-# quantized upstream activations) or "teacher" (the teacher's activations at that point).
-# Measured on the digits demo and a transformer block (docs/BENCHMARKS.md): "student" is the default.
-BLOCK_INPUT = "student"
+# At most this many batches keep paused forwards (two threads each), whatever the memory budget.
+MAX_CACHED_BATCHES = 512
 # Step sizes of the default optimizer relative to ``lr``: a weight moves by about
 # lr * WEIGHT_LR_SCALE * rms(weight) per step, an activation range end by lr * RANGE_LR_SCALE * span.
 # Chosen on three cases (digits CNN, a transformer block with outliers, a LayerNorm'd encoder block;
@@ -153,43 +164,6 @@ def _make_adapter(sample_instance, model: nn.Module) -> Callable[[Any], tuple[tu
 
 
 # ----------------------------------------------------------------------------------------------
-# running a model up to one module
-
-
-class _Stop(BaseException):
-    """Raised by a forward hook to end a forward pass early (BaseException: user code that catches
-    ``Exception`` inside ``forward`` cannot swallow it)."""
-
-    def __init__(self, out):
-        super().__init__()
-        self.out = out
-
-
-def _run_to(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict, pre=None, capture_in=None):
-    """Run ``model`` until ``module`` returns; give back that output.
-
-    ``pre``: optional (module, fn) whose forward-pre-hook replaces that module's inputs.
-    ``capture_in``: optional (module, list) that receives that module's first positional input.
-    """
-    def stop(mod, a, out):
-        raise _Stop(out)
-
-    hooks = [module.register_forward_hook(stop)]
-    if pre is not None:
-        hooks.append(pre[0].register_forward_pre_hook(pre[1]))
-    if capture_in is not None:
-        hooks.append(capture_in[0].register_forward_pre_hook(lambda m, a: capture_in[1].append(a[0])))
-    try:
-        model(*args, **kwargs)
-    except _Stop as s:
-        return s.out
-    finally:
-        for h in hooks:
-            h.remove()
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
 # progress
 
 
@@ -217,7 +191,7 @@ class _Progress:
 # argument checks
 
 
-def _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader) -> None:
+def _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader, cache_bytes) -> None:
     if not isinstance(model, nn.Module):
         raise DistillError(f"model (the fp32 teacher) must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(compress_model, nn.Module):
@@ -243,6 +217,23 @@ def _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader
     if train_loader is None or not hasattr(train_loader, "__iter__"):
         raise DistillError(f"train_loader must be an iterable of batches (e.g. a DataLoader), got "
                            f"{type(train_loader).__name__}")
+    if iter(train_loader) is train_loader:
+        raise DistillError(f"train_loader is a {type(train_loader).__name__} that can be read only once (iter() returns "
+                           "itself); distill reads it for calibration and again for training, so it must be "
+                           "re-iterable: pass a DataLoader or a list of batches, not a generator or an iterator")
+    if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
+                                    or cache_bytes < 0):
+        raise DistillError(f"cache_bytes must be None (default: a quarter of the machine's memory) or a number "
+                           f"of bytes >= 0 (0: no cache, every step runs the model from its input), got "
+                           f"{cache_bytes!r}")
+
+
+def default_cache_bytes() -> int:
+    """A quarter of the machine's physical memory (2 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
 
 
 DATA_KEYS = ("algo", "dst_type", "fixed_min", "clip_max", "clip_min")
@@ -312,12 +303,10 @@ def _check_models_match(cfg: dict, model: nn.Module, student: nn.Module) -> None
 
 
 @torch.no_grad()
-def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: list[str], progress: _Progress,
-               n_check: int):
-    """Reset and re-measure every QAT layer's activation range over ``batch_num`` batches.
+def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: list[str], progress: _Progress):
+    """Reset and re-measure every QAT layer's activation range over the first ``batch_num`` batches.
 
-    Returns (number of batches used, first-call order of the modules named in ``watch``, the first
-    ``n_check`` batches as model inputs).
+    Returns (number of batches used, first-call order of the modules named in ``watch``).
     """
     qmods = [m for m in student.modules() if is_quant_module(m)]
     mods = dict(student.named_modules())
@@ -329,17 +318,9 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
         m.act_initialized.fill_(False)
         m.calibrating = True
     n = 0
-    check: list[tuple[tuple, dict]] = []
     try:
         for batch in train_loader:
-            if n >= batch_num:
-                if len(check) >= n_check:
-                    break
-                check.append(adapt(batch))
-                continue
             args, kwargs = adapt(batch)
-            if len(check) < n_check:
-                check.append((args, kwargs))
             try:
                 student(*args, **kwargs)
             except DistillError:
@@ -351,6 +332,8 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
                 for h in hooks:
                     h.remove()
                 hooks = []
+            if n >= batch_num:
+                break
     finally:
         for h in hooks:
             h.remove()
@@ -365,7 +348,7 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
                            "their activation ranges cannot be calibrated; disable them in the config")
     if n < batch_num:
         progress.say(f"calibration: train_loader has only {n} batches, fewer than batch_num={batch_num}")
-    return n, order, check
+    return n, order
 
 
 def _apply_initial_ranges(cfg: dict, student: nn.Module) -> list[str]:
@@ -494,13 +477,13 @@ def calibrate_distill_model(compress_model, config_file, train_loader, sample_in
     check_layer_fields(cfg)
     adapt = _make_adapter(sample_instance, model if model is not None else compress_model)
     with eval_mode(compress_model):
-        n, _, _ = _calibrate(compress_model, train_loader, adapt, int(cfg.get("batch_num", 1)), [], _Progress(), 0)
+        n, _ = _calibrate(compress_model, train_loader, adapt, int(cfg.get("batch_num", 1)), [], _Progress())
         _apply_initial_ranges(cfg, compress_model)
     return n
 
 
 def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3, sample_instance=None, loss=None,
-            optimizer=None):
+            optimizer=None, *, cache_bytes=None):
     """Distill ``compress_model`` (from :func:`create_distill_model`) against the fp32 ``model``, block by block.
 
     Args:
@@ -508,9 +491,11 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
         compress_model: the student returned by ``create_distill_model(config_file, model, input_data)``.
         config_file: the JSON written by ``create_distill_config`` (``batch_num`` calibration batches,
             ``distill_group`` blocks).
-        train_loader: iterable of batches (a DataLoader); iterated once for calibration and once per
-            epoch per group, so it must be re-iterable. An empty loader is an error.
-        epochs: passes over ``train_loader`` per distill group.
+        train_loader: iterable of batches (a DataLoader). Iterated once for calibration and once for
+            training: those batches are the training data of every group and epoch. Batches beyond
+            the memory budget are read again from ``train_loader`` for every group and epoch, so it
+            must be re-iterable. An empty loader is an error.
+        epochs: passes over the training batches per distill group.
         lr: learning rate of the default optimizer (Adam, one per group). Ignored when ``optimizer`` is given.
         sample_instance: a :class:`DistillSampleBase` (or a function) mapping a batch to model inputs. Without
             it a batch must be a tensor or a tuple/list ``(inputs..., labels...)``; the model's forward
@@ -519,11 +504,20 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
         optimizer: a ``torch.optim.Optimizer`` over the student's parameters (e.g. built from
             ``compress_model.parameters()``), used for every group; only the current group's
             parameters receive gradients.
+        cache_bytes: keyword only. Memory budget in bytes for what the paused teacher and student
+            forwards hold per batch (the activations live at the current group boundary, the
+            group's input and target), estimated on the first batch. Default ``None``: a quarter of
+            the machine's physical memory. Batches beyond it are run from the model's input for
+            every step (exact, slower); ``0`` runs every batch that way.
 
     Returns:
         ``compress_model``, distilled in place (train/eval flags restored), ready for ``save_distill_model``.
+        It carries ``amct_distill_report`` (per group: losses before and after on the check batches,
+        which values were kept) and ``amct_distill_cache`` (the memory budget, the estimated bytes per
+        batch, how many batches were cached, held as inputs only or streamed, and the groups that took
+        the slow path).
     """
-    _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader)
+    _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader, cache_bytes)
     cfg = load_distill_config(config_file)
     check_layer_fields(cfg)
     validate_distill_config(cfg, model)
@@ -532,79 +526,257 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
         raise DistillError("config key 'data_dump': dumping teacher block inputs/outputs is not supported; set it "
                            "to false")
     batch_num = int(cfg.get("batch_num", 1))
-    adapt = _make_adapter(sample_instance, model)
-    loss_fn = loss if loss is not None else nn.MSELoss()
     progress = _Progress()
-
-    smods = dict(compress_model.named_modules())
-    tmods = dict(model.named_modules())
+    run = _Run(teacher=model, student=compress_model, cfg=cfg, loader=train_loader,
+               adapt=_make_adapter(sample_instance, model), loss_fn=loss if loss is not None else nn.MSELoss(),
+               epochs=epochs, lr=lr, optimizer=optimizer, progress=progress,
+               budget=default_cache_bytes() if cache_bytes is None else cache_bytes,
+               n_check=max(batch_num, CHECK_BATCHES))
+    if optimizer is not None:
+        run.opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     watch = [n for g in cfg.get("distill_group", []) for n in g] + enabled_layers(cfg)
 
     s_grad = {p: p.requires_grad for p in compress_model.parameters()}
     t0 = time.monotonic()
     with eval_mode(model, compress_model):
         try:
-            n_cal, call_order, check = _calibrate(compress_model, train_loader, adapt, batch_num, watch, progress,
-                                                  n_check=max(batch_num, CHECK_BATCHES))
+            n_cal, call_order = _calibrate(compress_model, train_loader, run.adapt, batch_num, watch, progress)
             preset = _apply_initial_ranges(cfg, compress_model)
             if preset:
                 progress.say(f"initial activation ranges from the config (not calibrated): {preset}")
-            groups = _plan_groups(cfg, compress_model, call_order)
-            progress.say(f"calibrated activation ranges on {n_cal} batch(es); distilling {len(groups)} group(s) x "
+            run.groups = _plan_groups(cfg, compress_model, call_order)
+            progress.say(f"calibrated activation ranges on {n_cal} batch(es); distilling {len(run.groups)} group(s) x "
                          f"{epochs} epoch(s)")
-            opt_params = None
-            if optimizer is not None:
-                opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            report = []
-            for gi, group in enumerate(groups):
-                report.append(_train_group(
-                    gi, len(groups), group, cfg, model, compress_model, tmods, smods, train_loader, adapt, epochs, lr,
-                    loss_fn, optimizer, opt_params, progress, check,
-                ))
+            run.hooks = stepped.Hooks(run.groups, run.smods, run.tmods)
+            _load_batches(run)
+            _prepare(run, 0)
+            run.t_start = time.monotonic()
+            report = [_train_group(run, gi) for gi in range(len(run.groups))]
             compress_model.amct_distill_report = report
+            compress_model.amct_distill_cache = run.cache_figures
             progress.say(f"distillation done in {time.monotonic() - t0:.1f} s")
         finally:
+            run.close()
             for p, rg in s_grad.items():
                 p.requires_grad_(rg)
                 p.grad = None
     return compress_model
 
 
-def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train_loader, adapt, epochs, lr, loss_fn,
-                 optimizer, opt_params, progress: _Progress, check_batches: list) -> dict:
-    """Train one group; returns {"group", "loss_before", "loss_after", "kept"} (losses on ``check_batches``)."""
+# ----------------------------------------------------------------------------------------------
+# the run: its settings, its batches, the steps of one group
+
+
+@dataclass
+class _Batch:
+    """One training batch: its model inputs and, while it is cached, its paused forwards."""
+
+    index: int
+    args: tuple
+    kwargs: dict
+    student: stepped.Worker | None = None
+    teacher: stepped.Worker | None = None
+    targets: dict | None = None  # the probe batch: the teacher's output of every group
+    group_in: tuple | None = None  # (args, kwargs) of the current group's first module (fast path)
+    target: torch.Tensor | None = None  # the teacher's output of the current group
+
+    def uncache(self) -> None:
+        for w in (self.student, self.teacher):
+            if w is not None:
+                w.close()
+        self.student = self.teacher = self.targets = self.group_in = self.target = None
+
+
+@dataclass
+class _Run:
+    """Everything one distill() call works with."""
+
+    teacher: nn.Module
+    student: nn.Module
+    cfg: dict
+    loader: Any
+    adapt: Callable
+    loss_fn: Callable
+    epochs: int
+    lr: float
+    optimizer: torch.optim.Optimizer | None
+    progress: _Progress
+    budget: int
+    n_check: int
+    opt_params: set | None = None
+    groups: list = field(default_factory=list)
+    batches: list = field(default_factory=list)  # held in memory: cached ones first, then inputs only
+    streamed: bool = False  # train_loader has batches after ``batches``: read again for every group and epoch
+    chains: list = field(default_factory=list)  # per group: stepped.Chain, or None (slow path)
+    slow_reasons: list = field(default_factory=list)
+    hooks: stepped.Hooks | None = None
+    cache_figures: dict = field(default_factory=dict)
+    t_start: float = 0.0  # when the first group started
+
+    def eta(self, done_groups: int) -> str:
+        """Time so far and the estimated time left, from the mean time per group."""
+        spent = time.monotonic() - self.t_start
+        left = spent / done_groups * (len(self.groups) - done_groups)
+        return f"{done_groups}/{len(self.groups)} groups in {spent:.1f} s, ETA {left:.0f} s"
+
+    def __post_init__(self):
+        self.tmods = dict(self.teacher.named_modules())
+        self.smods = dict(self.student.named_modules())
+
+    def close(self) -> None:
+        for b in self.batches:
+            b.uncache()
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+
+
+def _load_batches(run: _Run) -> None:
+    """Iterate train_loader once: probe the first batch, start the paused forwards of as many batches
+    as the budget holds, keep the inputs of the check batches, note whether batches remain."""
+    run.chains = [None] * len(run.groups)
+    run.slow_reasons = ["no cache (cache_bytes=0)"] * len(run.groups)
+    per_batch = first_extra = None
+    cached_bytes = 0
+    for i, batch in enumerate(run.loader):
+        args, kwargs = run.adapt(batch)
+        if i == 0 and run.budget > 0:
+            try:
+                pr = stepped.probe(run.teacher, run.groups, args, kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise DistillError(f"model (the teacher) forward failed on batch 0: {e}") from e
+            run.chains = pr.chains
+            run.slow_reasons = pr.reasons
+            in_bytes = sum(t.numel() * t.element_size() for t in stepped._tensors_of((args, kwargs)))
+            target_bytes = [t.numel() * t.element_size() for t in pr.targets.values()]
+            per_batch = 2 * max(pr.live_bytes, default=0) + max(target_bytes, default=0) + in_bytes
+            first_extra = sum(target_bytes) - max(target_bytes, default=0)
+        b = _Batch(i, args, kwargs)
+        cost = None if per_batch is None else per_batch + (first_extra if i == 0 else 0)
+        if cost is not None and cached_bytes + cost <= run.budget and i < MAX_CACHED_BATCHES and \
+                len(run.batches) == i and all(x.student is not None for x in run.batches):
+            cached_bytes += cost
+            b.student = stepped.Worker(run.student, args, kwargs, f"amct-distill-student-{i}")
+            if i == 0:
+                b.targets = dict(pr.targets)
+            else:
+                b.teacher = stepped.Worker(run.teacher, args, kwargs, f"amct-distill-teacher-{i}")
+        elif i >= run.n_check:
+            run.streamed = True
+            break
+        run.batches.append(b)
+    if not run.batches:
+        raise DistillError("train_loader yielded no batch after calibration; it must be re-iterable (a DataLoader "
+                           "or a list, not a generator)")
+    n_cached = sum(b.student is not None for b in run.batches)
+    run.cache_figures = {
+        "budget_bytes": run.budget, "bytes_per_batch": per_batch, "cached_batches": n_cached,
+        "held_batches": len(run.batches) - n_cached, "streamed": run.streamed,
+        "slow_groups": [g for g, c in zip(run.groups, run.chains, strict=True) if c is None],
+    }
+    mib = 2 ** 20
+    if per_batch is None:
+        run.progress.say("cache: off (cache_bytes=0); every step runs the model from its input (exact slow path)")
+        return
+    more = "+" if run.streamed else ""
+    run.progress.say(
+        f"cache: {n_cached} of {len(run.batches)}{more} batch(es) paused at the group boundaries "
+        f"(~{per_batch / mib:.3g} MiB per batch, budget {run.budget / mib:.0f} MiB)"
+        + ("" if n_cached == len(run.batches) and not run.streamed else
+           "; the other batches run from the model's input for every step (exact slow path)"))
+
+
+def _prepare(run: _Run, gi: int) -> None:
+    """Bring every cached batch's paused forwards to group ``gi``: its first module's inputs, its target."""
+    group = run.groups[gi]
+    for b in run.batches:
+        if b.student is None:
+            continue
+        try:
+            gin = b.student.run_to(gi)
+        except stepped.WorkerError as e:
+            raise DistillError(f"compress_model forward failed on batch {b.index}: {e.error}") from e.error
+        moved = b.student.out_of_order
+        if gin is stepped.MISSING or moved is not None:
+            why = (f"{moved!r}, of a group after {group}, was called before {group[0]!r}" if moved is not None
+                   else f"{group[0]!r} was not called")
+            run.progress.say(f"batch {b.index}: {why}; this batch runs from the model's input from now on "
+                             "(exact slow path)")
+            b.uncache()
+            continue
+        if b.targets is not None:
+            target = b.targets.pop(gi, None)
+        else:
+            try:
+                target = b.teacher.run_to(gi)
+            except stepped.WorkerError as e:
+                raise DistillError(f"model (the teacher) forward failed on batch {b.index}: {e.error}") from e.error
+        b.group_in = gin
+        b.target = target if isinstance(target, torch.Tensor) else None
+
+
+def _next_group(run: _Run, gi: int) -> None:
+    """Group ``gi`` is final: drop its inputs and targets, bring the cached batches to the next group."""
+    for b in run.batches:
+        b.group_in = b.target = None
+        if b.targets is not None:
+            b.targets.pop(gi, None)
+    if gi + 1 < len(run.groups):
+        _prepare(run, gi + 1)
+
+
+@contextmanager
+def _weights_fixed(qat: list[nn.Module]):
+    """While no weight of ``qat`` changes: their fake-quantized weights are computed once, not per batch."""
+    for m in qat:
+        m.weight_memo = {}
+    try:
+        yield
+    finally:
+        for m in qat:
+            m.weight_memo = None
+
+
+def _train_group(run: _Run, gi: int) -> dict:
+    """Train one group; returns {"group", "loss_before", "loss_after", "kept"} (losses on the check batches)."""
+    group = run.groups[gi]
     out_name = group[-1]
-    label = f"group {gi + 1}/{n_groups} {group}"
-    entries = _group_params(cfg, student, group)
+    label = f"group {gi + 1}/{len(run.groups)} {group}"
+    progress = run.progress
+    t_group = time.monotonic()
+    entries = _group_params(run.cfg, run.student, group)
     params = [p for _, _, p in entries]
     if not params:
-        progress.say(f"{label}: no trainable parameter, skipped")
+        _next_group(run, gi)
+        progress.say(f"{label}: no trainable parameter, skipped ({run.eta(gi + 1)})")
         return {"group": group, "loss_before": None, "loss_after": None, "kept": "calibrated"}
-    if opt_params is not None:
-        absent = sorted({owner for owner, _, p in entries if id(p) not in opt_params})
+    if run.opt_params is not None:
+        absent = sorted({owner for owner, _, p in entries if id(p) not in run.opt_params})
         if absent:
             raise DistillError(f"optimizer does not hold the parameters of {absent} ({label}); build it over "
                                "compress_model.parameters()")
-        opt = optimizer
+        opt = run.optimizer
     else:
-        opt = _default_optimizer(entries, smods, lr)
+        opt = _default_optimizer(entries, run.smods, run.lr)
+    chain = run.chains[gi]
+    if chain is None and any(b.student is not None for b in run.batches):
+        progress.say(f"{label}: exact slow path (model run from its input for every step): {run.slow_reasons[gi]}")
 
-    first = group[0]
-
-    def block_loss(args, kwargs, where: str):
-        t_in: list = []
-        with torch.no_grad():
-            t_out = _run_to(teacher, tmods[out_name], args, kwargs,
-                            capture_in=(tmods[first], t_in) if BLOCK_INPUT == "teacher" else None)
-        pre = None
-        if BLOCK_INPUT == "teacher" and t_in:
-            pre = (smods[first], lambda m, a: (t_in[0],) + tuple(a[1:]))
-        s_out = _run_to(student, smods[out_name], args, kwargs, pre=pre)
+    def block_loss(b: _Batch, where: str):
+        if b.target is not None:
+            t_out = b.target
+        else:
+            with torch.no_grad():
+                t_out = stepped.run_to(run.teacher, run.tmods[out_name], b.args, b.kwargs)
+        if chain is not None and b.group_in is not None:
+            s_out = chain.run(run.smods, *b.group_in)
+        else:
+            s_out = stepped.run_to(run.student, run.smods[out_name], b.args, b.kwargs)
         if not isinstance(t_out, torch.Tensor) or not isinstance(s_out, torch.Tensor):
             bad = s_out if not isinstance(s_out, torch.Tensor) else t_out
             raise DistillError(f"{label}: the output of {out_name!r} is {type(bad).__name__}, not a tensor (or the "
                                "module was not called); end the group at a module that returns one tensor")
-        value = loss_fn(s_out, t_out.detach())
+        value = run.loss_fn(s_out, t_out.detach())
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise DistillError(f"loss must return a scalar tensor, got {type(value).__name__}"
                                + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
@@ -612,49 +784,58 @@ def _train_group(gi, n_groups, group, cfg, teacher, student, tmods, smods, train
             raise DistillError(f"{label}: loss is {float(value.detach())} {where}; lower lr")
         return value
 
+    check = run.batches[:run.n_check]
+
     def check_loss() -> float:
         with torch.no_grad():
-            return sum(float(block_loss(a, k, "on the check batches")) for a, k in check_batches) / len(check_batches)
+            return sum(float(block_loss(b, "on the check batches")) for b in check) / len(check)
 
-    for p in student.parameters():
+    def training_batches():
+        yield from run.batches
+        if run.streamed:
+            for i, batch in enumerate(run.loader):
+                if i >= len(run.batches):
+                    args, kwargs = run.adapt(batch)
+                    yield _Batch(i, args, kwargs)
+
+    for p in run.student.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    qat = [m for n in group for m in smods[n].modules() if is_quant_module(m)]
-    before = check_loss()
+    qat = [m for n in group for m in run.smods[n].modules() if is_quant_module(m)]
+    with _weights_fixed(qat):
+        before = check_loss()
     snapshot = [p.detach().clone() for p in params]
     for m in qat:
         m.train()  # learnable range: gradients flow to clip_min / clip_max through the scale
     try:
-        for epoch in range(epochs):
+        for epoch in range(run.epochs):
             total, count, t_ep = 0.0, 0, time.monotonic()
-            for batch in train_loader:
-                args, kwargs = adapt(batch)
-                value = block_loss(args, kwargs, f"at epoch {epoch + 1}, batch {count + 1}")
+            for b in training_batches():
+                value = block_loss(b, f"at epoch {epoch + 1}, batch {count + 1}")
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 opt.step()
                 total += float(value.detach())
                 count += 1
-                progress.tick(lambda: f"{label} epoch {epoch + 1}/{epochs} batch {count}: loss {total / count:.6g}")
-            if count == 0:
-                raise DistillError(f"train_loader yielded no batch in epoch {epoch + 1} of {label}; it must be "
-                                   "re-iterable (a DataLoader or a list, not a generator)")
-            progress.say(f"{label} epoch {epoch + 1}/{epochs}: mean loss {total / count:.6g} over {count} batches "
+                progress.tick(lambda: f"{label} epoch {epoch + 1}/{run.epochs} batch {count}: loss {total / count:.6g}")
+            progress.say(f"{label} epoch {epoch + 1}/{run.epochs}: mean loss {total / count:.6g} over {count} batches "
                          f"({time.monotonic() - t_ep:.1f} s)")
     finally:
         for m in qat:
             m.eval()
         for p in params:
             p.grad = None
-    after = check_loss()
-    kept = "distilled"
-    if not after <= before:
-        # Training made this block worse on the check batches: keep the calibrated values.
-        with torch.no_grad():
-            for p, v in zip(params, snapshot):
-                p.copy_(v)
-        kept = "calibrated"
-    progress.say(f"{label}: block loss {before:.6g} -> {after:.6g} on {len(check_batches)} check batch(es); kept "
-                 f"the {kept} values")
+    with _weights_fixed(qat):
+        after = check_loss()
+        kept = "distilled"
+        if not after <= before:
+            # Training made this block worse on the check batches: keep the calibrated values.
+            with torch.no_grad():
+                for p, v in zip(params, snapshot):
+                    p.copy_(v)
+            kept = "calibrated"
+        _next_group(run, gi)  # the group is final: carry the cached batches on to the next one
+    progress.say(f"{label}: block loss {before:.6g} -> {after:.6g} on {len(check)} check batch(es); kept "
+                 f"the {kept} values ({time.monotonic() - t_group:.1f} s; {run.eta(gi + 1)})")
     return {"group": group, "loss_before": before, "loss_after": after, "kept": kept}

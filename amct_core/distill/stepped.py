@@ -1,0 +1,423 @@
+"""Running a model's forward in steps, so distill() pays for each part of the network once per batch.
+
+distill() trains the groups one after the other. Group g must see the student's activations computed
+with every group before it final, and the teacher's output of the same block. Running both models
+from the network input for every group costs groups x depth. Here each batch instead gets
+
+* a **student worker**: the student's own ``forward`` (the user's Python, whatever it does: functional
+  ops, residual adds, attention math, modules in any order) running under ``no_grad`` in a thread of
+  its own, paused where group g's first module is about to be called. Everything the forward holds
+  at that point (several tensors with residual nets) stays in its paused frames: that *is* the set
+  of tensors live at the boundary, found at run time without knowing the code. When group g is
+  final the worker goes on to group g+1's first module, so every module runs once per batch.
+* a **teacher worker**: the teacher's forward, paused after each group's last module, giving its
+  output as the group's target.
+
+Exactly one thread runs at a time (a strict hand-over), so this is the user's forward run once, in
+order, not in parallel. Group g trains on the inputs its first module received (captured in the
+paused worker), replaying only the group's own modules when they form a *chain* (each module is fed
+by the previous ones or by the first module's inputs, as in conv -> BN -> activation units); the
+wiring is learned from one probe forward of the teacher. A group that is not a chain, a batch whose
+modules are called in another order than planned, or a batch beyond the memory budget takes the exact
+slow path (the model run from its input up to the group's output), as before.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+_local = threading.local()
+
+
+class _Stop(BaseException):
+    """Raised inside a forward to end it early (BaseException: user code catching ``Exception`` in its
+    ``forward`` cannot swallow it). ``out`` is the output that ended it, if any."""
+
+    def __init__(self, out=None):
+        super().__init__()
+        self.out = out
+
+
+MISSING = object()
+
+
+class WorkerError(Exception):
+    """The forward of a worker raised; ``error`` is what it raised."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+class Worker:
+    """``model(*args, **kwargs)`` under ``no_grad`` in a thread of its own, advanced in steps.
+
+    Hooks call :meth:`hit` at the module calls that matter with a key (a group index); the first value
+    given for a key is kept, and when the key is the one :meth:`run_to` waits for, the worker hands
+    control back and waits. ``order_key`` hits (a module of group k called) mark the batch as
+    ``out_of_order`` when k is later than the group waited for: its paused state could then hold
+    values of a group that is not final yet.
+    """
+
+    def __init__(self, model: nn.Module, args: tuple, kwargs: dict, name: str):
+        self.model, self.args, self.kwargs = model, args, kwargs
+        self.values: dict[int, Any] = {}
+        self.seen: set[int] = set()
+        self.want: int | None = None
+        self.error: BaseException | None = None
+        self.out_of_order: str | None = None
+        self.done = False
+        self._abort = False
+        self._started = False
+        self._worker_turn = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    # ---- worker thread ----
+    def _main(self) -> None:
+        _local.worker = self
+        try:
+            with torch.no_grad():
+                self.model(*self.args, **self.kwargs)
+        except _Stop:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+        finally:
+            self.done = True
+            self.args = self.kwargs = None
+            with self._cv:
+                self._worker_turn = False
+                self._cv.notify_all()
+
+    def hit(self, key: int, value: Any) -> None:
+        """In the worker thread: ``value`` is what the forward has for ``key``; pause if it is awaited.
+
+        Only keys not passed yet are kept (a value for an earlier group is of no use any more)."""
+        if self._abort:
+            raise _Stop()
+        if key not in self.seen:
+            self.seen.add(key)
+            if self.want is None or key >= self.want:
+                self.values[key] = value
+            if key == self.want:
+                with self._cv:
+                    self._worker_turn = False
+                    self._cv.notify_all()
+                    while not self._worker_turn:
+                        self._cv.wait()
+        if self._abort:
+            raise _Stop()
+
+    def called(self, key: int, what: str) -> None:
+        """In the worker thread: a module of group ``key`` is being called."""
+        if self.want is not None and key > self.want and self.out_of_order is None:
+            self.out_of_order = what
+
+    # ---- main thread ----
+    def _hand_over(self) -> None:
+        with self._cv:
+            self._worker_turn = True
+            self._cv.notify_all()
+            if not self._started:
+                self._started = True
+                self._thread.start()
+            while self._worker_turn:
+                self._cv.wait()
+
+    def run_to(self, key: int):
+        """Advance until the value for ``key`` exists; return it (MISSING if the forward ended first).
+
+        Raises WorkerError if the forward raised."""
+        if key not in self.values and not self.done:
+            self.want = key
+            self._hand_over()
+        if self.error is not None:
+            raise WorkerError(self.error)
+        return self.values.pop(key, MISSING)
+
+    def close(self) -> None:
+        """End the forward where it is paused (or at its next hook, if it is running) and free what it holds."""
+        self._abort = True
+        while self._started and not self.done:
+            self._hand_over()
+        if self._started:
+            self._thread.join()
+        self.values.clear()
+        self.args = self.kwargs = None
+
+
+def current_worker() -> Worker | None:
+    return getattr(_local, "worker", None)
+
+
+def stop_here(module: nn.Module) -> bool:
+    """True when the main thread's slow run (:func:`run_to`) ends at ``module``."""
+    return getattr(_local, "stop_at", None) is module
+
+
+def run_to(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict):
+    """Run ``model`` from its input until ``module`` returns; give back that output (None if never called).
+
+    Needs the hooks of :class:`Hooks` on ``module`` (hooks are installed once for the whole run, so
+    paused workers never see a hook table change under them)."""
+    _local.stop_at = module
+    try:
+        model(*args, **kwargs)
+    except _Stop as s:
+        return s.out
+    finally:
+        _local.stop_at = None
+    return None
+
+
+class Hooks:
+    """The hooks of one distill() run, installed once before any worker starts and removed after all ended.
+
+    Student: a pre-hook on every module a group names (order check; the first module's inputs are the
+    group's input) and a forward hook on each group's last module (slow runs stop there). Teacher: a
+    forward hook on each group's last module (the group's target; slow runs stop there).
+    """
+
+    def __init__(self, groups: list[list[str]], smods: dict, tmods: dict):
+        self.handles = []
+        first = {}
+        for gi, g in enumerate(groups):
+            first.setdefault(g[0], gi)
+        for gi, g in enumerate(groups):
+            for n in g:
+                # prepend: the inputs are captured before any user pre-hook changes them, so replaying
+                # the module (which runs those hooks again) computes what the forward computed
+                self.handles.append(smods[n].register_forward_pre_hook(
+                    self._student_pre(gi, n, first.get(n) if n == g[0] else None), with_kwargs=True, prepend=True))
+        lasts: dict[str, list[int]] = {}
+        for gi, g in enumerate(groups):
+            lasts.setdefault(g[-1], []).append(gi)
+        for n, gis in lasts.items():
+            self.handles.append(tmods[n].register_forward_hook(self._teacher_post(gis)))
+            self.handles.append(smods[n].register_forward_hook(self._stop_post()))
+
+    @staticmethod
+    def _student_pre(gi: int, name: str, first_of: int | None):
+        def hook(mod, args, kwargs):
+            w = current_worker()  # only student workers call student modules
+            if w is not None:
+                w.called(gi, name)
+                if first_of is not None:
+                    w.hit(first_of, (args, kwargs))
+            return None
+
+        return hook
+
+    @staticmethod
+    def _teacher_post(gis: list[int]):
+        def hook(mod, args, out):
+            w = current_worker()
+            if w is not None:
+                for gi in gis:
+                    w.hit(gi, out)
+            elif stop_here(mod):
+                raise _Stop(out)
+            return None
+
+        return hook
+
+    @staticmethod
+    def _stop_post():
+        def hook(mod, args, out):
+            if current_worker() is None and stop_here(mod):
+                raise _Stop(out)
+            return None
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# ---- the probe: which groups are chains, and how much a batch holds ----------------------------------
+
+
+@dataclass
+class Chain:
+    """How to compute a group's output from its first module's inputs: the group's modules called in
+    order, each fed by earlier outputs of the chain or by the first module's inputs."""
+
+    names: list[str]
+    # per module after the first: (args, kwargs) with ("in", i) / ("kw", k) / ("out", j) in place of tensors
+    specs: list[tuple[tuple, dict]] = field(default_factory=list)
+
+    def run(self, mods: dict, args: tuple, kwargs: dict):
+        outs = [mods[self.names[0]](*args, **kwargs)]
+
+        def get(ref):
+            if isinstance(ref, _Ref):
+                return args[ref.i] if ref.kind == "in" else kwargs[ref.i] if ref.kind == "kw" else outs[ref.i]
+            return ref
+
+        for n, (a, k) in zip(self.names[1:], self.specs, strict=True):
+            outs.append(mods[n](*(get(r) for r in a), **{key: get(r) for key, r in k.items()}))
+        return outs[-1]
+
+
+@dataclass(frozen=True)
+class _Ref:
+    kind: str  # "in" (positional input of the first module), "kw" (its keyword input) or "out" (j-th output)
+    i: Any
+
+
+@dataclass
+class _Call:
+    name: str
+    args: tuple
+    kwargs: dict
+    in_versions: dict  # id -> version when called
+    out: Any = None
+    out_version: int | None = None
+    in_versions_after: dict = field(default_factory=dict)
+
+
+@dataclass
+class Probe:
+    chains: list[Chain | None]  # per group: the chain, or None (slow path)
+    reasons: list[str | None]  # per group: why not a chain
+    targets: dict[int, torch.Tensor]  # per group: the teacher's output on the probe batch
+    live_bytes: list[int]  # per group: bytes of tensors the forward's frames hold at the group's end
+
+
+def _tensors_of(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors_of(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors_of(o)]
+    return []
+
+
+def _frame_bytes(stop_frame, exclude: set[int]) -> int:
+    """Bytes of the tensor storages the Python frames between here and ``stop_frame`` refer to."""
+    seen: dict[int, int] = {}
+    f = sys._getframe(1)
+    while f is not None and f is not stop_frame:
+        for v in list(f.f_locals.values()):
+            for t in _tensors_of(v):
+                if id(t) in exclude or t.device.type == "meta":
+                    continue
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        f = f.f_back
+    return sum(seen.values())
+
+
+def probe(teacher: nn.Module, groups: list[list[str]], args: tuple, kwargs: dict) -> Probe:
+    """Run the teacher once on one batch (no_grad) and find, per group, whether it is a chain, the
+    teacher's output (the group's target for this batch) and the bytes held at the group's end."""
+    tmods = dict(teacher.named_modules())
+    member = {n: gi for gi, g in enumerate(groups) for n in g}
+    calls: dict[str, _Call] = {}
+    keep: list = []
+    targets: dict[int, torch.Tensor] = {}
+    live: list[int] = [0] * len(groups)
+    lasts: dict[str, list[int]] = {}
+    for gi, g in enumerate(groups):
+        lasts.setdefault(g[-1], []).append(gi)
+    state_ids = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
+    root = sys._getframe()
+    handles = []
+
+    def pre(name):
+        def hook(mod, a, k):
+            if name not in calls:
+                ins = _tensors_of((a, k))
+                keep.append((a, k))
+                calls[name] = _Call(name, a, dict(k), {id(t): t._version for t in ins})
+            return None
+
+        return hook
+
+    def post(name):
+        def hook(mod, a, out):
+            c = calls.get(name)
+            if c is not None and c.out is None:
+                c.out = out
+                keep.append(out)
+                c.out_version = out._version if isinstance(out, torch.Tensor) else None
+                c.in_versions_after = {id(t): t._version for t in _tensors_of((c.args, c.kwargs))}
+                for gi in lasts.get(name, []):
+                    if isinstance(out, torch.Tensor):
+                        targets[gi] = out
+                    live[gi] = _frame_bytes(root, state_ids)
+            return None
+
+        return hook
+
+    for n in member:
+        handles.append(tmods[n].register_forward_pre_hook(pre(n), with_kwargs=True, prepend=True))
+        handles.append(tmods[n].register_forward_hook(post(n)))
+    try:
+        with torch.no_grad():
+            teacher(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    chains, reasons = [], []
+    for g in groups:
+        chain, why = _as_chain(g, calls)
+        chains.append(chain)
+        reasons.append(why)
+    keep.clear()
+    return Probe(chains, reasons, targets, live)
+
+
+def _as_chain(group: list[str], calls: dict[str, _Call]) -> tuple[Chain | None, str | None]:
+    seq = [calls[n] for n in group if n in calls]
+    if not seq or seq[0].name != group[0] or seq[-1].name != group[-1]:
+        return None, "its modules were not all called on the probe batch"
+    first = seq[0]
+    src: dict[int, tuple[_Ref, int]] = {}  # tensor id -> (reference, version when it became available)
+    for i, a in enumerate(first.args):
+        if isinstance(a, torch.Tensor):
+            src[id(a)] = (_Ref("in", i), first.in_versions[id(a)])
+        elif _tensors_of(a):
+            return None, f"{first.name!r} takes tensors inside containers"
+    for k, a in first.kwargs.items():
+        if isinstance(a, torch.Tensor):
+            src[id(a)] = (_Ref("kw", k), first.in_versions[id(a)])
+        elif _tensors_of(a):
+            return None, f"{first.name!r} takes tensors inside containers"
+    chain = Chain([c.name for c in seq])
+    for j, c in enumerate(seq):
+        for t in _tensors_of((c.args, c.kwargs)):
+            ref = src.get(id(t))
+            if ref is not None and ref[0].kind in ("in", "kw") and c.in_versions_after.get(id(t)) != ref[1]:
+                return None, f"{c.name!r} changes the group's input in place"
+        if j > 0:
+            def to_ref(a, c=c):
+                if isinstance(a, torch.Tensor):
+                    ref = src.get(id(a))
+                    if ref is None or c.in_versions[id(a)] != ref[1]:
+                        raise LookupError
+                    return ref[0]
+                if _tensors_of(a):
+                    raise LookupError
+                return a
+
+            try:
+                chain.specs.append((tuple(to_ref(a) for a in c.args), {k: to_ref(v) for k, v in c.kwargs.items()}))
+            except LookupError:
+                return None, (f"{c.name!r} is not fed by the group's earlier modules alone (functional code "
+                              "or other tensors between them)")
+        if not isinstance(c.out, torch.Tensor):
+            if j == len(seq) - 1:
+                return None, f"{c.name!r} does not return one tensor"
+            continue
+        src[id(c.out)] = (_Ref("out", j), c.out_version)
+    return chain, None
