@@ -230,8 +230,10 @@ def memory_child(what: str, hw: int, n_batches: int, save: bool) -> dict:
     out["added_mb"] = out["peak_mb"] - before
     out["model_mb"] = _model_mb(teacher, student) if what == "distill" else _model_mb(teacher)
     out["batch_mb"] = sum(t.numel() * t.element_size() for t in data[0]) / 2**20
-    if what == "distill" and save:
-        out["export"] = export_and_verify(student, data[0][0][:1])
+    if what == "distill":
+        out["cache"] = getattr(student, "amct_distill_cache", None)  # None before issue 12
+        if save:
+            out["export"] = export_and_verify(student, data[0][0][:1])
     return out
 
 
@@ -271,6 +273,10 @@ def part_memory(hw: int, n_batches: int, save: bool) -> dict:
           f"already in memory before the call)")
     print(f"  distill added / fine-tuning epoch added: {d['added_mb'] / f['added_mb']:.2f}x; distill added / model: "
           f"{d['added_mb'] / (d['model_mb'] / 2):.2f}x of one model's bytes")
+    c = d.get("cache")
+    if c and c.get("bytes_per_batch") is not None:
+        print(f"  distill's cache: {c['cached_batches']} batch(es) paused, ~{c['bytes_per_batch'] / 2**20:.2f} MiB each "
+              f"(estimate; budget {c['budget_bytes'] / 2**20:.0f} MiB)")
     if "export" in d:
         print(f"  export of the distilled model: onnx.checker {d['export']['checker']}, amct_core.verify "
               f"{'passed' if d['export']['verify_passed'] else 'FAILED'}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,17 +275,6 @@ class _Ref:
 
 
 @dataclass
-class _Call:
-    name: str
-    args: tuple
-    kwargs: dict
-    in_versions: dict  # id -> version when called
-    out: Any = None
-    out_version: int | None = None
-    in_versions_after: dict = field(default_factory=dict)
-
-
-@dataclass
 class Probe:
     chains: list[Chain | None]  # per group: the chain, or None (slow path)
     reasons: list[str | None]  # per group: why not a chain
@@ -302,60 +292,127 @@ def _tensors_of(obj) -> list[torch.Tensor]:
     return []
 
 
-def _frame_bytes(stop_frame, exclude: set[int]) -> int:
-    """Bytes of the tensor storages the Python frames between here and ``stop_frame`` refer to."""
+def _frame_bytes(exclude: set[int]) -> int:
+    """Bytes of the tensor storages that the local variables of the running forward refer to (the
+    frames of this module - hooks, the probe and its callers - are not the forward's)."""
     seen: dict[int, int] = {}
     f = sys._getframe(1)
-    while f is not None and f is not stop_frame:
-        for v in list(f.f_locals.values()):
-            for t in _tensors_of(v):
-                if id(t) in exclude or t.device.type == "meta":
-                    continue
-                st = t.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
+    while f is not None:
+        if f.f_code.co_filename != __file__:
+            for v in list(f.f_locals.values()):
+                for t in _tensors_of(v):
+                    if id(t) in exclude or t.device.type == "meta":
+                        continue
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+        elif f.f_code is probe.__code__:
+            break
         f = f.f_back
     return sum(seen.values())
+
+
+class _ChainRecorder:
+    """Builds one group's :class:`Chain` while the probe forward runs, from the identity of the tensors
+    its modules receive and return (kept as weak references: the forward frees what it frees)."""
+
+    def __init__(self, group: list[str]):
+        self.group = group
+        self.chain = Chain([])
+        self.why: str | None = None
+        self.src: dict[int, tuple[_Ref, int, weakref.ref]] = {}  # id -> (reference, version, weakref)
+
+    def fail(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+
+    def _ref(self, t: torch.Tensor) -> _Ref | None:
+        e = self.src.get(id(t))
+        if e is None or e[2]() is not t or t._version != e[1]:
+            return None
+        return e[0]
+
+    def called(self, name: str, args: tuple, kwargs: dict) -> None:
+        if self.why is not None:
+            return
+        if not self.chain.names:
+            if name != self.group[0]:
+                return self.fail(f"{name!r} was called before {self.group[0]!r}")
+            for key, a in [*enumerate(args), *kwargs.items()]:
+                if isinstance(a, torch.Tensor):
+                    self.src[id(a)] = (_Ref("in" if isinstance(key, int) else "kw", key), a._version, weakref.ref(a))
+                elif _tensors_of(a):
+                    return self.fail(f"{name!r} takes tensors inside containers")
+        else:
+            def to_ref(a):
+                if isinstance(a, torch.Tensor):
+                    ref = self._ref(a)
+                    if ref is None:
+                        raise LookupError
+                    return ref
+                if _tensors_of(a):
+                    raise LookupError
+                return a
+
+            try:
+                self.chain.specs.append((tuple(to_ref(a) for a in args), {k: to_ref(v) for k, v in kwargs.items()}))
+            except LookupError:
+                return self.fail(f"{name!r} is not fed by the group's earlier modules alone (functional code or "
+                                 "other tensors between them)")
+        self.chain.names.append(name)
+
+    def returned(self, name: str, out) -> None:
+        if self.why is not None or not self.chain.names or self.chain.names[-1] != name:
+            return
+        for ref, version, wr in list(self.src.values()):
+            t = wr()
+            if ref.kind in ("in", "kw") and t is not None and t._version != version:
+                return self.fail(f"{name!r} changes the group's input in place")
+        if isinstance(out, torch.Tensor):
+            self.src[id(out)] = (_Ref("out", len(self.chain.names) - 1), out._version, weakref.ref(out))
+        elif name == self.group[-1]:
+            self.fail(f"{name!r} does not return one tensor")
+
+    def result(self) -> tuple[Chain | None, str | None]:
+        if self.why is None and sorted(self.chain.names) != sorted(self.group):
+            self.fail("its modules were not all called on the probe batch")
+        if self.why is None and self.chain.names[-1] != self.group[-1]:
+            self.fail(f"{self.group[-1]!r} is not the last of its modules called")
+        return (None, self.why) if self.why is not None else (self.chain, None)
 
 
 def probe(teacher: nn.Module, groups: list[list[str]], args: tuple, kwargs: dict) -> Probe:
     """Run the teacher once on one batch (no_grad) and find, per group, whether it is a chain, the
     teacher's output (the group's target for this batch) and the bytes held at the group's end."""
     tmods = dict(teacher.named_modules())
-    member = {n: gi for gi, g in enumerate(groups) for n in g}
-    calls: dict[str, _Call] = {}
-    keep: list = []
+    recorders = [_ChainRecorder(g) for g in groups]
+    member = {n: recorders[gi] for gi, g in enumerate(groups) for n in g}
+    called: set[str] = set()
+    returned: set[str] = set()
     targets: dict[int, torch.Tensor] = {}
     live: list[int] = [0] * len(groups)
     lasts: dict[str, list[int]] = {}
     for gi, g in enumerate(groups):
         lasts.setdefault(g[-1], []).append(gi)
     state_ids = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
-    root = sys._getframe()
     handles = []
 
     def pre(name):
         def hook(mod, a, k):
-            if name not in calls:
-                ins = _tensors_of((a, k))
-                keep.append((a, k))
-                calls[name] = _Call(name, a, dict(k), {id(t): t._version for t in ins})
-            return None
+            if name not in called:
+                called.add(name)
+                member[name].called(name, a, k)
 
         return hook
 
     def post(name):
         def hook(mod, a, out):
-            c = calls.get(name)
-            if c is not None and c.out is None:
-                c.out = out
-                keep.append(out)
-                c.out_version = out._version if isinstance(out, torch.Tensor) else None
-                c.in_versions_after = {id(t): t._version for t in _tensors_of((c.args, c.kwargs))}
+            if name not in returned:
+                returned.add(name)
+                member[name].returned(name, out)
                 for gi in lasts.get(name, []):
                     if isinstance(out, torch.Tensor):
                         targets[gi] = out
-                    live[gi] = _frame_bytes(root, state_ids)
-            return None
+                    live[gi] = _frame_bytes(state_ids)
 
         return hook
 
@@ -368,56 +425,5 @@ def probe(teacher: nn.Module, groups: list[list[str]], args: tuple, kwargs: dict
     finally:
         for h in handles:
             h.remove()
-    chains, reasons = [], []
-    for g in groups:
-        chain, why = _as_chain(g, calls)
-        chains.append(chain)
-        reasons.append(why)
-    keep.clear()
-    return Probe(chains, reasons, targets, live)
-
-
-def _as_chain(group: list[str], calls: dict[str, _Call]) -> tuple[Chain | None, str | None]:
-    seq = [calls[n] for n in group if n in calls]
-    if not seq or seq[0].name != group[0] or seq[-1].name != group[-1]:
-        return None, "its modules were not all called on the probe batch"
-    first = seq[0]
-    src: dict[int, tuple[_Ref, int]] = {}  # tensor id -> (reference, version when it became available)
-    for i, a in enumerate(first.args):
-        if isinstance(a, torch.Tensor):
-            src[id(a)] = (_Ref("in", i), first.in_versions[id(a)])
-        elif _tensors_of(a):
-            return None, f"{first.name!r} takes tensors inside containers"
-    for k, a in first.kwargs.items():
-        if isinstance(a, torch.Tensor):
-            src[id(a)] = (_Ref("kw", k), first.in_versions[id(a)])
-        elif _tensors_of(a):
-            return None, f"{first.name!r} takes tensors inside containers"
-    chain = Chain([c.name for c in seq])
-    for j, c in enumerate(seq):
-        for t in _tensors_of((c.args, c.kwargs)):
-            ref = src.get(id(t))
-            if ref is not None and ref[0].kind in ("in", "kw") and c.in_versions_after.get(id(t)) != ref[1]:
-                return None, f"{c.name!r} changes the group's input in place"
-        if j > 0:
-            def to_ref(a, c=c):
-                if isinstance(a, torch.Tensor):
-                    ref = src.get(id(a))
-                    if ref is None or c.in_versions[id(a)] != ref[1]:
-                        raise LookupError
-                    return ref[0]
-                if _tensors_of(a):
-                    raise LookupError
-                return a
-
-            try:
-                chain.specs.append((tuple(to_ref(a) for a in c.args), {k: to_ref(v) for k, v in c.kwargs.items()}))
-            except LookupError:
-                return None, (f"{c.name!r} is not fed by the group's earlier modules alone (functional code "
-                              "or other tensors between them)")
-        if not isinstance(c.out, torch.Tensor):
-            if j == len(seq) - 1:
-                return None, f"{c.name!r} does not return one tensor"
-            continue
-        src[id(c.out)] = (_Ref("out", j), c.out_version)
-    return chain, None
+    chains, reasons = zip(*(r.result() for r in recorders), strict=True) if recorders else ((), ())
+    return Probe(list(chains), list(reasons), targets, live)
