@@ -416,10 +416,9 @@ def _fixed_min(cfg: dict, name: str, module: nn.Module) -> bool:
     return bool(fixed)
 
 
-def _group_params(cfg: dict, student: nn.Module, group: list[str]) -> list[tuple[str, str, nn.Parameter]]:
+def _group_params(cfg: dict, mods: dict, group: list[str]) -> list[tuple[str, str, nn.Parameter]]:
     """(owner module name, parameter name, parameter) of every module the group names, submodules
-    included (a group may name a whole container block)."""
-    mods = dict(student.named_modules())
+    included (a group may name a whole container block); ``mods`` is the student's named_modules."""
     out: list[tuple[str, str, nn.Parameter]] = []
     ids: set[int] = set()
     for n in group:
@@ -537,6 +536,8 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
     watch = [n for g in cfg.get("distill_group", []) for n in g] + enabled_layers(cfg)
 
     s_grad = {p: p.requires_grad for p in compress_model.parameters()}
+    for p in s_grad:
+        p.requires_grad_(False)  # each group unfreezes its own parameters while it trains
     t0 = time.monotonic()
     with eval_mode(model, compress_model):
         try:
@@ -744,7 +745,7 @@ def _train_group(run: _Run, gi: int) -> dict:
     label = f"group {gi + 1}/{len(run.groups)} {group}"
     progress = run.progress
     t_group = time.monotonic()
-    entries = _group_params(run.cfg, run.student, group)
+    entries = _group_params(run.cfg, run.smods, group)
     params = [p for _, _, p in entries]
     if not params:
         _next_group(run, gi)
@@ -798,9 +799,7 @@ def _train_group(run: _Run, gi: int) -> dict:
                     args, kwargs = run.adapt(batch)
                     yield _Batch(i, args, kwargs)
 
-    for p in run.student.parameters():
-        p.requires_grad_(False)
-    for p in params:
+    for p in params:  # every other parameter of the student is frozen (distill() did that once)
         p.requires_grad_(True)
     qat = [m for n in group for m in run.smods[n].modules() if is_quant_module(m)]
     with _weights_fixed(qat):
@@ -826,6 +825,7 @@ def _train_group(run: _Run, gi: int) -> dict:
             m.eval()
         for p in params:
             p.grad = None
+            p.requires_grad_(False)
     with _weights_fixed(qat):
         after = check_loss()
         kept = "distilled"
