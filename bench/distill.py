@@ -8,7 +8,9 @@ ratio   The issue's setup: the ResNet-50-shaped model of ``bench/models.py`` (54
         mode, forward, cross-entropy on fixed labels, backward, Adam step). The two alternate in this
         process (fresh copies each run); medians and the ratio are printed, with AMCT's own ``distill``
         on that setup (21.5x, measured before this benchmark existed; AMCT cannot be installed here)
-        as the peer figure.
+        as the peer figure. ``--variants`` adds the alternatives measured for the design (same runs,
+        alternating): no weight memo, ``cache_bytes=0`` (every step from the model's input: the old
+        algorithm) and ``joint`` (all groups trained in one forward with detached group inputs).
 sweep   Cost against depth: the same residual block (two conv-BN units, 2 groups) stacked 8, 16, 32,
         64 times; seconds of ``distill`` per block at each depth (alternating over depths) and the
         spread max/min, which is 1.0 for a cost linear in depth.
@@ -25,29 +27,35 @@ quality The figures distillation must keep: the transformer block of ``tests/tes
 
 One torch thread (``torch.set_num_threads(1)``) unless ``--threads`` says otherwise.
 
-    .venv/bin/python -m bench.distill --part ratio --repeats 3
+    .venv/bin/python -m bench.distill --part ratio --repeats 5
+    .venv/bin/python -m bench.distill --part ratio --repeats 3 --variants distill,no_memo,slow,joint
     .venv/bin/python -m bench.distill --part sweep --repeats 2
     .venv/bin/python -m bench.distill --part memory --save
-    .venv/bin/python -m bench.distill --part quality --seeds 0,1,2
+    .venv/bin/python -m bench.distill --part quality --seeds 0,1,2 --variants distill,joint
     .venv/bin/python -m bench.distill --smoke                 # seconds; the smoke test's run
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import amct_core
 
 ROOT = Path(__file__).resolve().parents[1]
 AMCT_PEER_RATIO = 21.5  # AMCT's distill / one fine-tuning epoch on the ratio setup (issue 12)
@@ -105,7 +113,6 @@ def batches(n: int, size: int, hw: int, classes: int, seed: int = 0) -> list[tup
 
 def setup(kind: str, depth: int = 8, n_batches: int = 4, batch: int = 2, hw: int = 64):
     """(teacher, loader, config file, student) for ``kind`` 'resnet50' or 'stacked'; config in a temp dir."""
-    import amct_core
     from bench.models import ResNet50
 
     torch.manual_seed(0)
@@ -115,6 +122,7 @@ def setup(kind: str, depth: int = 8, n_batches: int = 4, batch: int = 2, hw: int
         teacher, classes = _randomize_bn(Stacked(depth), 1), 10
     data = batches(n_batches, batch, hw, classes)
     d = tempfile.mkdtemp(prefix="bench-distill-")
+    atexit.register(shutil.rmtree, d, True)
     cfg = os.path.join(d, "distill.json")
     amct_core.create_distill_config(cfg, teacher, data[0][0])
     student = amct_core.create_distill_model(cfg, teacher, data[0][0])
@@ -135,9 +143,109 @@ def finetune_epoch(model: nn.Module, data, lr: float = 1e-5) -> None:
 
 
 def run_distill(teacher, student, cfg, data, lr: float = 1e-5, **kw) -> nn.Module:
-    import amct_core
-
     return amct_core.distill(teacher, student, cfg, data, epochs=1, lr=lr, **kw)
+
+
+def joint_distill(teacher, student, config_file, loader, epochs=1, lr=1e-3, **_ignored) -> nn.Module:
+    """An alternative measured for issue 12, not the library's algorithm: every group trained at once.
+
+    One teacher forward and one student forward per batch; each group's first module gets its inputs
+    detached, so a group's loss (its output against the teacher's) trains only that group; the losses
+    are summed, one backward, one step of the library's default optimizer over all groups. The groups
+    then see upstream activations that are still being trained (not final ones) and there is no
+    per-block keep-if-worse check.
+    """
+    from amct_core.distill import calibrate_distill_model
+    from amct_core.distill.train import _default_optimizer, _group_params
+    from amct_core.quant.modules import is_quant_module
+
+    calibrate_distill_model(student, config_file, loader, model=teacher)
+    cfg = json.loads(Path(config_file).read_text())
+    groups = cfg["distill_group"]
+    smods, tmods = dict(student.named_modules()), dict(teacher.named_modules())
+    entries = [e for g in groups for e in _group_params(cfg, smods, g)]
+    opt = _default_optimizer(entries, smods, lr)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, _, p in entries:
+        p.requires_grad_(True)
+    outs: dict = {}
+
+    def detach_in(mod, args):
+        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+    def keep(key):
+        def hook(mod, args, out):
+            outs.setdefault(key, out)
+        return hook
+
+    hooks = [smods[g[0]].register_forward_pre_hook(detach_in) for g in groups]
+    hooks += [smods[g[-1]].register_forward_hook(keep(("s", i))) for i, g in enumerate(groups)]
+    hooks += [tmods[g[-1]].register_forward_hook(keep(("t", i))) for i, g in enumerate(groups)]
+    student.eval()
+    teacher.eval()
+    for m in student.modules():
+        if is_quant_module(m):
+            m.train()
+    try:
+        for _ in range(epochs):
+            for batch in loader:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                outs.clear()
+                with torch.no_grad():
+                    teacher(x)
+                student(x)
+                loss = sum(F.mse_loss(outs[("s", i)], outs[("t", i)]) for i in range(len(groups)))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for h in hooks:
+            h.remove()
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+    return student
+
+
+@contextmanager
+def _patched(obj, name: str, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _no_weight_memo():
+    """distill() as if the QAT layers had no weight memo (an alternative measured for issue 12)."""
+    from amct_core.distill import train
+
+    return _patched(train, "_weights_fixed", lambda qat: nullcontext())
+
+
+def _variant(name: str, teacher, student, cfg, data, lr: float = 1e-5, epochs: int = 1):
+    """Run distill (or an alternative) by name: the ones the ratio and quality parts compare."""
+    if name == "distill":
+        return amct_core.distill(teacher, student, cfg, data, epochs=epochs, lr=lr)
+    if name == "no_memo":
+        with _no_weight_memo():
+            return amct_core.distill(teacher, student, cfg, data, epochs=epochs, lr=lr)
+    if name == "slow":
+        return amct_core.distill(teacher, student, cfg, data, epochs=epochs, lr=lr, cache_bytes=0)
+    if name == "joint":
+        return joint_distill(teacher, student, cfg, data, epochs=epochs, lr=lr)
+    raise SystemExit(f"unknown variant {name!r}: use one of {list(VARIANTS)}")
+
+
+VARIANTS = {
+    "distill": "distill() (paused forwards, chains replayed, weight memo)",
+    "no_memo": "the same without the weight memo",
+    "slow": "cache_bytes=0: every step from the model's input",
+    "joint": "all groups in one forward, detached group inputs",
+}
 
 
 def _quiet() -> None:
@@ -155,27 +263,34 @@ def timed(fn) -> float:
 
 # ---- parts -----------------------------------------------------------------------------------
 
-def part_ratio(repeats: int, n_batches: int, hw: int, kind: str = "resnet50") -> dict:
+def part_ratio(repeats: int, n_batches: int, hw: int, kind: str = "resnet50", variants=("distill",)) -> dict:
     teacher, data, cfg, student = setup(kind, n_batches=n_batches, hw=hw)
     n_groups = len(json.loads(Path(cfg).read_text())["distill_group"])
-    ft, ds = [], []
+    ft: list[float] = []
+    runs: dict[str, list[float]] = {v: [] for v in variants}
     finetune_epoch(copy.deepcopy(teacher), data)  # warm-up (lazy initialisation), not timed
-    run_distill(teacher, copy.deepcopy(student), cfg, data)
+    _variant(variants[0], teacher, copy.deepcopy(student), cfg, data)
     for _ in range(repeats):
         m = copy.deepcopy(teacher)
         ft.append(timed(lambda: finetune_epoch(m, data)))
-        s = copy.deepcopy(student)
-        ds.append(timed(lambda: run_distill(teacher, s, cfg, data)))
-    res = {"model": kind, "groups": n_groups, "batches": n_batches, "hw": hw, "finetune_s": ft, "distill_s": ds,
-           "ratio": statistics.median(ds) / statistics.median(ft),
-           "pair_ratios": [d / f for d, f in zip(ds, ft)]}
+        for v in variants:
+            s = copy.deepcopy(student)
+            runs[v].append(timed(lambda: _variant(v, teacher, s, cfg, data)))
+    med_ft = statistics.median(ft)
+    res = {"model": kind, "groups": n_groups, "batches": n_batches, "hw": hw, "finetune_s": ft,
+           "variants": {v: {"seconds": r, "ratio": statistics.median(r) / med_ft,
+                            "pair_ratios": [d / f for d, f in zip(r, ft, strict=True)]} for v, r in runs.items()}}
+    if "distill" in runs:
+        res["distill_s"], res["ratio"] = runs["distill"], res["variants"]["distill"]["ratio"]
     print(f"ratio: {kind}, {n_groups} groups, {n_batches} batches of 2 at {hw}x{hw}, epochs=1, lr=1e-5, "
           f"{repeats} alternating run(s)")
-    print(f"  plain fine-tuning epoch   median {statistics.median(ft):8.3f} s   runs {', '.join(f'{v:.3f}' for v in ft)}")
-    print(f"  distill()                 median {statistics.median(ds):8.3f} s   runs {', '.join(f'{v:.3f}' for v in ds)}")
-    print(f"  distill / fine-tuning epoch: {res['ratio']:.2f}x (pairs: "
-          f"{', '.join(f'{r:.2f}x' for r in res['pair_ratios'])}); AMCT's distill on this setup: "
-          f"{AMCT_PEER_RATIO}x (quoted, not run here)")
+    print(f"  {'plain fine-tuning epoch':<58} median {med_ft:8.3f} s   runs {', '.join(f'{x:.3f}' for x in ft)}")
+    for v, r in runs.items():
+        pairs = res["variants"][v]["pair_ratios"]
+        print(f"  {VARIANTS[v]:<58} median {statistics.median(r):8.3f} s   {res['variants'][v]['ratio']:6.2f}x the "
+              f"epoch (pairs {', '.join(f'{x:.2f}x' for x in pairs)})")
+    print(f"  AMCT's distill on this setup: {AMCT_PEER_RATIO}x one fine-tuning epoch (quoted from issue 12, not run "
+          "here: AMCT cannot be installed on this machine)")
     return res
 
 
@@ -213,10 +328,10 @@ def _model_mb(*models: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for m in models for t in (*m.parameters(), *m.buffers())) / 2**20
 
 
-def memory_child(what: str, hw: int, n_batches: int, save: bool) -> dict:
+def memory_child(what: str, kind: str, hw: int, n_batches: int, save: bool) -> dict:
     """Runs in a fresh process: peak RSS during one call (``what``: 'distill' or 'finetune')."""
     _quiet()
-    teacher, data, cfg, student = setup("resnet50", n_batches=n_batches, hw=hw)
+    teacher, data, cfg, student = setup(kind, n_batches=n_batches, hw=hw)
     before = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -241,7 +356,6 @@ def export_and_verify(student: nn.Module, x: torch.Tensor) -> dict:
     """save_distill_model of the distilled model, onnx.checker on the fake-quant file, amct_core.verify."""
     import onnx
 
-    import amct_core
     from amct_core.verify import verify
 
     with tempfile.TemporaryDirectory(prefix="bench-distill-export-") as d:
@@ -255,18 +369,18 @@ def export_and_verify(student: nn.Module, x: torch.Tensor) -> dict:
                 "errors": report.get("errors", [])}
 
 
-def part_memory(hw: int, n_batches: int, save: bool) -> dict:
+def part_memory(hw: int, n_batches: int, save: bool, kind: str = "resnet50") -> dict:
     res = {}
     for what in ("finetune", "distill"):
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run([sys.executable, "-m", "bench.distill", "--memory-child", what, "--hw", str(hw),
-                               "--batches", str(n_batches)] + (["--save"] if save else []),
-                              cwd=ROOT, env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "bench.distill", "--memory-child", what, "--model", kind,
+                               "--hw", str(hw), "--batches", str(n_batches)] + (["--save"] if save else []),
+                              cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"memory child {what} failed: {proc.stderr[-3000:]}")
         res[what] = json.loads(proc.stdout.strip().splitlines()[-1])
     d, f = res["distill"], res["finetune"]
-    print(f"memory: resnet50, {n_batches} batches of 2 at {hw}x{hw}; fresh child per call, peak RSS during the call")
+    print(f"memory: {kind}, {n_batches} batches of 2 at {hw}x{hw}; fresh child per call, peak RSS during the call")
     print(f"  fine-tuning epoch: added in call {f['added_mb']:8.1f} MB (model {f['model_mb']:.1f} MB: parameters "
           f"+ buffers; one batch {f['batch_mb']:.3f} MB)")
     print(f"  distill():         added in call {d['added_mb']:8.1f} MB (teacher + student {d['model_mb']:.1f} MB "
@@ -275,22 +389,27 @@ def part_memory(hw: int, n_batches: int, save: bool) -> dict:
           f"{d['added_mb'] / (d['model_mb'] / 2):.2f}x of one model's bytes")
     c = d.get("cache")
     if c and c.get("bytes_per_batch") is not None:
-        print(f"  distill's cache: {c['cached_batches']} batch(es) paused, ~{c['bytes_per_batch'] / 2**20:.2f} MiB each "
-              f"(estimate; budget {c['budget_bytes'] / 2**20:.0f} MiB)")
+        print(f"  distill's cache: {c['cached_batches']} batch(es) paused, ~{c['bytes_per_batch'] / 2**20:.2f} MiB "
+              f"each (estimate; budget {c['budget_bytes'] / 2**20:.0f} MiB)")
     if "export" in d:
         print(f"  export of the distilled model: onnx.checker {d['export']['checker']}, amct_core.verify "
               f"{'passed' if d['export']['verify_passed'] else 'FAILED'}")
     return res
 
 
-def part_quality(seeds: list[int]) -> dict:
+def part_quality(seeds: list[int], variant: str = "distill", teacher_epochs: int = 40) -> dict:
     """The quality figures distill() must keep: the transformer block of tests/test_distill.py (block output
     MSE against the teacher on held-out batches, calibration only and distilled, epochs=4, lr=1e-3) and
     the digits demo (held-out accuracy fp32 / int8 distilled in torch and in ONNX Runtime)."""
-    import amct_core
     from amct_core.distill import calibrate_distill_model
     from examples import digits
     from tests.test_distill import token_batches, transformer_teacher
+
+    distill = amct_core.distill
+
+    def run(teacher, student, cfg, data, epochs, lr):
+        with _patched(amct_core, "distill", distill):
+            return _variant(variant, teacher, student, cfg, data, lr=lr, epochs=epochs)
 
     teacher = transformer_teacher()
     train, test = token_batches(16, seed=1), torch.cat(token_batches(8, seed=2))
@@ -301,32 +420,37 @@ def part_quality(seeds: list[int]) -> dict:
         cal = copy.deepcopy(base)
         calibrate_distill_model(cal, cfg, train)
         t0 = time.perf_counter()
-        dist = amct_core.distill(teacher, copy.deepcopy(base), cfg, train, epochs=4, lr=1e-3)
+        dist = run(teacher, copy.deepcopy(base), cfg, train, 4, 1e-3)
         secs = time.perf_counter() - t0
     with torch.no_grad():
         ref = teacher(test)
         mse_cal, mse_dist = (float(((m(test) - ref) ** 2).mean()) for m in (cal, dist))
-    res = {"transformer": {"mse_calibration_only": mse_cal, "mse_distilled": mse_dist, "distill_s": secs},
-           "digits": []}
-    print("quality: transformer block (tests/test_distill.py), 16 batches of 16, epochs=4, lr=1e-3")
+    res = {"variant": variant, "transformer": {"mse_calibration_only": mse_cal, "mse_distilled": mse_dist,
+                                                 "distill_s": secs}, "digits": []}
+    print(f"quality ({VARIANTS[variant]}): transformer block (tests/test_distill.py), 16 batches of 16, epochs=4, "
+          "lr=1e-3")
     print(f"  block output MSE vs teacher on 128 held-out sequences: calibration only {mse_cal:.4g}, "
           f"distilled {mse_dist:.4g} (distill {secs:.2f} s)")
     for seed in seeds:
         with tempfile.TemporaryDirectory(prefix="bench-distill-digits-") as d:
-            r = digits.run_demo(d, seed=seed, verbose=False)
+            with _patched(amct_core, "distill", run):
+                r = digits.run_demo(d, seed=seed, verbose=False, teacher_epochs=teacher_epochs)
         res["digits"].append({k: getattr(r, k) for k in (
             "seed", "fp32_teacher", "int8_calibration_only", "int8_distilled_torch", "int8_distilled_ort",
             "ort_torch_agreement", "logit_mse_calibration_only", "logit_mse_distilled", "seconds_distill")})
-        print(f"  digits seed {seed}: fp32 {r.fp32_teacher:.2f} %, int8 calibration only {r.int8_calibration_only:.2f} %, "
-              f"distilled torch {r.int8_distilled_torch:.2f} % / ORT {r.int8_distilled_ort:.2f} % (same class "
-              f"{r.ort_torch_agreement:.2f} %), logit MSE {r.logit_mse_calibration_only:.3g} -> "
-              f"{r.logit_mse_distilled:.3g}, distill {r.seconds_distill:.2f} s")
+        print(f"  digits seed {seed}: fp32 {r.fp32_teacher:.2f} %, int8 calibration only "
+              f"{r.int8_calibration_only:.2f} %, distilled torch {r.int8_distilled_torch:.2f} % / ORT "
+              f"{r.int8_distilled_ort:.2f} % (same class {r.ort_torch_agreement:.2f} %), logit MSE "
+              f"{r.logit_mse_calibration_only:.3g} -> {r.logit_mse_distilled:.3g}, distill {r.seconds_distill:.2f} s")
     return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.distill", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", default="ratio", help="ratio, sweep, memory or all (default: %(default)s)")
+    ap.add_argument("--part", default="ratio", help="ratio, sweep, memory, quality or all (default: %(default)s)")
+    ap.add_argument("--variants", default="distill",
+                    help=f"ratio and quality parts: comma-separated, of {', '.join(VARIANTS)} (default: %(default)s)")
+    ap.add_argument("--model", default="resnet50", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hw", type=int, default=64, help="input height and width of the ratio setup")
     ap.add_argument("--batches", type=int, default=4)
@@ -341,7 +465,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.memory_child:
-        print(json.dumps(memory_child(a.memory_child, a.hw, a.batches, a.save)))
+        print(json.dumps(memory_child(a.memory_child, a.model, a.hw, a.batches, a.save)))
         return 0
     _quiet()
     known = ("ratio", "sweep", "memory", "quality")
@@ -349,27 +473,30 @@ def main(argv=None) -> int:
     bad = [p for p in parts if p not in known]
     if bad:
         raise SystemExit(f"--part {a.part!r}: unknown part(s) {bad}; use {', '.join(known)} or all")
+    variants = tuple(a.variants.split(","))
+    if any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"--variants {a.variants!r}: use some of {', '.join(VARIANTS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average at start "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     res: dict = {}
     if a.smoke:
         if "ratio" in parts:
-            res["ratio"] = part_ratio(1, 2, 16, kind="stacked")
+            res["ratio"] = part_ratio(1, 2, 16, kind="stacked", variants=variants)
         if "sweep" in parts:
             res["sweep"] = part_sweep(1, [1, 2], 8)
         if "memory" in parts:
-            res["memory"] = part_memory(16, 2, save=a.save)
+            res["memory"] = part_memory(16, 2, save=a.save, kind="stacked")
         if "quality" in parts:
-            res["quality"] = part_quality([0])
+            res["quality"] = {v: part_quality([0], v, teacher_epochs=3) for v in variants}
     else:
         if "ratio" in parts:
-            res["ratio"] = part_ratio(a.repeats, a.batches, a.hw)
+            res["ratio"] = part_ratio(a.repeats, a.batches, a.hw, variants=variants)
         if "sweep" in parts:
             res["sweep"] = part_sweep(a.repeats, [int(d) for d in a.depths.split(",")], a.sweep_hw)
         if "memory" in parts:
             res["memory"] = part_memory(a.hw, a.batches, a.save)
         if "quality" in parts:
-            res["quality"] = part_quality([int(v) for v in a.seeds.split(",")])
+            res["quality"] = {v: part_quality([int(x) for x in a.seeds.split(",")], v) for v in variants}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -110,3 +110,22 @@ def test_cli_errors_bench_times_a_refused_parameter(capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert _positive(float(cells[1])) and cells[4] == "2" and cells[5] == "1"
     assert "parameter 'checkpoint'" in cells[6]
+
+
+def test_distill_bench_reports_the_ratio_the_depth_sweep_memory_and_quality(tmp_path, capsys):
+    from bench import distill
+
+    out = tmp_path / "distill.json"
+    assert distill.main(["--smoke", "--part", "all", "--variants", "distill,slow", "--save", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "AMCT's distill on this setup: 21.5x" in text and "seconds per block, max / min over depths" in text
+    res = json.loads(out.read_text())
+    ratio = res["ratio"]["variants"]
+    assert _positive(ratio["distill"]["ratio"]) and _positive(ratio["slow"]["ratio"])
+    assert all(_positive(v) for v in res["sweep"]["per_block_s"].values())
+    mem = res["memory"]["distill"]
+    assert _positive(mem["added_mb"]) and mem["cache"]["cached_batches"] == 2
+    assert mem["export"] == {"checker": "ok", "verify_passed": True, "verdict": "pass", "errors": []}
+    q = res["quality"]["distill"]
+    assert q["transformer"]["mse_distilled"] < q["transformer"]["mse_calibration_only"]
+    assert q["digits"][0]["int8_distilled_ort"] is not None
