@@ -241,7 +241,7 @@ def _variant(name: str, teacher, student, cfg, data, lr: float = 1e-5, epochs: i
 
 
 VARIANTS = {
-    "distill": "distill() (paused forwards, chains replayed, weight memo)",
+    "distill": "distill()",
     "no_memo": "the same without the weight memo",
     "slow": "cache_bytes=0: every step from the model's input",
     "joint": "all groups in one forward, detached group inputs",
