@@ -56,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import amct_core
+from bench.export import peak_mb, reset_peak, rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 AMCT_PEER_RATIO = 21.5  # AMCT's distill / one fine-tuning epoch on the ratio setup (issue 12)
@@ -316,14 +317,6 @@ def part_sweep(repeats: int, depths: list[int], hw: int) -> dict:
             "per_block_s": {str(d): v for d, v in per_block.items()}, "spread": spread}
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _model_mb(*models: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for m in models for t in (*m.parameters(), *m.buffers())) / 2**20
 
@@ -332,16 +325,15 @@ def memory_child(what: str, kind: str, hw: int, n_batches: int, save: bool) -> d
     """Runs in a fresh process: peak RSS during one call (``what``: 'distill' or 'finetune')."""
     _quiet()
     teacher, data, cfg, student = setup(kind, n_batches=n_batches, hw=hw)
-    before = _status_mb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = rss_mb()
+    reset_peak()
     t0 = time.perf_counter()
     if what == "distill":
         run_distill(teacher, student, cfg, data)
     else:
         finetune_epoch(teacher, data)
     out = {"what": what, "seconds": time.perf_counter() - t0, "rss_before_mb": before,
-           "peak_mb": _status_mb("VmHWM")}
+           "peak_mb": peak_mb()}
     out["added_mb"] = out["peak_mb"] - before
     out["model_mb"] = _model_mb(teacher, student) if what == "distill" else _model_mb(teacher)
     out["batch_mb"] = sum(t.numel() * t.element_size() for t in data[0]) / 2**20

@@ -20,13 +20,7 @@ from amct_core.distill import DistillError
 
 from .test_distill import cnn_data, make_student, state, token_batches, transformer_teacher
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ResBlock(nn.Module):

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves  # torch's own structure walker (torch is pinned)
 
 _local = threading.local()
 
@@ -283,13 +284,8 @@ class Probe:
 
 
 def _tensors_of(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors_of(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors_of(o)]
-    return []
+    """The tensors inside ``obj`` (tuples, lists, dicts, named tuples, nested)."""
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
 def _frame_bytes(exclude: set[int]) -> int:
