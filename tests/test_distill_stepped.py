@@ -19,6 +19,7 @@ import amct_core
 from amct_core.distill import DistillError
 
 from .test_distill import cnn_data, make_student, state, token_batches, transformer_teacher
+from .zoo_models import ZOO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,6 +106,16 @@ def test_transformer_block_distilled_through_the_cache_equals_the_exact_slow_pat
     cfg, student = make_student(tmp_path, teacher, data[0])
     fast, slow = both_paths(teacher, student, cfg, data, epochs=2, lr=1e-3)
     assert fast.amct_distill_cache["slow_groups"] == []
+    assert_same_model(fast, slow)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_architecture_distilled_through_the_cache_equals_the_exact_slow_path(tmp_path, name):
+    z = ZOO[name]
+    teacher = z.float_model()
+    cfg, student = make_student(tmp_path, teacher, z.inputs(2, 0))
+    fast, slow = both_paths(teacher, student, cfg, [z.inputs(4, seed) for seed in range(1, 4)], epochs=1, lr=1e-3)
+    assert fast.amct_distill_cache["cached_batches"] == 3 and fast.amct_distill_cache["slow_groups"] == []
     assert_same_model(fast, slow)
 
 
