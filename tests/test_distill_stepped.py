@@ -5,6 +5,7 @@ beyond the budget and groups that are not a chain of modules run; the fast path 
 the same model."""
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import logging
@@ -272,3 +273,49 @@ def test_each_group_reports_its_time_and_the_eta(tmp_path, caplog):
     assert lines[-1].endswith(", ETA 0 s)")
     assert any(m.startswith("cache: 2 of 2 batch(es) paused at the group boundaries")
                for m in (r.getMessage() for r in caplog.records))
+
+
+class RecordsAutocast(ResNet):
+    """Notes whether its forward runs under CPU autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return super().forward(x)
+
+
+def test_paused_forwards_run_under_the_callers_autocast(tmp_path):
+    torch.manual_seed(0)
+    teacher = RecordsAutocast().eval()
+    data = cnn_data(n=2, batch=4)
+    cfg, student = make_student(tmp_path, teacher, data[0][0])
+    teacher.seen, student.seen = [], []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amct_core.distill(teacher, student, cfg, data)
+    assert teacher.seen and all(teacher.seen) and student.seen and all(student.seen)
+
+
+SCALE = contextvars.ContextVar("scale", default=1.0)
+
+
+class ScaledByContext(ResNet):
+    """Reads a context variable in its forward."""
+
+    def forward(self, x):
+        return super().forward(x * SCALE.get())
+
+
+def test_paused_forwards_see_the_callers_context_variables(tmp_path):
+    torch.manual_seed(0)
+    teacher = ScaledByContext().eval()
+    data = cnn_data(n=3, batch=4)
+    cfg, student = make_student(tmp_path, teacher, data[0][0])
+    token = SCALE.set(0.25)
+    try:
+        fast, slow = both_paths(teacher, student, cfg, data, epochs=1, lr=1e-3)
+    finally:
+        SCALE.reset(token)
+    assert_same_model(fast, slow)

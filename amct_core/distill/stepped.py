@@ -23,6 +23,8 @@ slow path (the model run from its input up to the group's output), as before.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import threading
 import weakref
@@ -78,13 +80,20 @@ class Worker:
         self._started = False
         self._worker_turn = False
         self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        # What the caller's thread has set that the forward may read: its context variables and
+        # torch's autocast state (both thread-local, so a new thread would not see them).
+        self._context = contextvars.copy_context()
+        self._autocast = {d: torch.get_autocast_dtype(d) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)}
+        self._thread = threading.Thread(target=self._context.run, args=(self._main,), name=name, daemon=True)
 
     # ---- worker thread ----
     def _main(self) -> None:
         _local.worker = self
         try:
-            with torch.no_grad():
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.no_grad())
+                for device, dtype in self._autocast.items():
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
                 self.model(*self.args, **self.kwargs)
         except _Stop:
             pass

@@ -27,7 +27,10 @@ How it works
    budget, groups whose modules are not a chain (functional code between them) and batches whose
    modules are called in another order than planned take the exact slow path: the model is run
    from its input up to the group's output for every step (cost groups x depth, as before); the
-   progress output says which and why.
+   progress output says which and why. Two things the fast path assumes: a group's own wiring (which
+   of its modules feeds which) is the one seen on the first batch, and the forward does not depend
+   on thread-local state other than torch's autocast and the context variables (the paused forwards
+   run in threads of their own; those two are carried over from the caller).
 
 3. **Check.** Each block's loss is measured on the first ``max(batch_num, 4)`` batches before and
    after its training; a block whose loss went up keeps its calibrated values. The figures are left
