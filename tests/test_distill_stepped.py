@@ -190,6 +190,41 @@ def test_batch_whose_modules_run_in_another_order_falls_back_to_the_slow_path(tm
     assert_same_model(fast, slow)
 
 
+class Rewired(nn.Module):
+    """Scales the convolution's output before the BN only for some inputs: the group [conv, bn] is
+    a chain on those batches and not on the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if float(x.mean()) >= 0.5:
+            y = y * 2
+        return self.fc(self.bn(y).mean((2, 3)))
+
+
+def test_batch_on_which_a_group_is_wired_differently_trains_that_group_through_the_slow_path(tmp_path, caplog):
+    torch.manual_seed(0)
+    teacher = Rewired().eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.rand(4, 1, 6, 6, generator=g) * 0.9 + (0.0 if i < 2 else 0.5) for i in range(4)]
+    assert [float(x.mean()) >= 0.5 for x in data] == [False, False, True, True]
+    cfg, student = make_student(tmp_path, teacher, data[0])
+    assert json.loads(open(cfg).read())["distill_group"][0] == ["conv", "bn"]
+    with caplog.at_level(logging.INFO, logger="amct_core.distill"):
+        fast, slow = both_paths(teacher, student, cfg, data, epochs=2, lr=1e-3)
+    msgs = [r.getMessage() for r in caplog.records]
+    for i in (2, 3):
+        want = (f"batch {i}: the modules of group ['conv', 'bn'] are wired differently from the first batch ('bn' "
+                "is not fed by the group's earlier modules alone")
+        assert any(m.startswith(want) for m in msgs), msgs
+    assert_same_model(fast, slow)
+
+
 def test_memory_budget_caches_what_fits_and_runs_the_other_batches_from_the_input(tmp_path):
     teacher = resnet_teacher()
     data = cnn_data(n=7, batch=4)

@@ -75,6 +75,7 @@ class Worker:
         self.want: int | None = None
         self.error: BaseException | None = None
         self.out_of_order: str | None = None
+        self.recorders: dict[int, _ChainRecorder] = {}  # per group: its wiring on this batch (teacher)
         self.done = False
         self._abort = False
         self._started = False
@@ -125,6 +126,13 @@ class Worker:
         if self._abort:
             raise _Stop()
 
+    def wiring(self, key: int, group: list[str]) -> _ChainRecorder:
+        """In the worker thread: the recorder of group ``key``'s wiring on this batch."""
+        rec = self.recorders.get(key)
+        if rec is None:
+            rec = self.recorders[key] = _ChainRecorder(group)
+        return rec
+
     def called(self, key: int, what: str) -> None:
         """In the worker thread: a module of group ``key`` is being called."""
         if self.want is not None and key > self.want and self.out_of_order is None:
@@ -160,6 +168,7 @@ class Worker:
         if self._started:
             self._thread.join()
         self.values.clear()
+        self.recorders.clear()
         self.args = self.kwargs = None
 
 
@@ -192,11 +201,18 @@ class Hooks:
 
     Student: a pre-hook on every module a group names (order check; the first module's inputs are the
     group's input) and a forward hook on each group's last module (slow runs stop there). Teacher: a
-    forward hook on each group's last module (the group's target; slow runs stop there).
+    pre-hook and a forward hook on every module a group names (the group's wiring on this batch,
+    checked against the probe's before the group trains) and a forward hook on each group's last
+    module (the group's target; slow runs stop there).
     """
 
     def __init__(self, groups: list[list[str]], smods: dict, tmods: dict):
         self.handles = []
+        for gi, g in enumerate(groups):
+            for n in g:  # registered first: the wiring is complete when the target pauses the worker
+                self.handles.append(tmods[n].register_forward_pre_hook(self._wiring_pre(gi, g, n), with_kwargs=True,
+                                                                       prepend=True))
+                self.handles.append(tmods[n].register_forward_hook(self._wiring_post(gi, g, n)))
         first = {}
         for gi, g in enumerate(groups):
             first.setdefault(g[0], gi)
@@ -221,6 +237,26 @@ class Hooks:
                 w.called(gi, name)
                 if first_of is not None:
                     w.hit(first_of, (args, kwargs))
+            return None
+
+        return hook
+
+    @staticmethod
+    def _wiring_pre(gi: int, group: list[str], name: str):
+        def hook(mod, args, kwargs):
+            w = current_worker()
+            if w is not None and (w.want is None or gi >= w.want):
+                w.wiring(gi, group).called(name, args, kwargs)
+            return None
+
+        return hook
+
+    @staticmethod
+    def _wiring_post(gi: int, group: list[str], name: str):
+        def hook(mod, args, out):
+            w = current_worker()
+            if w is not None and (w.want is None or gi >= w.want):
+                w.wiring(gi, group).returned(name, out)
             return None
 
         return hook
@@ -325,6 +361,8 @@ class _ChainRecorder:
         self.chain = Chain([])
         self.why: str | None = None
         self.src: dict[int, tuple[_Ref, int, weakref.ref]] = {}  # id -> (reference, version, weakref)
+        self.seen_calls: set[str] = set()  # only a module's first call and first return count
+        self.seen_returns: set[str] = set()
 
     def fail(self, why: str) -> None:
         if self.why is None:
@@ -337,8 +375,9 @@ class _ChainRecorder:
         return e[0]
 
     def called(self, name: str, args: tuple, kwargs: dict) -> None:
-        if self.why is not None:
+        if self.why is not None or name in self.seen_calls:
             return
+        self.seen_calls.add(name)
         if not self.chain.names:
             if name != self.group[0]:
                 return self.fail(f"{name!r} was called before {self.group[0]!r}")
@@ -366,7 +405,10 @@ class _ChainRecorder:
         self.chain.names.append(name)
 
     def returned(self, name: str, out) -> None:
-        if self.why is not None or not self.chain.names or self.chain.names[-1] != name:
+        if self.why is not None or name in self.seen_returns:
+            return
+        self.seen_returns.add(name)
+        if not self.chain.names or self.chain.names[-1] != name:
             return
         for ref, version, wr in list(self.src.values()):
             t = wr()
@@ -385,13 +427,27 @@ class _ChainRecorder:
         return (None, self.why) if self.why is not None else (self.chain, None)
 
 
+def rewired(chain: Chain | None, recorder: _ChainRecorder | None) -> str | None:
+    """Why a batch's wiring of a group (as its teacher forward ran it) is not ``chain``; None if it is,
+    or if there is no chain to replay anyway."""
+    if chain is None or recorder is None:
+        return None
+    seen, why = recorder.result()
+    if why is not None:
+        return why
+    try:
+        same = seen == chain
+    except Exception:  # noqa: BLE001 - an argument whose == is not a bool (e.g. an array)
+        same = False
+    return None if same else "its modules are called in another order or on other inputs"
+
+
 def probe(teacher: nn.Module, groups: list[list[str]], args: tuple, kwargs: dict) -> Probe:
     """Run the teacher once on one batch (no_grad) and find, per group, whether it is a chain, the
     teacher's output (the group's target for this batch) and the bytes held at the group's end."""
     tmods = dict(teacher.named_modules())
     recorders = [_ChainRecorder(g) for g in groups]
     member = {n: recorders[gi] for gi, g in enumerate(groups) for n in g}
-    called: set[str] = set()
     returned: set[str] = set()
     targets: dict[int, torch.Tensor] = {}
     live: list[int] = [0] * len(groups)
@@ -403,9 +459,7 @@ def probe(teacher: nn.Module, groups: list[list[str]], args: tuple, kwargs: dict
 
     def pre(name):
         def hook(mod, a, k):
-            if name not in called:
-                called.add(name)
-                member[name].called(name, a, k)
+            member[name].called(name, a, k)
 
         return hook
 

@@ -27,10 +27,12 @@ How it works
    budget, groups whose modules are not a chain (functional code between them) and batches whose
    modules are called in another order than planned take the exact slow path: the model is run
    from its input up to the group's output for every step (cost groups x depth, as before); the
-   progress output says which and why. Two things the fast path assumes: a group's own wiring (which
-   of its modules feeds which) is the one seen on the first batch, and the forward does not depend
-   on thread-local state other than torch's autocast and the context variables (the paused forwards
-   run in threads of their own; those two are carried over from the caller).
+   progress output says which and why. A group's wiring (which of its modules feeds which) is
+   checked on every batch as the teacher's forward runs it; a batch on which it differs from the
+   first batch's trains that group through the slow path. Assumed: the student wires a group as the
+   teacher does on the same batch, and the forward does not depend on thread-local state other than
+   torch's autocast and the context variables (the paused forwards run in threads of their own;
+   those two are carried over from the caller).
 
 3. **Check.** Each block's loss is measured on the first ``max(batch_num, 4)`` batches before and
    after its training; a block whose loss went up keeps its calibrated values. The figures are left
@@ -221,8 +223,8 @@ def _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader
         raise DistillError(f"train_loader must be an iterable of batches (e.g. a DataLoader), got "
                            f"{type(train_loader).__name__}")
     if iter(train_loader) is train_loader:
-        raise DistillError(f"train_loader is a {type(train_loader).__name__} that can be read only once (iter() returns "
-                           "itself); distill reads it for calibration and again for training, so it must be "
+        raise DistillError(f"train_loader is a {type(train_loader).__name__} that can be read only once (iter() "
+                           "returns itself); distill reads it for calibration and again for training, so it must be "
                            "re-iterable: pass a DataLoader or a list of batches, not a generator or an iterator")
     if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
                                     or cache_bytes < 0):
@@ -715,6 +717,12 @@ def _prepare(run: _Run, gi: int) -> None:
                 target = b.teacher.run_to(gi)
             except stepped.WorkerError as e:
                 raise DistillError(f"model (the teacher) forward failed on batch {b.index}: {e.error}") from e.error
+            rewired = stepped.rewired(run.chains[gi], b.teacher.recorders.pop(gi, None))
+            if rewired is not None:
+                run.progress.say(f"batch {b.index}: the modules of group {group} are wired differently from the first "
+                                 f"batch ({rewired}); on this batch the group runs from the model's input (exact "
+                                 "slow path)")
+                gin = None
         b.group_in = gin
         b.target = target if isinstance(target, torch.Tensor) else None
 
@@ -725,6 +733,8 @@ def _next_group(run: _Run, gi: int) -> None:
         b.group_in = b.target = None
         if b.targets is not None:
             b.targets.pop(gi, None)
+        if b.teacher is not None:
+            b.teacher.recorders.pop(gi, None)
     if gi + 1 < len(run.groups):
         _prepare(run, gi + 1)
 
@@ -835,7 +845,7 @@ def _train_group(run: _Run, gi: int) -> dict:
         if not after <= before:
             # Training made this block worse on the check batches: keep the calibrated values.
             with torch.no_grad():
-                for p, v in zip(params, snapshot):
+                for p, v in zip(params, snapshot, strict=True):
                     p.copy_(v)
             kept = "calibrated"
         _next_group(run, gi)  # the group is final: carry the cached batches on to the next one
