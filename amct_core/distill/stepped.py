@@ -17,9 +17,10 @@ Exactly one thread runs at a time (a strict hand-over), so this is the user's fo
 order, not in parallel. Group g trains on the inputs its first module received (captured in the
 paused worker), replaying only the group's own modules when they form a *chain* (each module is fed
 by the previous ones or by the first module's inputs, as in conv -> BN -> activation units); the
-wiring is learned from one probe forward of the teacher. A group that is not a chain, a batch whose
-modules are called in another order than planned, or a batch beyond the memory budget takes the exact
-slow path (the model run from its input up to the group's output), as before.
+wiring is learned from one probe forward of the teacher and checked on every batch's teacher forward.
+A group that is not a chain, a batch whose modules are called in another order than planned, a batch
+on which a group is wired differently, or a batch beyond the memory budget takes the exact slow path
+(the model run from its input up to the group's output), as before.
 """
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ class Worker:
 
     Hooks call :meth:`hit` at the module calls that matter with a key (a group index); the first value
     given for a key is kept, and when the key is the one :meth:`run_to` waits for, the worker hands
-    control back and waits. ``order_key`` hits (a module of group k called) mark the batch as
-    ``out_of_order`` when k is later than the group waited for: its paused state could then hold
-    values of a group that is not final yet.
+    control back and waits. A call of a module of group k while an earlier group is awaited
+    (:meth:`called`) marks the batch ``out_of_order``: its paused state could then hold values of a
+    group that is not final yet. Teacher workers also record each group's wiring on their batch
+    (:meth:`wiring`).
     """
 
     def __init__(self, model: nn.Module, args: tuple, kwargs: dict, name: str):
@@ -328,7 +330,7 @@ class Probe:
     live_bytes: list[int]  # per group: bytes of tensors the forward's frames hold at the group's end
 
 
-def _tensors_of(obj) -> list[torch.Tensor]:
+def tensors_of(obj) -> list[torch.Tensor]:
     """The tensors inside ``obj`` (tuples, lists, dicts, named tuples, nested)."""
     return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
@@ -341,7 +343,7 @@ def _frame_bytes(exclude: set[int]) -> int:
     while f is not None:
         if f.f_code.co_filename != __file__:
             for v in list(f.f_locals.values()):
-                for t in _tensors_of(v):
+                for t in tensors_of(v):
                     if id(t) in exclude or t.device.type == "meta":
                         continue
                     st = t.untyped_storage()
@@ -384,7 +386,7 @@ class _ChainRecorder:
             for key, a in [*enumerate(args), *kwargs.items()]:
                 if isinstance(a, torch.Tensor):
                     self.src[id(a)] = (_Ref("in" if isinstance(key, int) else "kw", key), a._version, weakref.ref(a))
-                elif _tensors_of(a):
+                elif tensors_of(a):
                     return self.fail(f"{name!r} takes tensors inside containers")
         else:
             def to_ref(a):
@@ -393,7 +395,7 @@ class _ChainRecorder:
                     if ref is None:
                         raise LookupError
                     return ref
-                if _tensors_of(a):
+                if tensors_of(a):
                     raise LookupError
                 return a
 

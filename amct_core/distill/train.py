@@ -541,11 +541,11 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
     watch = [n for g in cfg.get("distill_group", []) for n in g] + enabled_layers(cfg)
 
     s_grad = {p: p.requires_grad for p in compress_model.parameters()}
-    for p in s_grad:
-        p.requires_grad_(False)  # each group unfreezes its own parameters while it trains
     t0 = time.monotonic()
     with eval_mode(model, compress_model):
         try:
+            for p in s_grad:
+                p.requires_grad_(False)  # each group unfreezes its own parameters while it trains
             n_cal, call_order = _calibrate(compress_model, train_loader, run.adapt, batch_num, watch, progress)
             preset = _apply_initial_ranges(cfg, compress_model)
             if preset:
@@ -653,7 +653,7 @@ def _load_batches(run: _Run) -> None:
                 raise DistillError(f"model (the teacher) forward failed on batch 0: {e}") from e
             run.chains = pr.chains
             run.slow_reasons = pr.reasons
-            in_bytes = sum(t.numel() * t.element_size() for t in stepped._tensors_of((args, kwargs)))
+            in_bytes = sum(t.numel() * t.element_size() for t in stepped.tensors_of((args, kwargs)))
             target_bytes = [t.numel() * t.element_size() for t in pr.targets.values()]
             per_batch = 2 * max(pr.live_bytes, default=0) + max(target_bytes, default=0) + in_bytes
             first_extra = sum(target_bytes) - max(target_bytes, default=0)
