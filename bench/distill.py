@@ -112,7 +112,7 @@ def batches(n: int, size: int, hw: int, classes: int, seed: int = 0) -> list[tup
             for _ in range(n)]
 
 
-def setup(kind: str, depth: int = 8, n_batches: int = 4, batch: int = 2, hw: int = 64):
+def setup(kind: str, depth: int = 8, n_batches: int = 4, batch: int = 2, hw: int = 64, width: int = 16):
     """(teacher, loader, config file, student) for ``kind`` 'resnet50' or 'stacked'; config in a temp dir."""
     from bench.models import ResNet50
 
@@ -120,7 +120,7 @@ def setup(kind: str, depth: int = 8, n_batches: int = 4, batch: int = 2, hw: int
     if kind == "resnet50":
         teacher, classes = _randomize_bn(ResNet50(), 1), 1000
     else:
-        teacher, classes = _randomize_bn(Stacked(depth), 1), 10
+        teacher, classes = _randomize_bn(Stacked(depth, c=width), 1), 10
     data = batches(n_batches, batch, hw, classes)
     d = tempfile.mkdtemp(prefix="bench-distill-")
     atexit.register(shutil.rmtree, d, True)
@@ -295,8 +295,8 @@ def part_ratio(repeats: int, n_batches: int, hw: int, kind: str = "resnet50", va
     return res
 
 
-def part_sweep(repeats: int, depths: list[int], hw: int) -> dict:
-    setups = {d: setup("stacked", depth=d, hw=hw) for d in depths}
+def part_sweep(repeats: int, depths: list[int], hw: int, width: int = 16) -> dict:
+    setups = {d: setup("stacked", depth=d, hw=hw, width=width) for d in depths}
     runs: dict[int, list[float]] = {d: [] for d in depths}
     teacher, data, cfg, student = setups[depths[0]]
     run_distill(teacher, copy.deepcopy(student), cfg, data)  # warm-up (lazy initialisation), not timed
@@ -305,16 +305,24 @@ def part_sweep(repeats: int, depths: list[int], hw: int) -> dict:
             teacher, data, cfg, student = setups[d]
             s = copy.deepcopy(student)
             runs[d].append(timed(lambda: run_distill(teacher, s, cfg, data)))
-    per_block = {d: statistics.median(v) / d for d, v in runs.items()}
+    med = {d: statistics.median(v) for d, v in runs.items()}
+    per_block = {d: med[d] / d for d in depths}
     spread = max(per_block.values()) / min(per_block.values())
-    print(f"sweep: residual block (2 groups) stacked {depths} times, 4 batches of 2 at {hw}x{hw}, "
-          f"{repeats} run(s) per depth, alternating")
+    # least squares seconds = fixed + per_block_cost * depth over the medians (the fixed part is the
+    # cost of a call that does not grow with depth: threads, probe, calibration of the stem, ...)
+    mean_d, mean_t = statistics.fmean(depths), statistics.fmean(med.values())
+    var = sum((d - mean_d) ** 2 for d in depths)
+    slope = sum((d - mean_d) * (med[d] - mean_t) for d in depths) / var if var else float("nan")
+    fixed = mean_t - slope * mean_d
+    print(f"sweep: residual block of {width} channels (2 groups) stacked {depths} times, 4 batches of 2 at "
+          f"{hw}x{hw}, {repeats} run(s) per depth, alternating")
     for d in depths:
-        print(f"  depth {d:3d}: distill median {statistics.median(runs[d]):8.3f} s   "
-              f"{1000 * per_block[d]:8.2f} ms per block")
-    print(f"  seconds per block, max / min over depths: {spread:.2f}x")
-    return {"depths": depths, "runs_s": {str(d): v for d, v in runs.items()},
-            "per_block_s": {str(d): v for d, v in per_block.items()}, "spread": spread}
+        print(f"  depth {d:3d}: distill median {med[d]:8.3f} s   {1000 * per_block[d]:8.2f} ms per block")
+    print(f"  seconds per block, max / min over depths: {spread:.2f}x; linear fit {1000 * fixed:.1f} ms + "
+          f"{1000 * slope:.2f} ms per block")
+    return {"depths": depths, "width": width, "hw": hw, "runs_s": {str(d): v for d, v in runs.items()},
+            "per_block_s": {str(d): v for d, v in per_block.items()}, "spread": spread,
+            "fit_fixed_s": fixed, "fit_per_block_s": slope}
 
 
 def _model_mb(*models: nn.Module) -> float:
@@ -447,7 +455,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hw", type=int, default=64, help="input height and width of the ratio setup")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--depths", default="8,16,32,64")
-    ap.add_argument("--sweep-hw", type=int, default=16)
+    ap.add_argument("--sweep-hw", type=int, default=16, help="sweep part: input height and width")
+    ap.add_argument("--sweep-width", type=int, default=16, help="sweep part: channels of the block")
     ap.add_argument("--seeds", default="0,1,2", help="quality part: seeds of the digits demo")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", action="store_true", help="memory part: export and verify the distilled model")
@@ -484,7 +493,7 @@ def main(argv=None) -> int:
         if "ratio" in parts:
             res["ratio"] = part_ratio(a.repeats, a.batches, a.hw, variants=variants)
         if "sweep" in parts:
-            res["sweep"] = part_sweep(a.repeats, [int(d) for d in a.depths.split(",")], a.sweep_hw)
+            res["sweep"] = part_sweep(a.repeats, [int(d) for d in a.depths.split(",")], a.sweep_hw, a.sweep_width)
         if "memory" in parts:
             res["memory"] = part_memory(a.hw, a.batches, a.save)
         if "quality" in parts:
