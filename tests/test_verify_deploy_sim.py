@@ -166,6 +166,40 @@ def test_large_accumulations_use_the_float32_summation_bound_and_still_catch_cor
     assert not r2.ok and r2.worst_layer.name == "features.0"
 
 
+def test_large_transposed_gemm_uses_the_summation_bound_and_still_catches_corruption():
+    # AMCT-style Gemm (transB=1, weight [out, in]) with K = 600 terms: the bound and the transposed weight
+    # are computed in the simulation graph from the int8 weight itself
+    fq, dep, info = bm.hand_built_pair(style="amct", c_in=4, c_out=600, hidden=7, hw=4)
+    x = (np.random.default_rng(4).standard_normal((2, 4, 4, 4)) * 3).astype(np.float32)
+    r = compare_deploy(dep, fq, inputs=[x])
+    assert r.ok, r.message
+    fc = next(l for l in r.layers if l.name == "classifier")
+    assert fc.acc_abs_sum_max == fc.acc_abs_sum_max and fc.acc_abs_sum_max > 0  # computed (not NaN)
+    assert fc.static["weight_differences"] == 0
+    r2 = compare_deploy(bm.corrupt_weight(dep, "classifier", index=1234, delta=3), fq, inputs=[x])
+    assert not r2.ok and r2.worst_layer.name == "classifier"
+
+
+def test_models_with_external_data_verify_like_embedded_ones(tmp_path):
+    import onnx
+
+    from amct_core.verify import verify
+
+    e = bm.export("encoder")
+    paths = {}
+    for kind in ("deploy", "fake_quant"):
+        paths[kind] = tmp_path / getattr(e, kind).name
+        onnx.save_model(onnx.load(str(getattr(e, kind))), str(paths[kind]), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=paths[kind].name + ".data", size_threshold=1024)
+    embedded, _ = verify(deploy=e.deploy, fake_quant=e.fake_quant, torch_model=e.model, example_inputs=(e.example,))
+    external, _ = verify(deploy=paths["deploy"], fake_quant=paths["fake_quant"], torch_model=e.model,
+                         example_inputs=(e.example,))
+    assert embedded["verdict"] == external["verdict"] == "pass", external["summary"]
+    for check in ("parity", "deploy_simulation"):
+        assert embedded[check]["layers"] == external[check]["layers"]
+        assert embedded[check]["outputs"] == external[check]["outputs"]
+
+
 @pytest.mark.parametrize("opset", [8, 10, 16])
 def test_deploy_models_of_other_opsets_are_simulated(opset):
     # opset 8/9 lack ConvInteger: the model is raised to 10 with ONNX's version converter first

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
+
+from ..onnx.mapped import is_external, open_model, tensor_array
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 ASCEND_QUANT = "AscendQuant"
@@ -19,17 +21,17 @@ ASCEND_DEQUANT = "AscendDequant"
 
 
 def load_model(model) -> onnx.ModelProto:
-    """``model``: a path (str/Path), serialized bytes or a ModelProto. External data is loaded from
-    the model's directory."""
+    """``model``: a path (str/Path), serialized bytes or a ModelProto.
+
+    A path is opened without reading its tensors (:func:`amct_core.onnx.mapped.open_model`): large
+    initializers, embedded or external, stay in the file and are memory-mapped when a check reads them,
+    so a model of any size costs only its graph until then."""
     if isinstance(model, onnx.ModelProto):
         return model
     if isinstance(model, (bytes, bytearray)):
         return onnx.load_from_string(bytes(model))
     if isinstance(model, (str, Path)):
-        p = Path(model)
-        if not p.is_file():
-            raise FileNotFoundError(f"ONNX model {str(p)!r} does not exist or is not a file")
-        return onnx.load(str(p))
+        return open_model(model)
     raise TypeError(f"expected an ONNX model path, bytes or onnx.ModelProto, got {type(model).__name__}")
 
 
@@ -96,6 +98,8 @@ class GraphIndex:
         return None if t is None else t.data_type
 
     def const_array(self, name: str) -> np.ndarray | None:
+        """The constant's values (None if ``name`` is not a constant). External data is memory-mapped
+        afresh on each call and not kept, so the pages a check reads are given back when it drops them."""
         if name in self._arrays:
             return self._arrays[name]
         t = self.const_tensor(name)
@@ -110,8 +114,9 @@ class GraphIndex:
                     self._arrays[name] = arr
                     return arr
             return None
-        arr = numpy_helper.to_array(t)
-        self._arrays[name] = arr
+        arr = tensor_array(t)
+        if not is_external(t):
+            self._arrays[name] = arr
         return arr
 
     def sole_consumer(self, name: str) -> onnx.NodeProto | None:

@@ -12,6 +12,7 @@ import onnxruntime as ort
 from onnx import helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from ..onnx.mapped import FOLDER_CONFIG_KEY, runtime_model
 from ..onnx.metadata import INPUT_SHAPES, read_input_shapes
 
 OPT_LEVELS = {
@@ -21,19 +22,30 @@ OPT_LEVELS = {
 
 
 def session(model: onnx.ModelProto, opt: str = "disabled") -> ort.InferenceSession:
+    """An ONNX Runtime session (CPU, one thread) on ``model``.
+
+    External data (a model opened with :func:`amct_core.onnx.mapped.open_model`) is mapped by ONNX
+    Runtime from its files; only the graph is serialized, so no in-memory model reaches protobuf's 2 GB
+    limit. Weight prepacking is off: it would copy every weight into ONNX Runtime's own layout for a
+    speed-up that one batch of checks does not need, where the mapped weights cost no copy at all."""
     so = ort.SessionOptions()
     so.graph_optimization_level = OPT_LEVELS[opt]
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.log_severity_level = 4  # errors reach the caller as exceptions, not as log lines on stderr
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.enable_cpu_mem_arena = False
+    data, folder = runtime_model(model)
+    if folder is not None:
+        so.add_session_config_entry(FOLDER_CONFIG_KEY, folder)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], opt: str = "disabled",
         outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     s = session(model, opt)
     names = outputs or [o.name for o in s.get_outputs()]
-    return dict(zip(names, s.run(names, feeds)))
+    return dict(zip(names, s.run(names, feeds)))  # the session (and its mapped weights) ends here
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

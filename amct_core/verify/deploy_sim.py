@@ -187,7 +187,7 @@ class _Rewriter:
                 bshape = [1, bias.size] + [1] * (w.ndim - 2)
                 self.node("Add", [acc_in, self.const(f"{lab}.sim.bias", bias.reshape(bshape))], output=out, base=lab)
             channel_axis = 1
-            w_abs = np.abs(w.astype(np.int16)).astype(np.uint8)
+            wname = L.weight
         else:
             a = xq
             wname = L.weight
@@ -197,9 +197,9 @@ class _Rewriter:
                         raise SimulationError(f"Gemm {lab!r}: {k} = {attr_value(n, k)} cannot be simulated in integers; expected 1")
                 if attr_value(n, "transA", 0):
                     a = self.node("Transpose", [a], base=lab, perm=[1, 0])
-                if attr_value(n, "transB", 0):
-                    w = np.ascontiguousarray(w.T)
-                    wname = self.const(f"{lab}.sim.weight_t", w)
+                if attr_value(n, "transB", 0):  # transposed in the graph: no second copy of the weight
+                    wname = self.node("Transpose", [wname], base=lab, perm=[1, 0])
+                    w = w.T
             k_terms = int(w.shape[0]) if w.ndim == 2 else int(w.shape[-2])
             acc_in = self.fresh(f"{lab}.sim.acc_nobias") if (bias is not None and L.kind == "Gemm") else out
             self.node("MatMulInteger", [a, wname, zp], output=acc_in, base=lab)
@@ -207,12 +207,11 @@ class _Rewriter:
                 self.node("Add", [acc_in, self.const(f"{lab}.sim.bias", bias.reshape(-1))], output=out, base=lab)
             # MatMul: the bias Add node stays as it is (int32 + int32)
             channel_axis = -1
-            w_abs = np.abs(w.astype(np.int16)).astype(np.uint8)
         n_terms = k_terms + (1 if bias is not None else 0)
         bmax = float(np.max(np.abs(bias.astype(np.int64)))) if bias is not None and bias.size else 0.0
         abs_acc = None
         if self.with_bounds and k_terms * 255.0 * 128.0 + bmax > F32_EXACT:
-            abs_acc = self.abs_bound(L, lab, xq, offset, w_abs, bias, k_terms, channel_axis, a if L.kind != "Conv" else None)
+            abs_acc = self.abs_bound(L, lab, xq, offset, wname, w.ndim, bias, a if L.kind != "Conv" else None)
         self.layers.append(SimLayer(
             name=L.name, kind=L.kind, quant=qname, quant_output=xq, quant_input=q_in, offset=offset, acc=L.acc,
             output=L.dequant.output[0], deq_scale=deq, channel_axis=channel_axis, n_terms=n_terms, abs_acc=abs_acc,
@@ -220,12 +219,16 @@ class _Rewriter:
         if c_out is not None and deq.size not in (1, c_out):
             raise SimulationError(f"AscendDequant {node_label(L.dequant)!r}: {deq.size} deq_scale entries for {c_out} channels")
 
-    def abs_bound(self, L, lab, xq, offset, w_abs, bias, k_terms, channel_axis, a_override) -> str:
-        """sum_k |x_k - offset| * |w_k| + |bias|: bounds every partial sum of the layer's accumulation."""
+    def abs_bound(self, L, lab, xq, offset, weight, w_rank, bias, a_override) -> str:
+        """sum_k |x_k - offset| * |w_k| + |bias|: bounds every partial sum of the layer's accumulation.
+
+        |w| is computed in the graph from the int8 weight (int16 so that |-128| fits), so the simulation
+        holds no second weight-sized constant; the runtime makes it when the layer runs, and frees it."""
         xi = self.node("Cast", [a_override or xq], base=lab, to=TensorProto.INT32)
         xi = self.node("Sub", [xi, self.const(f"{lab}.sim.off32", np.int32(offset))], base=lab)
         xa = self.node("Cast", [self.node("Abs", [xi], base=lab)], base=lab, to=TensorProto.UINT8)
-        wa = self.const(f"{lab}.sim.weight_abs", w_abs)
+        w16 = self.node("Cast", [weight], base=lab, to=TensorProto.INT16)
+        wa = self.node("Cast", [self.node("Abs", [w16], base=lab)], base=lab, to=TensorProto.UINT8)
         if L.kind == "Conv":
             attrs = {a.name: helper.get_attribute_value(a) for a in L.node.attribute}
             s = self.node("ConvInteger", [xa, wa], base=lab, **attrs)
@@ -234,7 +237,7 @@ class _Rewriter:
         if bias is not None:
             b = np.abs(bias.astype(np.int64)).astype(np.int32)
             if L.kind == "Conv":
-                b = b.reshape([1, b.size] + [1] * (w_abs.ndim - 2))
+                b = b.reshape([1, b.size] + [1] * (w_rank - 2))
             s = self.node("Add", [s, self.const(f"{lab}.sim.bias_abs", b.reshape(b.shape if L.kind == "Conv" else -1))], base=lab)
         return s
 
@@ -439,7 +442,7 @@ def _static_compare(dix: GraphIndex, L: DeployLayer, fix: GraphIndex, F) -> dict
         if attr_value(F.node, "transB", 0) and wf.ndim == 2:
             wf = wf.T
     if wd is not None and wf is not None and wd.shape == wf.shape:
-        out["weight_differences"] = int(np.count_nonzero(wd.astype(np.float64) != wf.astype(np.float64)))
+        out["weight_differences"] = _count_differences(wd, wf)
     else:
         out["weight_differences"] = None
     if L.bias is not None and F.bias is not None:
@@ -455,6 +458,16 @@ def _static_compare(dix: GraphIndex, L: DeployLayer, fix: GraphIndex, F) -> dict
                 rel = np.abs(a - b) / np.abs(b)
             out["deq_scale_max_rel_diff"] = float(np.nanmax(rel)) if rel.size else 0.0
     return out
+
+
+def _count_differences(a: np.ndarray, b: np.ndarray, block_elements: int = 1 << 22) -> int:
+    """How many elements of two same-shaped arrays differ, a block of leading-axis slices at a time, so
+    memory-mapped weights are read once with no full-size temporary. NumPy compares mixed types in
+    their common type, which holds both exactly (int8 and float32: float32; int32 and float32: float64)."""
+    if a.ndim == 0:
+        return int(a != b)
+    rows = max(1, block_elements // max(1, a[0].size))
+    return sum(int(np.count_nonzero(a[i:i + rows] != b[i:i + rows])) for i in range(0, a.shape[0], rows))
 
 
 def _static_verdict(r: "DeployLayerResult", tol: Tolerances) -> None:
