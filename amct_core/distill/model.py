@@ -27,6 +27,19 @@ def wrap_layer(module: nn.Module) -> nn.Module:
     raise ConfigError(f"cannot quantize a {type(module).__name__}")
 
 
+def wrap_layers(model: nn.Module, cfg: dict, source: str = "the distill config") -> nn.Module:
+    """Wrap, in place, every layer a (validated) distill config enables; returns ``model``. The QAT
+    modules take over the layers' own weight and bias parameters (no copy)."""
+    names = enabled_layers(cfg)
+    if not names:
+        raise ConfigError(f"distill config {source} enables no layer (no 'quant_enable': true)")
+    for name in names:
+        _set_submodule(model, name, wrap_layer(model.get_submodule(name)))
+    if "target" in cfg:
+        model.amct_target = cfg["target"]
+    return model
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches, max_batches: int | None = None) -> int:
     """Widen every QAT layer's activation range over ``batches`` (iterable of input tuples). Returns the count.
@@ -61,14 +74,7 @@ def create_distill_model(config_file, model, input_data) -> nn.Module:
     cfg = load_distill_config(config_file)
     validate_distill_config(cfg, model)
     inputs = as_input_tuple(input_data)
-    student = copy.deepcopy(model)
-    names = enabled_layers(cfg)
-    if not names:
-        raise ConfigError(f"distill config {str(config_file)!r} enables no layer (no 'quant_enable': true)")
-    for name in names:
-        _set_submodule(student, name, wrap_layer(student.get_submodule(name)))
-    if "target" in cfg:
-        student.amct_target = cfg["target"]
+    student = wrap_layers(copy.deepcopy(model), cfg, source=repr(str(config_file)))
     try:
         calibrate(student, [inputs])
     except Exception as e:  # noqa: BLE001
