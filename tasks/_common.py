@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from ._params import DTYPES, ParameterError, import_callable, input_list, make_float_model  # noqa: F401 (re-exported)
+from ._params import DTYPES, ParameterError, import_callable, input_list  # noqa: F401 (re-exported)
 
 CHUNK = 1 << 20
 MEMO_MIN_BYTES = 64 << 20
@@ -211,33 +211,6 @@ def example_input(shape: list[int], dtype: str, seed: int = 0):
     return torch.randint(0, 10, tuple(shape), generator=g, dtype=tdt)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict:
-    """Tensors of a checkpoint, never executing code from it (safetensors, or torch.load(weights_only=True))."""
-    import torch
-
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ParameterError(
-            "checkpoint",
-            f"{str(p)!r} cannot be loaded safely (torch.load weights_only=True): {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}. Save it with torch.save(model.state_dict(), path) "
-            f"or as .safetensors",
-        ) from None
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise ParameterError("checkpoint", f"{str(p)!r} holds a {type(obj).__name__}, not a state_dict (name -> tensor)")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
 _MODELS: dict[str, Any] = {}
 
 
@@ -250,64 +223,30 @@ def spec_key(spec: ModelSpec) -> str:
 
 
 def build_model(spec: ModelSpec):
-    """The distilled model in eval mode: user model -> QAT wrap (distill config) -> checkpoint loaded strictly.
+    """The distilled model in eval mode (:func:`amct_core.checkpoint.load_distilled_model`), memoised per
+    process until :func:`release_models`.
 
     Raises ParameterError naming 'model', 'model_kwargs', 'distill_config' or 'checkpoint'.
     """
+    from amct_core.checkpoint import LoadError, load_distilled_model
+
     key = spec_key(spec)
     if key in _MODELS:
         return _MODELS[key]
-    from amct_core import create_distill_config, create_distill_model
-    from amct_core.errors import AmctError
-
-    float_model = make_float_model(spec.model, spec.model_kwargs)
-    float_model.eval()
-    x = spec_inputs(spec)
-    try:
-        if spec.distill_config:
-            model = create_distill_model(spec.distill_config, float_model, x)
-        else:  # the default config, in a temporary directory that is removed at once
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="amct_distill_config_") as d:
-                cfg = os.path.join(d, "distill_config.json")
-                create_distill_config(cfg, float_model, x)
-                model = create_distill_model(cfg, float_model, x)
-    except AmctError as e:
-        raise ParameterError("distill_config", f"{spec.distill_config or '(default)'}: {e}") from None
-    state = read_state_dict(spec.checkpoint)
-    expected = model.state_dict()
-    # torch.nn.DataParallel / DistributedDataParallel checkpoints prefix every key with "module."
-    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    wrong_shape = sorted(
-        f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
-        for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if wrong_shape:
-            parts.append(f"keys of the wrong shape {wrong_shape}")
-        hint = ""
-        if missing and all(k.rsplit(".", 1)[-1] in ("clip_min", "clip_max", "act_initialized") for k in missing):
-            hint = (" (the checkpoint looks like a float model: save the distilled model's state_dict, "
-                    "i.e. of create_distill_model()/distill()'s result)")
-        raise ParameterError(
-            "checkpoint",
-            f"{spec.checkpoint!r} does not match model {spec.model} wrapped by distill config "
-            f"{spec.distill_config or '(default)'}: " + "; ".join(parts) + hint,
-        )
-    model.load_state_dict(state, strict=True)
-    model.eval()
     _MODELS.clear()  # keep one model alive at a time
+    try:
+        model = load_distilled_model(spec.model, spec.checkpoint, spec.distill_config, spec_inputs(spec),
+                                     model_kwargs=spec.model_kwargs)
+    except LoadError as e:
+        raise ParameterError(e.what, str(e)) from None
     _MODELS[key] = model
     return model
+
+
+def release_models() -> None:
+    """Forget the memoised model: its weights (mapped from the checkpoint file) are given back once no
+    caller holds it. The flow calls this after its last stage that needs the torch model."""
+    _MODELS.clear()
 
 
 def spec_inputs(spec: ModelSpec) -> tuple:

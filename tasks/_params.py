@@ -1,17 +1,11 @@
 """Parameter values shared by the stage tasks and the flow's parameter checks: the error that names a
 parameter, model references, example-input specs, checkpoint URIs.
 
-Importable without Prefect, torch or MLflow (torch is imported only inside :func:`make_float_model`), so
-the CLI checks parameters in about a second before it starts any flow (flows/parameters.py).
+Importable without Prefect, torch or MLflow (amct_core, hence torch, is imported only when a model
+reference is resolved, which imports the user's model module anyway), so the CLI checks parameters in
+about a second before it starts any flow (flows/parameters.py).
 """
 from __future__ import annotations
-
-import hashlib
-import importlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
@@ -28,40 +22,14 @@ DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8"
 
 
 def import_callable(ref: str, parameter: str = "model"):
-    """Resolve ``package.module:callable`` (or ``file.py:callable``) without touching any checkpoint."""
-    if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ParameterError(parameter, f"{ref!r} must look like 'package.module:callable' (or 'path/file.py:callable')")
-    mod_name, attr = ref.split(":")
-    if not mod_name or not attr:
-        raise ParameterError(parameter, f"{ref!r} must look like 'package.module:callable'")
+    """Resolve ``package.module:callable`` (or ``file.py:callable``) without touching any checkpoint
+    (:func:`amct_core.checkpoint.resolve_callable`, the loader's own rules)."""
+    from amct_core.checkpoint import LoadError, resolve_callable
+
     try:
-        if mod_name.endswith(".py") or os.sep in mod_name:
-            path = Path(mod_name).resolve()
-            if not path.is_file():
-                raise ParameterError(parameter, f"{ref!r}: file {str(path)!r} does not exist")
-            name = "amct_user_model_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-            module = sys.modules.get(name)
-            if module is None:
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.append(os.getcwd())
-            module = importlib.import_module(mod_name)
-    except ParameterError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ParameterError(parameter, f"{ref!r}: module {mod_name!r} does not import: {type(e).__name__}: {e}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ParameterError(parameter, f"{ref!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ParameterError(parameter, f"{ref!r}: {attr!r} is not callable")
-    return obj
+        return resolve_callable(ref)
+    except LoadError as e:
+        raise ParameterError(parameter, str(e)) from None
 
 
 def input_list(shape, dtype) -> list[tuple[list[int], str]]:
@@ -88,15 +56,11 @@ def is_mlflow_uri(checkpoint: str) -> bool:
 
 
 def make_float_model(model_ref: str, model_kwargs: dict | None):
-    """``model_ref(**model_kwargs)``: the user's float torch model. Raises ParameterError naming 'model' or
-    'model_kwargs'."""
-    import torch
+    """``model_ref(**model_kwargs)``: the user's float torch model (:func:`amct_core.checkpoint.build_model`).
+    Raises ParameterError naming 'model' or 'model_kwargs'."""
+    from amct_core.checkpoint import LoadError, build_model
 
-    factory = import_callable(model_ref, "model")
     try:
-        model = factory(**(model_kwargs or {}))
-    except Exception as e:  # noqa: BLE001
-        raise ParameterError("model_kwargs", f"{model_ref}(**{model_kwargs!r}) failed: {type(e).__name__}: {e}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise ParameterError("model", f"{model_ref} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
+        return build_model(model_ref, model_kwargs)
+    except LoadError as e:
+        raise ParameterError(e.what, str(e)) from None

@@ -89,6 +89,40 @@ def test_cli_runs_parity_with_a_model_reference_and_checkpoint(tmp_path, capsys,
     assert rc == 1 and "worst layer 'fc3'" in capsys.readouterr().out
 
 
+def test_cli_loads_the_flows_checkpoint_with_the_float_callable_and_the_distill_config(tmp_path, capsys):
+    """#14: the distill-export flow's inputs (float model callable, distill config, safetensors state_dict,
+    here with DataParallel's 'module.' prefixes) are what verify takes for parity."""
+    from safetensors.torch import save_file
+
+    e = bm.export("mlp")
+    ckpt = tmp_path / "student.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in e.model.state_dict().items()}, str(ckpt))
+    prefix = str(e.deploy).replace("_deploy_model.onnx", "")
+    rc = main([prefix, "--model", "tests.models:build", "--model-kwargs", '{"name": "mlp"}',
+               "--distill-config", str(e.deploy.parent / "distill.json"), "--checkpoint", str(ckpt), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0, data["summary"]
+    assert "parity" in data["checks_run"] and data["parity"]["layers"]
+
+
+def test_cli_names_the_option_whose_input_does_not_load(tmp_path, capsys):
+    from tests import models
+
+    e = bm.export("mlp")
+    prefix = str(e.deploy).replace("_deploy_model.onnx", "")
+    torch.save(models.build("mlp").state_dict(), tmp_path / "float.pt")
+    common = [prefix, "--model", "tests.models:build", "--model-kwargs", '{"name": "mlp"}']
+    cfg = str(e.deploy.parent / "distill.json")
+    assert main(common + ["--distill-config", cfg, "--checkpoint", str(tmp_path / "float.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint:" in err and "missing keys" in err and "float model" in err
+    (tmp_path / "bad.json").write_text('{"nope": {}}')
+    assert main(common + ["--distill-config", str(tmp_path / "bad.json"), "--checkpoint", str(tmp_path / "float.pt")]) == 2
+    assert "--distill-config:" in capsys.readouterr().err
+    assert main(common + ["--distill-config", cfg]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+
+
 def test_python_dash_m_entry_point_exit_codes(tmp_path):
     e = bm.export("mlp")
     ok = subprocess.run([sys.executable, "-m", "amct_core.verify", "--deploy", str(e.deploy), "--fake-quant",

@@ -3,7 +3,6 @@ files given by path. Exits 0 when every check passes, 1 when one fails, 2 on a u
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -24,8 +23,13 @@ examples:
   # preflight only (any deploy model, ours or AMCT's)
   python -m amct_core.verify --deploy resnet_deploy_model.onnx
 
-  # with torch parity: a callable that returns the distilled model, and its state_dict
-  python -m amct_core.verify ./out/resnet --model mypkg.models:build_distilled --checkpoint ckpt.pt
+  # with torch parity, loading the model as the distill-export flow does: the float model's callable,
+  # the distill config it was wrapped with and the distilled state_dict (.pt or .safetensors)
+  python -m amct_core.verify ./out/resnet --model mypkg.models:resnet50 --distill-config distill.json \
+      --checkpoint student.safetensors
+
+  # a callable that returns the distilled model itself (weights loaded by it, or from --checkpoint)
+  python -m amct_core.verify ./out/resnet --model mypkg.models:build_distilled
 
 exit status: 0 all checks passed, 1 a check failed (the summary names the worst layer and the
 figure), 2 usage error (missing file, bad option).
@@ -49,8 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="size of a symbolic input dimension for generated inputs (repeatable; default: the "
                         "export's size recorded in the file, else 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated inputs (default 0)")
-    p.add_argument("--model", help="package.module:callable returning the distilled torch model (enables parity)")
-    p.add_argument("--checkpoint", help="state_dict file loaded into --model's result (torch.load, weights only)")
+    p.add_argument("--model", help="package.module:callable (or path/file.py:callable) returning the float torch model "
+                                   "(or the distilled one); enables parity")
+    p.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments of --model's callable, a JSON object")
+    p.add_argument("--checkpoint", help="the distilled model's state_dict (.pt via torch.save, or .safetensors): never "
+                                        "executed, memory-mapped; 'module.' prefixes of DataParallel are stripped")
+    p.add_argument("--distill-config", help="the distill config JSON the model was wrapped with (default: every "
+                                            "Conv2d/Linear the forward calls); needs --checkpoint")
     p.add_argument("--tolerances", help="JSON file with tolerance overrides (see docs/VERIFY.md)")
     p.add_argument("--tol", action="append", default=[], metavar="NAME=VALUE", help="one tolerance override (repeatable)")
     p.add_argument("--report-dir", help="write verify_report.json / .html / _layers.png here")
@@ -116,24 +125,29 @@ def _check_dims(path: str, dims: dict[str, int]) -> None:
     symbolic_dims(onnx.load(path, load_external_data=False), dims)
 
 
-def _load_model(ref: str, checkpoint: str | None):
+_FLAGS = {"model": "--model", "model_kwargs": "--model-kwargs", "distill_config": "--distill-config",
+          "checkpoint": "--checkpoint"}
+
+
+def _torch_model(args, fake: str, inputs, seed: int, dims: dict):
+    """The torch model for parity, loaded as the distill-export flow loads it (amct_core.checkpoint)."""
+    import numpy as np
     import torch
-    if ":" not in ref:
-        raise ValueError(f"--model {ref!r} must look like package.module:callable")
-    mod_name, fn_name = ref.split(":", 1)
-    sys.path.insert(0, str(Path.cwd()))
-    fn = importlib.import_module(mod_name)
-    for part in fn_name.split("."):
-        fn = getattr(fn, part)
-    model = fn() if callable(fn) and not isinstance(fn, torch.nn.Module) else fn
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"--model {ref!r} returned {type(model).__name__}, expected a torch.nn.Module")
-    if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        model.load_state_dict(state)
-    return model.eval()
+
+    from ..checkpoint import build_model, load_distilled_model
+    from ._graph import load_model
+    from ._run import generate_inputs
+
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    if not args.checkpoint:
+        return build_model(args.model, kwargs).eval()
+    if inputs is None:  # what the default distill config is built from: the graph's inputs, seeded
+        inputs = list(generate_inputs(load_model(fake), seed=seed, dims=dims).values())
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    example = tuple(torch.from_numpy(np.asarray(v)) for v in values)
+    return load_distilled_model(args.model, args.checkpoint, args.distill_config, example, model_kwargs=kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,12 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         if fake is None:
             return _usage("--model needs the fake-quant model")
+        if args.distill_config and not args.checkpoint:
+            return _usage("--distill-config needs --checkpoint (the distilled weights)")
+        from ..checkpoint import LoadError
         try:
-            torch_model = _load_model(args.model, args.checkpoint)
-        except Exception as e:  # noqa: BLE001
-            return _usage(f"--model {args.model!r}: {type(e).__name__}: {e}")
-    elif args.checkpoint:
-        return _usage("--checkpoint needs --model")
+            torch_model = _torch_model(args, fake, inputs, args.seed, dims)
+        except LoadError as e:
+            return _usage(f"{_FLAGS.get(e.what, e.what)}: {e}")
+        except (ValueError, OSError) as e:
+            return _usage(str(e))
+    elif args.checkpoint or args.distill_config or args.model_kwargs:
+        return _usage("--checkpoint, --distill-config and --model-kwargs need --model")
     from . import verify
     try:
         report, paths = verify(deploy=deploy, fake_quant=fake, torch_model=torch_model, inputs=inputs,
