@@ -196,12 +196,31 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
     feeds = feeds_for(fmodel, [t.detach().cpu().numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(
         vi.type.tensor_type.elem_type)) for t, vi in zip(tin, gins)] if len(tin) == len(gins) else list(tin))
 
-    # ---- torch, with hooks on the quantized layers (names = fake-quant node names) ------------------
+    # Layers are paired by name (module name = fake-quant node name). ONNX Runtime runs first, one session
+    # at a time, then torch: the fake-quant weights are mapped only while a session lives, so the two
+    # models' weights are never both resident (nothing here copies either of them).
     node_names = {n.name for n in fmodel.graph.node if n.op_type in LAYER_OPS and n.name}
     modules = dict(torch_model.named_modules())
     layer_names = [n for n in modules if n and n in node_names]
     problems: list[str] = []
     notes: list[str] = []
+    candidates = {name: F for name in layer_names if (F := fake_quant_layer(fix, name)) is not None}
+
+    # ---- ORT ---------------------------------------------------------------------------------------
+    extra = []
+    for F in candidates.values():
+        extra += [F.output] + ([F.float_input] if F.float_input else [])
+    out_names = [o.name for o in fmodel.graph.output]
+    plain, augmented = {}, {}
+    generated = inputs is None and example_inputs is None
+    for opt in opt_levels:
+        with explain_size_failure(fmodel, dims, generated):
+            augmented[opt] = run(with_extra_outputs(fmodel, extra), feeds, opt)
+            # without graph optimizations extra outputs change no kernel, so the graph outputs are the same
+            # values; with them, fusions could differ, so the model is run as it is as well
+            plain[opt] = {n: augmented[opt][n] for n in out_names} if opt == "disabled" else run(fmodel, feeds, opt)
+
+    # ---- torch, with hooks on the quantized layers ----------------------------------------------------
     # Hooks keep copies: a later in-place op (nn.ReLU(inplace=True), ``out += identity``) would
     # otherwise change the tensor a hook saw. The BatchNorm that follows a layer is recognised while
     # the layer's own output object is alive (weak reference: no extra copy kept for the match).
@@ -231,37 +250,21 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
     for name, m in modules.items():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             handles.append(m.register_forward_hook(bn_hook(name)))
-    generated = inputs is None and example_inputs is None
     try:
         with explain_size_failure(fmodel, dims, generated):
             t_out = _flatten_outputs(torch_model(*tin))
     finally:
         for h in handles:
             h.remove()
-
-    # ---- ORT ---------------------------------------------------------------------------------------
     flayers: dict[str, FakeQuantLayer] = {}
     for name in layer_names:
-        F = fake_quant_layer(fix, name)
-        if F is None or name not in seen_out:
-            if name not in seen_out:
-                notes.append(f"torch module {name!r} was not called in the forward pass; its fake-quant layer is not compared")
-            continue
-        flayers[name] = F
+        if name not in seen_out:
+            notes.append(f"torch module {name!r} was not called in the forward pass; its fake-quant layer is not compared")
+        elif name in candidates:
+            flayers[name] = candidates[name]
     if not flayers:
         problems.append("no quantized layer could be paired by name between the torch model and the fake-quant model "
                         f"(fake-quant layer nodes: {sorted(node_names)[:10]})")
-    extra = []
-    for F in flayers.values():
-        extra += [F.output] + ([F.float_input] if F.float_input else [])
-    out_names = [o.name for o in fmodel.graph.output]
-    plain, augmented = {}, {}
-    for opt in opt_levels:  # one session at a time: each maps the model's weights while it lives
-        with explain_size_failure(fmodel, dims, generated):
-            augmented[opt] = run(with_extra_outputs(fmodel, extra), feeds, opt)
-            # without graph optimizations extra outputs change no kernel, so the graph outputs are the same
-            # values; with them, fusions could differ, so the model is run as it is as well
-            plain[opt] = {n: augmented[opt][n] for n in out_names} if opt == "disabled" else run(fmodel, feeds, opt)
 
     # ---- outputs -----------------------------------------------------------------------------------
     step_of = {F.output: F for F in flayers.values()}
