@@ -233,10 +233,39 @@ def _signature(fake_quant_path: str, example_shape: list, dtype):
         t = np_type(vi)
         example[vi.name] = (rng.standard_normal(shape).astype(t) if np.issubdtype(t, np.floating)
                             else rng.integers(0, 10, size=shape).astype(t))
-    # Check the example runs before MLflow tries it, so a failure names the model file.
-    sess = ort.InferenceSession(fake_quant_path, providers=["CPUExecutionProvider"])
-    sess.run(None, example)
+    # The example must run: this is the check MLflow's own serving-input validation would make (see _log).
+    # Weights stay mapped from the file (no prepacked copy, no arena), whatever the model's size.
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.enable_cpu_mem_arena = False
+    try:
+        ort.InferenceSession(fake_quant_path, so, providers=["CPUExecutionProvider"]).run(None, example)
+    except Exception as e:  # noqa: BLE001 - name the file, not an ONNX Runtime internal
+        raise TrackingError(f"the fake-quant model {fake_quant_path} does not run on its input example "
+                            f"{ {k: list(v.shape) for k, v in example.items()} }: {type(e).__name__}: {e}") from None
     return ModelSignature(inputs=inputs, outputs=outputs), example
+
+
+FLAVOR_DATA_DIR = "extra_files"  # where mlflow.<flavor>.save_model(extra_files=...) puts the files it is given
+
+
+def _flavor_model(fake_quant_path: str):
+    """The fake-quant model as the MLflow ONNX flavor gets it, and the external data files to ship beside it.
+
+    A model with external data (2 GB and more) is given as its graph only, its tensors referring to
+    ``extra_files/<data file>``, and its data file as an extra file, which MLflow copies to exactly that
+    place in the logged model: the MLflow model is ``model.onnx`` plus the export's own data file (same
+    bytes), and nothing of the weights is read into memory. Loading the whole model instead would hold
+    it in memory while MLflow loads it again into ONNX Runtime to check the input example."""
+    import onnx
+
+    from amct_core.onnx.mapped import external_files, open_model, relocated
+
+    located = open_model(fake_quant_path, min_bytes=1 << 62)  # only what the file already stores outside
+    files = sorted(external_files(located))
+    if not files:
+        return onnx.load(fake_quant_path), []
+    return relocated(located, FLAVOR_DATA_DIR), files
 
 
 @task(name="mlflow-log", cache_policy=NO_CACHE, persist_result=False, retries=3, retry_delay_seconds=[2, 4, 8],
@@ -280,14 +309,14 @@ def _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, m
                 for f in files:
                     mlflow.log_artifact(f, artifact_path=ARTIFACT_DIRS.get(role, role))
             mlflow.log_artifact(manifest_path)
-            import onnx
-
             signature, example = _signature(fake_quant_path, example_shape, example_dtype)
+            flavor_model, data_files = _flavor_model(fake_quant_path)
             info = mlflow.onnx.log_model(
-                onnx.load(fake_quant_path), name="fake_quant_onnx", signature=signature, input_example=example,
+                flavor_model, name="fake_quant_onnx", signature=signature, input_example=example,
                 registered_model_name=registered_model_name or None, onnx_execution_providers=["CPUExecutionProvider"],
-                # one file for small models; external data beside it when the export has external data (>2 GB)
-                save_as_external_data=len(artifacts.get("fake_quant_model", [])) > 1,
+                save_as_external_data=False, extra_files=data_files or None,
+                # what MLflow would infer by loading the model in a subprocess: the flavor's own requirements
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
             )
             version = None
             if registered_model_name:

@@ -206,3 +206,37 @@ def test_checkpoint_from_mlflow_runs_and_models_uris(prefect_api, mlflow_server,
     assert state.is_failed()
     msg = str(state.result(raise_on_failure=False))
     assert "parameter 'checkpoint'" in msg and "nope.pt" in msg
+
+
+def test_a_model_with_external_data_is_logged_as_its_graph_and_its_own_data_file(mlflow_server, tmp_path):
+    """The MLflow ONNX model of an export with external data: model.onnx + the export's data file, byte for
+    byte, loadable through pyfunc; the weights are never read into the logging process."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import log_to_mlflow
+    from tests import broken_models as bm
+
+    e = bm.export("mlp")
+    fq = tmp_path / "mlp_fake_quant_model.onnx"
+    onnx.save_model(onnx.load(str(e.fake_quant)), str(fq), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=fq.name + ".data", size_threshold=1024)
+    data = tmp_path / (fq.name + ".data")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    res = log_to_mlflow.fn(mlflow_server.url, "external-data", "ext", {}, {}, {}, {"fake_quant_model": [str(fq), str(data)]},
+                           str(manifest), str(fq), [2, 20], "float32", registered_model_name="mlp-external")
+    local = Path(MlflowClient(mlflow_server.url).download_artifacts(res.run_id, "", str(tmp_path / "dl")))
+    assert _sha(local / "models/fake_quant" / data.name) == _sha(data)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/mlp-external/{res.registered_version}",
+                                                         dst_path=str(tmp_path / "model")))
+    shipped = [p for p in model_dir.rglob("*.data")]
+    assert [_sha(p) for p in shipped] == [_sha(data)]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(e.fake_quant), providers=["CPUExecutionProvider"])
+    feeds = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((2, 20)).astype(np.float32)}
+    pred = mlflow.pyfunc.load_model(f"models:/mlp-external/{res.registered_version}").predict(feeds)
+    got = next(iter(pred.values())) if isinstance(pred, dict) else np.asarray(pred)
+    np.testing.assert_array_equal(np.asarray(got), sess.run(None, feeds)[0])

@@ -223,10 +223,16 @@ def runtime_model(model: onnx.ModelProto) -> tuple[bytes, str | None]:
     if len(folders) != 1:
         raise MappedModelError(f"the model's external data lies in several folders {sorted(folders)}; "
                                "ONNX Runtime resolves it from one")
-    folder = folders.pop()
+    return relocated(model, "").SerializeToString(), folders.pop()
+
+
+def relocated(model: onnx.ModelProto, folder: str) -> onnx.ModelProto:
+    """A copy whose external data locations are ``<folder>/<file name>``, relative (``folder`` "" : the file
+    name alone): for the graph saved or run somewhere its data files are copied to, or found from."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for t in m.graph.initializer:
         if is_external(t):
-            _set_info(t, "location", os.path.basename(_info(t)["location"]))
-    return m.SerializeToString(), folder
+            name = os.path.basename(_info(t)["location"])
+            _set_info(t, "location", f"{folder}/{name}" if folder else name)
+    return m
