@@ -22,7 +22,9 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run as runtime_flow_run
 
 from flows.parameters import validate_parameters
-from tasks._common import ModelSpec, import_callable, peak_rss_mb, sha256_file
+from tasks._common import (
+    ModelSpec, import_callable, peak_rss_mb, release_models, release_weights, sha256_file,
+)
 from tasks.checkpoint import load_checkpoint
 from tasks.export import deploy_build, fake_quant_build, record, trace
 from tasks.manifest import versions, write_manifest
@@ -155,6 +157,7 @@ def distill_export(
                    traced_path=str(work / f"{name}_traced.onnx"), model_record_path=str(work / f"{name}_model_record.txt"),
                    input_names=p["input_names"], output_names=p["output_names"], dynamic_axes=p.get("dynamic_axes"),
                    target=p["target"], opset=opset)
+    release_weights()  # the builds read files only: the weights the trace read need not stay in memory
     rec = run_stage(record, force, states, seconds, traced_path=tr.path, model_record_path=tr.info["record_path"],
                     record_path=str(out / f"{name}_scale_offset_record.txt"), given_record_file=p.get("record_file"),
                     target=p["target"])
@@ -166,6 +169,7 @@ def distill_export(
                     fake_quant_path=fq.path, deploy_path=dp.path, out_dir=str(out / "parity"),
                     tolerances=p.get("parity_tolerances"), target=p["target"])
     logger.info(par.summary)
+    release_models()  # no stage after parity needs the torch model: give its weights back before logging
 
     create_table_artifact(
         table=[{"verdict": "PASS" if par.passed else "FAIL", **r} for r in par.rows],

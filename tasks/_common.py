@@ -6,6 +6,7 @@ rebuild is memoised per process, so a flow that runs its stages in one process b
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -211,7 +212,7 @@ def example_input(shape: list[int], dtype: str, seed: int = 0):
     return torch.randint(0, 10, tuple(shape), generator=g, dtype=tdt)
 
 
-_MODELS: dict[str, Any] = {}
+_MODELS: dict[str, tuple[Any, str]] = {}  # spec key -> (model, checkpoint file its weights are mapped from)
 
 
 def spec_key(spec: ModelSpec) -> str:
@@ -232,21 +233,34 @@ def build_model(spec: ModelSpec):
 
     key = spec_key(spec)
     if key in _MODELS:
-        return _MODELS[key]
-    _MODELS.clear()  # keep one model alive at a time
+        return _MODELS[key][0]
+    release_models()  # keep one model alive at a time
     try:
         model = load_distilled_model(spec.model, spec.checkpoint, spec.distill_config, spec_inputs(spec),
                                      model_kwargs=spec.model_kwargs)
     except LoadError as e:
         raise ParameterError(e.what, str(e)) from None
-    _MODELS[key] = model
+    _MODELS[key] = (model, spec.checkpoint)
     return model
 
 
+def release_weights() -> None:
+    """Give back the memory of the memoised model's weights that stages have read, and keep the model.
+
+    Its weights are memory-mapped from the checkpoint; once read they stay resident while mapped. Mapping
+    them afresh (untouched, so not resident) gives those pages back at once and costs no rebuild; a later
+    stage reads again only what it uses. The flow calls this between the stages that need the model."""
+    from amct_core.checkpoint import load_state_into, read_state_dict
+
+    for model, checkpoint in _MODELS.values():
+        load_state_into(model, read_state_dict(checkpoint))
+    gc.collect()
+
+
 def release_models() -> None:
-    """Forget the memoised model: its weights (mapped from the checkpoint file) are given back once no
-    caller holds it. The flow calls this after its last stage that needs the torch model."""
+    """Forget the memoised model; its weights are given back once no caller holds it."""
     _MODELS.clear()
+    gc.collect()
 
 
 def spec_inputs(spec: ModelSpec) -> tuple:

@@ -11,6 +11,7 @@ import torch
 
 from tasks._common import (
     FileContentInputs, FileRef, ModelSpec, ParameterError, build_model, import_callable, release_models,
+    release_weights,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,18 @@ def test_build_model_loads_the_distilled_weights_once_per_process(tmp_path):
     assert build_model(spec) is model
     release_models()
     assert build_model(spec) is not model
+
+
+def test_release_weights_maps_the_weights_afresh_and_keeps_the_model(tmp_path):
+    spec, qat = _spec(tmp_path)
+    model = build_model(spec)
+    x = torch.randn(4, 20)
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    release_weights()
+    assert build_model(spec) is model
+    assert all(p.data_ptr() != before[n] for n, p in model.named_parameters())  # new mappings, old ones dropped
+    assert torch.equal(model(x), qat(x))
+    release_models()
 
 
 @pytest.mark.parametrize("change, parameter", [
