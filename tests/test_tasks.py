@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from tasks._common import (
-    FileContentInputs, FileRef, ModelSpec, ParameterError, build_model, import_callable, release_models,
+    FileContentInputs,
+    FileRef,
+    ModelSpec,
+    ParameterError,
+    build_model,
+    import_callable,
+    release_models,
     release_weights,
 )
 
