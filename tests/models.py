@@ -117,6 +117,36 @@ class TinyUNet(nn.Module):
         return self.head(F.relu(self.dec(y)))
 
 
+class WideMLP(nn.Module):
+    """Residual blocks of two Linear layers on [batch, tokens, d] inputs (MatMul + Add each). At the default
+    size its fp32 weights are 2.22e9 bytes: just over protobuf's 2 GiB limit, so its fake-quant model must
+    go through external data (FORMATS §1); the int8 deploy model (0.55 GB) stays one file."""
+
+    def __init__(self, d: int = 4096, ff: int = 16896, blocks: int = 4):
+        super().__init__()
+        self.up = nn.ModuleList(nn.Linear(d, ff) for _ in range(blocks))
+        self.down = nn.ModuleList(nn.Linear(ff, d) for _ in range(blocks))
+
+    def forward(self, x):
+        for up, down in zip(self.up, self.down, strict=True):
+            x = x + down(F.gelu(up(x)))
+        return x
+
+
+def build_wide(d: int = 4096, ff: int = 16896, blocks: int = 4) -> nn.Module:
+    """WideMLP with seeded N(0, 1/fan_in) weights and small biases, built without torch's initialisers
+    (they would take longer than the whole export at this size)."""
+    with torch.device("meta"):
+        m = WideMLP(d, ff, blocks)
+    m = m.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            std = 0.02 if name.endswith("bias") else 1.0 / math.sqrt(p.shape[1])
+            p.normal_(0.0, std, generator=g)
+    return m.eval()
+
+
 def example_inputs(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     shapes = {"cnn": (batch, 3, 16, 16), "mlp": (batch, 20), "encoder": (batch, 8, 32), "two": (batch, 3, 8, 8),
