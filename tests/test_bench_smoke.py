@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
@@ -129,3 +131,19 @@ def test_distill_bench_reports_the_ratio_the_depth_sweep_memory_and_quality(tmp_
     q = res["quality"]["distill"]
     assert q["transformer"]["mse_distilled"] < q["transformer"]["mse_calibration_only"]
     assert q["digits"][0]["int8_distilled_ort"] is not None
+
+
+@pytest.mark.integration
+def test_large_bench_measures_verify_and_the_flow_against_the_export(prefect_api, tmp_path, capsys):
+    from bench import large
+
+    out = tmp_path / "large.json"
+    assert large.main(["--model", "tiny", "--smoke", "--prefect-api-url", prefect_api, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "x export" in text and "flow stage parity" in text
+    steps = json.loads(out.read_text())["steps"]
+    for step in large.STEPS[1:]:
+        assert "error" not in steps[step], steps[step]
+        assert _positive(steps[step]["seconds"]) and _positive(steps[step]["peak_rss_mb"])
+    assert steps["verify"]["verdict"] == steps["verify+parity"]["verdict"] == "pass"
+    assert steps["flow"]["completed"] and set(steps["flow"]["stages"]) == set(large.FLOW_STAGES)
