@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,15 @@ class Service:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@contextmanager
+def running(svc: Service):
+    """``svc`` for the length of a ``with`` block, stopped (by PID) when it ends."""
+    try:
+        yield svc
+    finally:
+        svc.stop()
 
 
 def _spawn(name: str, args: list[str], log_path: Path, env: dict, cwd: Path) -> subprocess.Popen:

@@ -80,11 +80,8 @@ def mlflow_large(large_dir):
     """A MLflow server of its own, so its ~5 GB of artifacts go when this module ends."""
     from tests import services
 
-    svc = services.start_mlflow_server(large_dir / "mlflow")
-    try:
+    with services.running(services.start_mlflow_server(large_dir / "mlflow")) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="module")
