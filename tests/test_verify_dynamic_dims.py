@@ -214,11 +214,30 @@ def test_simulate_deploy_names_the_dimension_too(unet):
         simulate_deploy(unet.deploy, dims={W: 7})
 
 
-def test_parity_names_the_dimension_when_the_torch_model_cannot_run(unet, tmp_path):
+def test_parity_names_the_dimension_when_generated_inputs_cannot_run(unet, tmp_path):
+    # ONNX Runtime runs before torch (so the two models' weights are never resident together): it fails first
     _, fake = _amct_style(unet, tmp_path)
-    with pytest.raises(InputSizeError, match=r"^generated inputs cannot run \(the torch model raised RuntimeError: "
-                                             r"Sizes of tensors must match.*--dim inputs_dynamic_axes_2=N"):
+    with pytest.raises(InputSizeError, match=r"^generated inputs cannot run \(ONNX Runtime failed in Concat node "
+                                             r".*--dim inputs_dynamic_axes_2=N"):
         check_parity(unet.qat, fake)
+
+
+class _RunsOnlyAtTheExportSize(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.shape[-2:] != (32, 32):
+            raise RuntimeError("Sizes of tensors must match (this model runs at 32x32 only)")
+        return self.inner(x)
+
+
+def test_parity_names_the_dimension_when_only_the_torch_model_cannot_run(unet):
+    # ONNX Runtime runs the file at 48x40; the torch model refuses: its error is the one named
+    with pytest.raises(InputSizeError, match=r"^generated inputs cannot run \(the torch model raised RuntimeError: "
+                                             r"Sizes of tensors must match.*--dim inputs_dynamic_axes_2=32"):
+        check_parity(_RunsOnlyAtTheExportSize(unet.qat), unet.fake_quant, dims=SECOND)
 
 
 def test_given_inputs_that_cannot_run_keep_the_runtime_error(unet):
