@@ -42,9 +42,9 @@ def versions() -> dict[str, str]:
 
 def atc_command(deploy_path: str, soc_version: str, inputs: list[tuple[list[int], str]], output_prefix: str) -> str:
     """A suggested ATC command line: static input shapes (int8 inputs cannot be dynamic on the device)."""
-    import onnx
+    from amct_core.onnx.mapped import open_model
 
-    m = onnx.load(deploy_path, load_external_data=False)
+    m = open_model(deploy_path)  # the graph; the (embedded) int8 weights are not read
     inits = {t.name for t in m.graph.initializer}
     names = [i.name for i in m.graph.input if i.name not in inits]
     shapes = ";".join(f"{n}:{','.join(str(int(d)) for d in shape)}" for n, (shape, _) in zip(names, inputs))

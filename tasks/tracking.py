@@ -214,7 +214,9 @@ def _signature(fake_quant_path: str, example_shape: list, dtype):
 
     from ._common import input_list
 
-    m = onnx.load(fake_quant_path, load_external_data=False)
+    from amct_core.onnx.mapped import open_model
+
+    m = open_model(fake_quant_path)  # the graph; no tensor is read
 
     def dims(vi):
         return tuple(-1 if (d.dim_param or not d.HasField("dim_value")) else d.dim_value
@@ -261,7 +263,7 @@ def _flavor_model(fake_quant_path: str):
 
     from amct_core.onnx.mapped import external_files, open_model, relocated
 
-    located = open_model(fake_quant_path, min_bytes=1 << 62)  # only what the file already stores outside
+    located = open_model(fake_quant_path, map_embedded=False)  # only what the file already stores outside
     files = sorted(external_files(located))
     if not files:
         return onnx.load(fake_quant_path), []

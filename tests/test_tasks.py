@@ -148,6 +148,22 @@ def test_file_ref_detects_changes(tmp_path):
     assert not ref.intact()
 
 
+def test_onnx_files_are_the_model_and_its_external_data_files(tmp_path):
+    import onnx
+
+    from tasks._common import onnx_files
+    from tests import broken_models as bm
+
+    src = bm.export("mlp").fake_quant
+    assert [r.path for r in onnx_files(src)] == [str(src.resolve())]  # embedded: one file
+    ext = tmp_path / "m.onnx"
+    onnx.save_model(onnx.load(str(src)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=1024)
+    refs = onnx_files(ext)
+    assert [Path(r.path).name for r in refs] == ["m.onnx", "m.onnx.data"]
+    assert refs[1].size == (tmp_path / "m.onnx.data").stat().st_size
+
+
 def test_manifest_has_hashes_target_and_atc_command(tmp_path):
     from amct_core import save_distill_model
     from tasks.manifest import write_manifest

@@ -117,11 +117,16 @@ def _graph(buf, start: int, end: int, location: str, min_bytes: int) -> bytes:
 
 # ---- the public functions ------------------------------------------------------------------------
 
-def open_model(path, min_bytes: int = EXTERNAL_MIN_TENSOR_BYTES) -> onnx.ModelProto:
+def open_model(path, min_bytes: int = EXTERNAL_MIN_TENSOR_BYTES, *, map_embedded: bool = True) -> onnx.ModelProto:
     """The model at ``path`` with its large initializers as absolute external-data references.
+
+    ``map_embedded=False`` leaves tensors embedded in the ``.onnx`` in the proto (read, as onnx.load
+    reads them) and gives only the file's own external data absolute locations.
 
     Raises FileNotFoundError naming the path, or MappedModelError when the file is not an ONNX model or
     names an external data file that does not exist."""
+    if not map_embedded:
+        min_bytes = 1 << 62  # larger than any raw_data
     p = Path(path).resolve()
     if not p.is_file():
         raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist or is not a file")
@@ -205,7 +210,8 @@ _PACKED_TYPES = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1"
 
 
 def external_files(model: onnx.ModelProto) -> set[str]:
-    """The files the model's external initializers live in (absolute paths)."""
+    """The files the model's external initializers live in (absolute paths; a model opened with
+    :func:`open_model` names its own ``.onnx`` too when it embeds large tensors)."""
     return {_info(t).get("location", "") for t in model.graph.initializer if is_external(t)}
 
 

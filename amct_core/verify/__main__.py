@@ -118,11 +118,10 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
 
 
 def _check_dims(path: str, dims: dict[str, int]) -> None:
-    """Every --dim names a symbolic dimension of the model's inputs (external data is not loaded)."""
-    import onnx
-
+    """Every --dim names a symbolic dimension of the model's inputs (no tensor is read)."""
+    from ._graph import load_model
     from ._run import symbolic_dims
-    symbolic_dims(onnx.load(path, load_external_data=False), dims)
+    symbolic_dims(load_model(path), dims)
 
 
 _FLAGS = {"model": "--model", "model_kwargs": "--model-kwargs", "distill_config": "--distill-config",
