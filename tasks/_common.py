@@ -204,7 +204,13 @@ def example_input(shape: list[int], dtype: str, seed: int = 0):
     return torch.randint(0, 10, tuple(shape), generator=g, dtype=tdt)
 
 
-_MODELS: dict[str, tuple[Any, str]] = {}  # spec key -> (model, checkpoint file its weights are mapped from)
+# spec key -> (model, checkpoint file its weights are mapped from, that file's identity when it was mapped)
+_MODELS: dict[str, tuple[Any, str, tuple]] = {}
+
+
+def _file_identity(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def spec_key(spec: ModelSpec) -> str:
@@ -232,7 +238,7 @@ def build_model(spec: ModelSpec):
                                      model_kwargs=spec.model_kwargs)
     except LoadError as e:
         raise ParameterError(e.what, str(e)) from None
-    _MODELS[key] = (model, spec.checkpoint)
+    _MODELS[key] = (model, spec.checkpoint, _file_identity(spec.checkpoint))
     return model
 
 
@@ -244,8 +250,13 @@ def release_weights() -> None:
     stage reads again only what it uses. The flow calls this between the stages that need the model."""
     from amct_core.checkpoint import load_state_into, read_state_dict
 
-    for model, checkpoint in _MODELS.values():
-        load_state_into(model, read_state_dict(checkpoint))
+    for model, checkpoint, identity in _MODELS.values():
+        try:
+            unchanged = _file_identity(checkpoint) == identity
+        except OSError:  # the file is gone: nothing to map afresh
+            unchanged = False
+        if unchanged:
+            load_state_into(model, read_state_dict(checkpoint))
     gc.collect()
 
 

@@ -57,6 +57,17 @@ def test_release_weights_maps_the_weights_afresh_and_keeps_the_model(tmp_path):
     release_models()
 
 
+def test_releasing_a_model_whose_checkpoint_is_gone_just_forgets_it(tmp_path):
+    (tmp_path / "a").mkdir()
+    spec, qat = _spec(tmp_path / "a")
+    build_model(spec)
+    Path(spec.checkpoint).unlink()
+    release_models()  # must not try to map the deleted file
+    spec2, _ = _spec(tmp_path)
+    assert torch.equal(build_model(spec2)(torch.ones(1, 20)), qat(torch.ones(1, 20)))
+    release_models()
+
+
 @pytest.mark.parametrize("change, parameter", [
     ({"checkpoint": "float"}, "checkpoint"),
     ({"model_kwargs": {"nam": "mlp"}}, "model_kwargs"),
