@@ -125,8 +125,12 @@ def _devices(model_ref: str, model_kwargs: dict) -> tuple[str, ...]:
     try:
         with torch.device("meta"):
             probe = make_float_model(model_ref, model_kwargs)
-    except ParameterError:
-        raise
+    except ParameterError as e:
+        if e.parameter != "model_kwargs":
+            raise
+        # the callable failed on meta (e.g. it fills weights from tensors it makes): the CPU decides, and
+        # reports real argument errors there
+        return ("cpu",)
     except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the CPU decides
         return ("cpu",)
     nbytes = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])

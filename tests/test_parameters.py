@@ -85,6 +85,28 @@ def test_a_small_model_is_checked_on_the_cpu_and_a_large_one_on_the_meta_device(
     assert _devices(f"{src}:build", {}) == ("meta", "cpu")
 
 
+def test_a_model_whose_callable_cannot_build_on_the_meta_device_is_checked_on_the_cpu(params, tmp_path):
+    from flows.parameters import _devices
+
+    src = tmp_path / "filled.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+
+        def build():  # built empty, then filled from tensors it makes (as bench.models does)
+            with torch.device("meta"):
+                m = torch.nn.Linear(4, 2)
+            m = m.to_empty(device="cpu")
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(2, 4))
+                m.bias.zero_()
+            return m
+    """))
+    assert _devices(f"{src}:build", {}) == ("cpu",)
+    assert validate_parameters({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 4]})
+    e = _error({**params, "model": f"{src}:build", "model_kwargs": {"width": 3}, "input_shape": [1, 4]})
+    assert e.parameter == "model_kwargs" and "width" in str(e)
+
+
 def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, tmp_path, monkeypatch):
     monkeypatch.setattr("flows.parameters.SMALL_MODEL_BYTES", 0)  # every model counts as large: meta first
     src = tmp_path / "datadep.py"
