@@ -1,5 +1,6 @@
 """Distill config, model wrapping and the distillation loop."""
-from .config import create_distill_config, load_distill_config, quantizable_layers
+from .config import create_distill_config, load_distill_config
+from .layers import quantizable_layers
 from .model import create_distill_model, calibrate
 from .train import DistillError, DistillSampleBase, calibrate_distill_model, distill
 

@@ -29,6 +29,7 @@ from .._io import atomic_write_bytes
 from ..errors import ConfigError
 from ..quant.modules import is_quant_module
 from .groups import build_units, trace_calls
+from .layers import quantizable_layers, unsupported_reason
 
 CONFIG_VERSION = 1
 TOP_LEVEL_KEYS = ("version", "batch_num", "group_size", "data_dump", "distill_group", "target")
@@ -45,50 +46,6 @@ def as_input_tuple(input_data: Any, what: str = "input_data") -> tuple:
         f"{what} must be a torch.Tensor or a non-empty tuple of torch.Tensor, got {type(input_data).__name__}"
         + (f" of {[type(t).__name__ for t in input_data]}" if isinstance(input_data, (tuple, list)) else "")
     )
-
-
-def _candidate_reason(module: nn.Module) -> str | None:
-    """None if the module is a quantizable type with supported settings; else why it is not."""
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            return f"padding_mode {module.padding_mode!r} is not supported (only 'zeros')"
-        if isinstance(module.padding, str):
-            return f"padding={module.padding!r} (string padding) is not supported"
-        return None
-    if isinstance(module, nn.Linear):
-        return None
-    return "not a quantizable type"
-
-
-def quantizable_layers(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """Return (quantizable layer names in module order, {skipped layer: reason}) for Conv2d/Linear."""
-    typed = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n]
-    owners: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        if not n:
-            continue
-        for pname, p in m.named_parameters(recurse=False):
-            if pname == "weight":
-                owners.setdefault(id(p), []).append(n)
-    # Parameters used by any module under another name (e.g. tied embeddings/output projections).
-    all_users: dict[int, set[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        for pname, p in m.named_parameters(recurse=False):
-            all_users.setdefault(id(p), set()).add(n)
-    quant, skipped = [], {}
-    seen: set[int] = set()
-    for name, module in typed:
-        reason = _candidate_reason(module)
-        if reason is None:
-            users = sorted(all_users.get(id(module.weight), set()) - {name})
-            if users or id(module) in seen:
-                reason = f"weight shared with {users}" if users else "module reused under several names"
-        seen.add(id(module))
-        if reason is None:
-            quant.append(name)
-        else:
-            skipped[name] = reason
-    return quant, skipped
 
 
 def _layer_entry(module: nn.Module) -> dict:
@@ -202,7 +159,7 @@ def validate_distill_config(cfg: dict, model: nn.Module) -> None:
         if not isinstance(val.get("quant_enable", False), bool):
             raise ConfigError(f"config key {key}.quant_enable must be true or false")
         if val.get("quant_enable"):
-            reason = _candidate_reason(mods[key])
+            reason = unsupported_reason(mods[key])
             if reason is not None:
                 raise ConfigError(f"config key {key!r}: layer of type {type(mods[key]).__name__} cannot be quantized: {reason}")
             for sub in ("distill_data_config", "distill_weight_config"):

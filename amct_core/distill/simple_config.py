@@ -26,12 +26,11 @@ import torch.nn as nn
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from ..errors import ConfigError
-from .config import _candidate_reason
 from .groups import merge_units
+from .layers import QUANT_TYPES, unsupported_reason
 
 PROTO_FILE = "amct_core/distill/simple_config.proto"
 PACKAGE = "amct_core.distill"
-QUANT_TYPES = ("Conv2d", "Linear")
 
 _F = descriptor_pb2.FieldDescriptorProto
 _OPT, _REQ, _REP = _F.LABEL_OPTIONAL, _F.LABEL_REQUIRED, _F.LABEL_REPEATED
@@ -245,7 +244,7 @@ def apply_simple_config(cfg: dict, config_defination, model: nn.Module) -> dict:
         n = o.layer_name
         if n not in mods or not n:
             raise ConfigError(f"config_defination key {key}.layer_name: {n!r} is not a layer of the model")
-        if n not in layers or (n not in enabled and n not in skip_names and _candidate_reason(mods[n]) is not None):
+        if n not in layers or (n not in enabled and n not in skip_names and unsupported_reason(mods[n]) is not None):
             raise ConfigError(f"config_defination key {key}.layer_name: {n!r} is a {type(mods[n]).__name__}, which "
                               f"cannot be quantized")
         if n not in enabled:

@@ -1,0 +1,52 @@
+"""Which layers can be quantized (FORMATS.md section 7), a rule for the whole distill package.
+
+``torch.nn.Conv2d`` (padding_mode ``'zeros'``, explicit integer padding) and ``torch.nn.Linear``, each
+the only user of its weight and reachable under one name.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+# The layer types, by the class name the simple config's quant_skip_layer_types / layer_type use.
+QUANT_TYPES = ("Conv2d", "Linear")
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """None if the module's type and settings can be quantized; else why not."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            return f"padding_mode {module.padding_mode!r} is not supported (only 'zeros')"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r} (string padding) is not supported"
+        return None
+    if isinstance(module, nn.Linear):
+        return None
+    return "not a quantizable type"
+
+
+def quantizable_layers(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Return (quantizable layer names in module order, {skipped layer: reason}) for Conv2d/Linear.
+
+    What the model's structure decides; whether forward() calls a layer (once) needs a forward pass
+    and is decided by ``create_distill_config``.
+    """
+    typed = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n]
+    # Parameters used by any module under another name (e.g. tied embeddings/output projections).
+    all_users: dict[int, set[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for _pname, p in m.named_parameters(recurse=False):
+            all_users.setdefault(id(p), set()).add(n)
+    quant, skipped = [], {}
+    seen: set[int] = set()
+    for name, module in typed:
+        reason = unsupported_reason(module)
+        if reason is None:
+            users = sorted(all_users.get(id(module.weight), set()) - {name})
+            if users or id(module) in seen:
+                reason = f"weight shared with {users}" if users else "module reused under several names"
+        seen.add(id(module))
+        if reason is None:
+            quant.append(name)
+        else:
+            skipped[name] = reason
+    return quant, skipped
