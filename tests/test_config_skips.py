@@ -62,3 +62,21 @@ def test_sub_config_that_is_not_an_object_names_the_key(cfg, tmp_path):
     bad.write_text(json.dumps(c))
     with pytest.raises(ConfigError, match=r"ok\.distill_data_config must be an object"):
         create_distill_model(bad, Odd(), torch.randn(3, 4))
+
+
+class Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = self.first  # one module under two names
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.first(x))
+
+
+def test_a_module_reachable_under_two_names_is_skipped_naming_the_other(tmp_path):
+    path = tmp_path / "c.json"
+    create_distill_config(path, Aliased(), torch.randn(3, 4))
+    c = json.loads(path.read_text())
+    assert c["first"] == {"quant_enable": False, "skip_reason": "module reused under several names: ['second']"}

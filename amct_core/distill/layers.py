@@ -31,20 +31,22 @@ def quantizable_layers(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     and is decided by ``create_distill_config``.
     """
     typed = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n]
-    # Parameters used by any module under another name (e.g. tied embeddings/output projections).
-    all_users: dict[int, set[str]] = {}
+    names: dict[int, list[str]] = {}  # every name of each module object
+    users: dict[int, set[str]] = {}  # every module name that holds each parameter
     for n, m in model.named_modules(remove_duplicate=False):
-        for _pname, p in m.named_parameters(recurse=False):
-            all_users.setdefault(id(p), set()).add(n)
+        names.setdefault(id(m), []).append(n)
+        for p in m.parameters(recurse=False):
+            users.setdefault(id(p), set()).add(n)
     quant, skipped = [], {}
-    seen: set[int] = set()
     for name, module in typed:
         reason = unsupported_reason(module)
         if reason is None:
-            users = sorted(all_users.get(id(module.weight), set()) - {name})
-            if users or id(module) in seen:
-                reason = f"weight shared with {users}" if users else "module reused under several names"
-        seen.add(id(module))
+            aliases = [a for a in names[id(module)] if a != name]
+            others = sorted(users.get(id(module.weight), set()) - {name, *aliases})
+            if aliases:
+                reason = f"module reused under several names: {aliases}"
+            elif others:
+                reason = f"weight shared with {others}"
         if reason is None:
             quant.append(name)
         else:
