@@ -1,12 +1,26 @@
-"""Running a user's model without leaving a trace on it: eval mode with every module's own flag restored."""
+"""Running a user's model without leaving a trace on it: eval mode with every module's own flag restored,
+and its ``input_data`` as the tuple of positional arguments."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .errors import ConfigError
+
+
+def as_input_tuple(input_data: Any, what: str = "input_data") -> tuple:
+    """A single tensor becomes a 1-tuple (seed API); a list/tuple of tensors is kept; anything else is refused."""
+    if isinstance(input_data, torch.Tensor):
+        return (input_data,)
+    if isinstance(input_data, (tuple, list)) and input_data and all(isinstance(t, torch.Tensor) for t in input_data):
+        return tuple(input_data)
+    raise ConfigError(
+        f"{what} must be a torch.Tensor or a non-empty tuple of torch.Tensor, got {type(input_data).__name__}"
+        + (f" of {[type(t).__name__ for t in input_data]}" if isinstance(input_data, (tuple, list)) else "")
+    )
 
 
 @contextmanager

@@ -32,11 +32,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .distill.config import (
-    build_distill_config,
-    load_distill_config,
-    validate_distill_config,
-)
+from .distill.config import load_distill_config
+from .distill.create import default_config
 from .distill.model import wrap_layers
 from .errors import AmctError
 from .quant.modules import is_quant_module
@@ -244,14 +241,13 @@ def load_distilled_model(model, checkpoint, distill_config=None, example_inputs=
     else:
         try:
             if distill_config:
-                cfg = load_distill_config(distill_config)
+                cfg = load_distill_config(distill_config, float_model)
             elif example_inputs is None:
                 raise LoadError("distill_config", "no distill config given, and no example inputs to build the "
                                                   "default one from")
             else:
-                cfg = build_distill_config(float_model, example_inputs)
-            validate_distill_config(cfg, float_model)
-            wrapped = wrap_layers(float_model, cfg, source=cfg_name)
+                cfg = default_config(float_model, example_inputs)
+            wrapped = wrap_layers(float_model, cfg)
         except AmctError as e:
             if isinstance(e, LoadError):
                 raise

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ._io import check_dir_creatable, temp_path_for
-from .distill.config import as_input_tuple
+from ._modes import as_input_tuple
 from .errors import ConfigError, ExportError
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.check import check_before_write

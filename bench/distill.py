@@ -156,13 +156,13 @@ def joint_distill(teacher, student, config_file, loader, epochs=1, lr=1e-3, **_i
     then see upstream activations that are still being trained (not final ones) and there is no
     per-block keep-if-worse check.
     """
-    from amct_core.distill import calibrate_distill_model
+    from amct_core.distill import calibrate_distill_model, load_distill_config
     from amct_core.distill.train import _default_optimizer, _group_params
     from amct_core.quant.modules import is_quant_module
 
     calibrate_distill_model(student, config_file, loader, model=teacher)
-    cfg = json.loads(Path(config_file).read_text())
-    groups = cfg["distill_group"]
+    cfg = load_distill_config(config_file)
+    groups = cfg.distill_group
     smods, tmods = dict(student.named_modules()), dict(teacher.named_modules())
     entries = [e for g in groups for e in _group_params(cfg, smods, g)]
     opt = _default_optimizer(entries, smods, lr)
@@ -265,8 +265,10 @@ def timed(fn) -> float:
 # ---- parts -----------------------------------------------------------------------------------
 
 def part_ratio(repeats: int, n_batches: int, hw: int, kind: str = "resnet50", variants=("distill",)) -> dict:
+    from amct_core.distill import load_distill_config
+
     teacher, data, cfg, student = setup(kind, n_batches=n_batches, hw=hw)
-    n_groups = len(json.loads(Path(cfg).read_text())["distill_group"])
+    n_groups = len(load_distill_config(cfg).distill_group)
     ft: list[float] = []
     runs: dict[str, list[float]] = {v: [] for v in variants}
     finetune_epoch(copy.deepcopy(teacher), data)  # warm-up (lazy initialisation), not timed

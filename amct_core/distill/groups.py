@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 
 from .._modes import hooked_forward
-from ..errors import ConfigError
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ACT_TYPES = (
@@ -97,7 +96,6 @@ def build_units(model: nn.Module, calls: list, layers: Iterable[str]) -> list[li
 
 
 def merge_units(units: list[list[str]], group_size: int) -> list[list[str]]:
-    """Consecutive runs of ``group_size`` units, concatenated (the last group may be shorter)."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ConfigError(f"config key 'group_size' must be a positive int, got {group_size!r}")
+    """Consecutive runs of ``group_size`` (>= 1, a checked config value) units, concatenated (the last
+    group may be shorter)."""
     return [sum(units[i:i + group_size], []) for i in range(0, len(units), group_size)]

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .._modes import eval_mode
+from .._modes import as_input_tuple, eval_mode
 from ..errors import ConfigError
 from ..quant.modules import QuantConv2d, QuantLinear, is_quant_module
-from .config import as_input_tuple, enabled_layers, load_distill_config, validate_distill_config
+from .config import DistillConfig, load_distill_config
+from .layers import layer_type
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -19,24 +19,18 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def wrap_layer(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.Conv2d):
-        return QuantConv2d(module)
-    if isinstance(module, nn.Linear):
-        return QuantLinear(module)
-    raise ConfigError(f"cannot quantize a {type(module).__name__}")
+# The QAT wrapper of each layer type (the config's validate() has checked every enabled layer's type).
+_QAT = {"Conv2d": QuantConv2d, "Linear": QuantLinear}
 
 
-def wrap_layers(model: nn.Module, cfg: dict, source: str = "the distill config") -> nn.Module:
-    """Wrap, in place, every layer a (validated) distill config enables; returns ``model``. The QAT
-    modules take over the layers' own weight and bias parameters (no copy)."""
-    names = enabled_layers(cfg)
-    if not names:
-        raise ConfigError(f"distill config {source} enables no layer (no 'quant_enable': true)")
-    for name in names:
-        _set_submodule(model, name, wrap_layer(model.get_submodule(name)))
-    if "target" in cfg:
-        model.amct_target = cfg["target"]
+def wrap_layers(model: nn.Module, config: DistillConfig) -> nn.Module:
+    """Wrap, in place, every layer ``config`` (validated against ``model``) enables; returns ``model``. The
+    QAT modules take over the layers' own weight and bias parameters (no copy)."""
+    for name in config.enabled:
+        layer = model.get_submodule(name)
+        _set_submodule(model, name, _QAT[layer_type(layer)](layer))
+    if config.target is not None:
+        model.amct_target = config.target
     return model
 
 
@@ -63,18 +57,24 @@ def calibrate(model: nn.Module, batches, max_batches: int | None = None) -> int:
     return n
 
 
+def check_float_model(model) -> None:
+    """``model`` of create_distill_config and create_distill_model: a torch Module without QAT layers."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(is_quant_module(m) for m in model.modules()):
+        raise ConfigError("model already holds quantized layers; pass the float model")
+
+
 def create_distill_model(config_file, model, input_data) -> nn.Module:
     """Return a new model in which every layer the config enables is a QAT module.
 
     The user's ``model`` is not modified. The activation ranges are initialised by one calibration
     pass over ``input_data``, so the result can be exported at once or trained by :func:`distill`.
     """
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    cfg = load_distill_config(config_file)
-    validate_distill_config(cfg, model)
+    check_float_model(model)
+    config = load_distill_config(config_file, model)
     inputs = as_input_tuple(input_data)
-    student = wrap_layers(copy.deepcopy(model), cfg, source=repr(str(config_file)))
+    student = wrap_layers(copy.deepcopy(model), config)
     try:
         calibrate(student, [inputs])
     except Exception as e:  # noqa: BLE001

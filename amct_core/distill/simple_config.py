@@ -2,7 +2,8 @@
 
 The schema is ``simple_config.proto`` beside this file; its descriptor is built here in Python (no
 generated code, no protoc at run time). :func:`apply_simple_config` parses the file with protobuf's
-own ``text_format`` and applies it to the JSON config dict that ``create_distill_config`` built:
+own ``text_format`` and applies it to the default :class:`~amct_core.distill.config.DistillConfig` that
+``create_distill_config`` built:
 
 - ``batch_num``, ``group_size`` (regroups the automatic units), ``data_dump``;
 - ``quant_skip_layers`` / ``quant_skip_layer_types``: layers left in float (they stay in their
@@ -13,12 +14,14 @@ own ``text_format`` and applies it to the JSON config dict that ``create_distill
 - ``distill_group { start_layer_name end_layer_name }``: explicit blocks, from start to end in
   execution order.
 
-Every error is a :class:`ConfigError` that names the key (and the layer) at fault.
+Every error is a :class:`ConfigError` that names the key (and the layer) at fault. A value the JSON
+config has too (``batch_num``, ``dst_type``, ``clip_max_min``, ...) is checked by the JSON config's own
+rules, in ``config.py``; the error names the key as this file spells it.
 """
 from __future__ import annotations
 
-import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,9 @@ import torch.nn as nn
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from ..errors import ConfigError
+from .config import ConfigKeyError, DistillConfig, DistillDataConfig, DistillWeightConfig, LayerConfig
 from .groups import merge_units
-from .layers import QUANT_TYPES, unsupported_reason
+from .layers import QUANT_TYPES, channel_wise, unsupported_reason
 
 PROTO_FILE = "amct_core/distill/simple_config.proto"
 PACKAGE = "amct_core.distill"
@@ -124,67 +128,66 @@ def parse_simple_config(config_defination) -> Any:
     return msg
 
 
+def _checked(cls, fields: dict, key: str, names: dict[str, str]) -> dict:
+    """``fields`` if ``cls(**fields)`` accepts them (the JSON config's own rules, checked there only);
+    else a ConfigError naming the simple config's key (``names``: field -> its name here)."""
+    try:
+        cls(**fields)
+    except ConfigKeyError as e:
+        sub = names.get(e.key[0], e.key[0]) if e.key else names[""]
+        raise ConfigError(f"config_defination key {key}.{sub} {e.problem}") from None
+    return fields
+
+
 def _data_overrides(msg, key: str) -> dict:
-    """JSON ``distill_data_config`` entries set by a DistillDataQuantConfig message."""
+    """The ``distill_data_config`` fields a DistillDataQuantConfig message sets."""
     out: dict[str, Any] = {}
     if not msg.HasField("ulq_quantize"):
         return out
     ulq = msg.ulq_quantize
     if ulq.HasField("dst_type"):
-        if ulq.dst_type != "INT8":
-            raise ConfigError(f"config_defination key {key}.ulq_quantize.dst_type must be \"INT8\", got {ulq.dst_type!r}")
-        out["dst_type"] = "INT8"
+        out["dst_type"] = ulq.dst_type
     if ulq.HasField("fixed_min"):
         out["fixed_min"] = bool(ulq.fixed_min)
     if ulq.HasField("clip_max_min"):
-        hi, lo = float(ulq.clip_max_min.clip_max), float(ulq.clip_max_min.clip_min)
-        if not (math.isfinite(hi) and math.isfinite(lo)) or not (lo <= 0.0 <= hi) or hi - lo <= 0:
-            raise ConfigError(f"config_defination key {key}.ulq_quantize.clip_max_min must be finite with clip_min <= 0 "
-                              f"<= clip_max and clip_max > clip_min, got clip_min={lo}, clip_max={hi}")
-        out["clip_max"], out["clip_min"] = hi, lo
-    return out
+        out["clip_max"], out["clip_min"] = float(ulq.clip_max_min.clip_max), float(ulq.clip_max_min.clip_min)
+    return _checked(DistillDataConfig, out, f"{key}.ulq_quantize",
+                    {"": "clip_max_min", "clip_max": "clip_max_min", "clip_min": "clip_max_min"})
 
 
 def _weight_overrides(msg, key: str) -> dict:
+    """The ``distill_weight_config`` fields a DistillWeightQuantConfig message sets."""
     out: dict[str, Any] = {}
     if not msg.HasField("arq_distill"):
         return out
     arq = msg.arq_distill
     if arq.HasField("dst_type"):
-        if arq.dst_type != "INT8":
-            raise ConfigError(f"config_defination key {key}.arq_distill.dst_type must be \"INT8\", got {arq.dst_type!r}")
-        out["dst_type"] = "INT8"
+        out["dst_type"] = arq.dst_type
     if arq.HasField("channel_wise"):
         out["channel_wise"] = bool(arq.channel_wise)
-    return out
+    return _checked(DistillWeightConfig, out, f"{key}.arq_distill", {})
 
 
 def _check_channel_wise(layer: str, module: nn.Module, weight: dict, key: str) -> None:
     cw = weight.get("channel_wise")
-    if cw is not None and cw != isinstance(module, nn.Conv2d):
-        right = "true" if isinstance(module, nn.Conv2d) else "false"
+    if cw is not None and cw != channel_wise(module):
+        right = "true" if channel_wise(module) else "false"
         raise ConfigError(f"config_defination key {key}.arq_distill.channel_wise={str(cw).lower()} is not supported "
                           f"for layer {layer!r} ({type(module).__name__}); it must be {right}")
 
 
-def apply_simple_config(cfg: dict, config_defination, model: nn.Module) -> dict:
-    """Return ``cfg`` (the JSON dict of create_distill_config) with the simple config applied."""
+def apply_simple_config(config: DistillConfig, config_defination, model: nn.Module) -> DistillConfig:
+    """Return ``config`` (the default config of ``model``) with the simple config applied."""
     msg = parse_simple_config(config_defination)
     mods = dict(model.named_modules())
-    layers = [k for k, v in cfg.items() if isinstance(v, dict) and "quant_enable" in v]
-    quantizable = [k for k in layers if cfg[k].get("quant_enable")]
+    layers = dict(config.layers)
+    quantizable = list(config.enabled)
 
-    if msg.HasField("batch_num"):
-        if msg.batch_num < 1:
-            raise ConfigError(f"config_defination key 'batch_num' must be >= 1, got {msg.batch_num}")
-        cfg["batch_num"] = int(msg.batch_num)
-    if msg.HasField("group_size") and msg.group_size < 1:
-        raise ConfigError(f"config_defination key 'group_size' must be >= 1, got {msg.group_size}")
-    if msg.HasField("data_dump"):
-        if msg.data_dump:
-            raise ConfigError("config_defination key 'data_dump': dumping teacher block data is not supported; "
-                              "remove it or set it to false")
-        cfg["data_dump"] = False
+    top = {k: getattr(msg, k) for k in ("batch_num", "group_size", "data_dump") if msg.HasField(k)}
+    try:
+        config = replace(config, **top)
+    except ConfigKeyError as e:
+        raise ConfigError(f"config_defination key {e.key[0]!r} {e.problem}") from None
 
     # --- skip -----------------------------------------------------------------------------------
     for t in msg.quant_skip_layer_types:
@@ -205,8 +208,10 @@ def apply_simple_config(cfg: dict, config_defination, model: nn.Module) -> dict:
         elif type(mods[n]).__name__ in msg.quant_skip_layer_types:
             why = f"skipped by config_defination quant_skip_layer_types ({type(mods[n]).__name__})"
         if why:
-            cfg[n] = {"quant_enable": False, "skip_reason": why}
-    enabled = [n for n in quantizable if cfg[n].get("quant_enable")]
+            layers[n] = LayerConfig(quant_enable=False, skip_reason=why)
+    enabled = [n for n in quantizable if layers[n].quant_enable]
+    if not enabled:
+        raise ConfigError("config_defination skips every quantizable layer; nothing would be quantized")
 
     # --- per-layer configs: global, then type, then name ----------------------------------------------
     data_cfg: dict[str, dict] = {n: {} for n in enabled}
@@ -249,7 +254,7 @@ def apply_simple_config(cfg: dict, config_defination, model: nn.Module) -> dict:
                               f"cannot be quantized")
         if n not in enabled:
             raise ConfigError(f"config_defination key {key}.layer_name: {n!r} is not quantized "
-                              f"({cfg[n].get('skip_reason', 'disabled')}); an override needs a quantized layer")
+                              f"({layers[n].skip_reason or 'disabled'}); an override needs a quantized layer")
         if n in seen_layers:
             raise ConfigError(f"config_defination key {key}.layer_name: {n!r} is overridden twice")
         seen_layers.add(n)
@@ -260,17 +265,13 @@ def apply_simple_config(cfg: dict, config_defination, model: nn.Module) -> dict:
         weight_cfg[n].update(w)
     for n in enabled:
         _check_channel_wise(n, mods[n], weight_cfg[n], "distill_weight_quant_config")
-        cfg[n]["distill_data_config"].update(data_cfg[n])
-        cfg[n]["distill_weight_config"].update(weight_cfg[n])
+        layer = layers[n]
+        layers[n] = replace(layer, distill_data_config=replace(layer.distill_data_config, **data_cfg[n]),
+                            distill_weight_config=replace(layer.distill_weight_config, **weight_cfg[n]))
 
     # --- groups ---------------------------------------------------------------------------------
-    units = [list(u) for u in cfg.get("distill_group", [])]
-    group_size = int(msg.group_size) if msg.HasField("group_size") else int(cfg.get("group_size", 1))
-    cfg["group_size"] = group_size
-    cfg["distill_group"] = _regroup(units, list(msg.distill_group), group_size, mods)
-    if not enabled:
-        raise ConfigError("config_defination skips every quantizable layer; nothing would be quantized")
-    return cfg
+    groups = _regroup([list(u) for u in config.distill_group], list(msg.distill_group), config.group_size, mods)
+    return replace(config, layers=layers, distill_group=groups)
 
 
 def _regroup(units: list[list[str]], explicit, group_size: int, mods: dict) -> list[list[str]]:

@@ -56,10 +56,10 @@ import torch
 import torch.nn as nn
 
 from .._modes import eval_mode
-from ..errors import AmctError, ConfigError
+from ..errors import AmctError
 from ..quant.modules import is_quant_module
 from . import stepped
-from .config import enabled_layers, load_distill_config, validate_distill_config
+from .config import DistillConfig, load_distill_config
 
 logger = logging.getLogger("amct_core.distill")
 # Batches (the first ones of train_loader, at least batch_num) on which each block's loss is measured
@@ -241,45 +241,10 @@ def default_cache_bytes() -> int:
         return 2 << 30
 
 
-DATA_KEYS = ("algo", "dst_type", "fixed_min", "clip_max", "clip_min")
-WEIGHT_KEYS = ("algo", "dst_type", "channel_wise")
-
-
-def check_layer_fields(cfg: dict) -> None:
-    """Types and values of the per-layer sub-configs distill() reads; errors name the key."""
-    for name, entry in cfg.items():
-        if not isinstance(entry, dict) or "quant_enable" not in entry:
-            continue
-        for sub, allowed in (("distill_data_config", DATA_KEYS), ("distill_weight_config", WEIGHT_KEYS)):
-            if sub not in entry:
-                continue
-            val = entry[sub]
-            if not isinstance(val, dict):
-                raise ConfigError(f"config key {name}.{sub} must be an object, got {type(val).__name__}")
-            for k in val:
-                if k not in allowed:
-                    raise ConfigError(f"config key {name}.{sub}.{k} is unknown; expected one of {list(allowed)}")
-        data = entry.get("distill_data_config", {})
-        if "fixed_min" in data and not isinstance(data["fixed_min"], bool):
-            raise ConfigError(f"config key {name}.distill_data_config.fixed_min must be true or false, got "
-                              f"{data['fixed_min']!r}")
-        if ("clip_max" in data) != ("clip_min" in data):
-            raise ConfigError(f"config key {name}.distill_data_config: clip_max and clip_min go together")
-        if "clip_max" in data:
-            hi, lo = data["clip_max"], data["clip_min"]
-            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (hi, lo))
-            if not ok or not (lo <= 0 <= hi) or hi <= lo:
-                raise ConfigError(f"config key {name}.distill_data_config clip_min={lo!r}, clip_max={hi!r}: must be "
-                                  "finite numbers with clip_min <= 0 <= clip_max and clip_min < clip_max")
-        cw = entry.get("distill_weight_config", {}).get("channel_wise")
-        if cw is not None and not isinstance(cw, bool):
-            raise ConfigError(f"config key {name}.distill_weight_config.channel_wise must be true or false, got {cw!r}")
-
-
-def _check_models_match(cfg: dict, model: nn.Module, student: nn.Module) -> None:
-    tmods = dict(model.named_modules())
+def _check_student(cfg: DistillConfig, student: nn.Module) -> None:
+    """``student`` quantizes exactly the layers the config enables."""
     smods = dict(student.named_modules())
-    enabled = enabled_layers(cfg)
+    enabled = cfg.enabled
     wrong = [n for n in enabled if n not in smods or not is_quant_module(smods[n])]
     extra = sorted(n for n, m in smods.items() if is_quant_module(m) and n not in enabled)
     if wrong or extra:
@@ -290,12 +255,19 @@ def _check_models_match(cfg: dict, model: nn.Module, student: nn.Module) -> None
             parts.append(f"layers compress_model quantizes but the config does not enable: {extra}")
         raise DistillError("compress_model does not match config_file (" + "; ".join(parts) + "); create it with "
                            "create_distill_model from the same config_file and model")
-    for g in cfg.get("distill_group", []):
+
+
+def _check_models_match(cfg: DistillConfig, model: nn.Module, student: nn.Module) -> None:
+    """``student`` is the model create_distill_model made of ``model`` with this config."""
+    _check_student(cfg, student)
+    tmods = dict(model.named_modules())
+    smods = dict(student.named_modules())
+    for g in cfg.distill_group:
         for n in g:
             if n not in smods:
                 raise DistillError(f"config key 'distill_group' names {n!r}, which is not a module of compress_model")
     # Same architecture where it matters: every enabled layer's weight has the teacher's shape.
-    for n in enabled:
+    for n in cfg.enabled:
         tw = getattr(tmods[n], "weight", None)
         sw = getattr(smods[n], "weight", None)
         if tw is None or sw is None or tuple(tw.shape) != tuple(sw.shape):
@@ -356,16 +328,16 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
     return n, order
 
 
-def _apply_initial_ranges(cfg: dict, student: nn.Module) -> list[str]:
+def _apply_initial_ranges(cfg: DistillConfig, student: nn.Module) -> list[str]:
     """Layers whose config gives an initial range (``clip_max`` / ``clip_min``) start from it."""
     mods = dict(student.named_modules())
     done = []
     with torch.no_grad():
-        for n in enabled_layers(cfg):
-            d = cfg[n].get("distill_data_config", {})
-            if "clip_max" in d and "clip_min" in d:
-                mods[n].clip_max.fill_(float(d["clip_max"]))
-                mods[n].clip_min.fill_(float(d["clip_min"]))
+        for n in cfg.enabled:
+            d = cfg.layers[n].distill_data_config
+            if d.clip_max is not None:
+                mods[n].clip_max.fill_(d.clip_max)
+                mods[n].clip_min.fill_(d.clip_min)
                 mods[n].act_initialized.fill_(True)
                 done.append(n)
     return done
@@ -375,30 +347,16 @@ def _apply_initial_ranges(cfg: dict, student: nn.Module) -> list[str]:
 # groups
 
 
-def _plan_groups(cfg: dict, student: nn.Module, call_order: list[str]) -> list[list[str]]:
+def _plan_groups(cfg: DistillConfig, call_order: list[str]) -> list[list[str]]:
     """Groups of the config sorted by where the forward pass reaches them; each group's names in call order.
 
     Enabled layers that no group names become groups of their own. Names never called are dropped
-    from their group; a group left with nothing called is an error.
+    from their group; a group left with nothing called is an error. (The config has checked that
+    no module is in two groups, nor a block and a module inside it.)
     """
-    groups = [list(g) for g in cfg.get("distill_group", [])]
-    seen: dict[str, int] = {}
-    for gi, g in enumerate(groups):
-        if not g:
-            raise DistillError(f"config key 'distill_group' entry {gi} is empty")
-        for n in g:
-            if n in seen:
-                raise DistillError(f"config key 'distill_group': layer {n!r} is in group {seen[n]} and group {gi}; a "
-                                   "layer belongs to one group")
-            seen[n] = gi
-    for b in seen:
-        parts = b.split(".")
-        for i in range(1, len(parts)):
-            a = ".".join(parts[:i])
-            if a in seen:
-                raise DistillError(f"config key 'distill_group' names both {a!r} and its submodule {b!r}; name a "
-                                   "block or its parts, not both")
-    for n in enabled_layers(cfg):
+    groups = [list(g) for g in cfg.distill_group]
+    seen = {n for g in groups for n in g}
+    for n in cfg.enabled:
         if n not in seen and not any(n.startswith(g + ".") for g in seen):
             groups.append([n])
     pos = {n: i for i, n in enumerate(call_order)}
@@ -413,15 +371,16 @@ def _plan_groups(cfg: dict, student: nn.Module, call_order: list[str]) -> list[l
     return planned
 
 
-def _fixed_min(cfg: dict, name: str, module: nn.Module) -> bool:
-    entry = cfg.get(name, {})
-    fixed = entry.get("distill_data_config", {}).get("fixed_min") if isinstance(entry, dict) else None
+def _fixed_min(cfg: DistillConfig, name: str, module: nn.Module) -> bool:
+    """Whether layer ``name`` keeps clip_min: the config's ``fixed_min``, else whether it calibrated to 0."""
+    entry = cfg.layers.get(name)
+    fixed = entry.distill_data_config.fixed_min if entry is not None and entry.distill_data_config else None
     if fixed is None:
         return float(module.clip_min.detach()) == 0.0
-    return bool(fixed)
+    return fixed
 
 
-def _group_params(cfg: dict, mods: dict, group: list[str]) -> list[tuple[str, str, nn.Parameter]]:
+def _group_params(cfg: DistillConfig, mods: dict, group: list[str]) -> list[tuple[str, str, nn.Parameter]]:
     """(owner module name, parameter name, parameter) of every module the group names, submodules
     included (a group may name a whole container block); ``mods`` is the student's named_modules."""
     out: list[tuple[str, str, nn.Parameter]] = []
@@ -477,11 +436,11 @@ def calibrate_distill_model(compress_model, config_file, train_loader, sample_in
     if train_loader is None or not hasattr(train_loader, "__iter__"):
         raise DistillError(f"train_loader must be an iterable of batches (e.g. a DataLoader), got "
                            f"{type(train_loader).__name__}")
-    cfg = load_distill_config(config_file)
-    check_layer_fields(cfg)
+    cfg = load_distill_config(config_file, model if model is not None else compress_model)
+    _check_student(cfg, compress_model)
     adapt = _make_adapter(sample_instance, model if model is not None else compress_model)
     with eval_mode(compress_model):
-        n, _ = _calibrate(compress_model, train_loader, adapt, int(cfg.get("batch_num", 1)), [], _Progress())
+        n, _ = _calibrate(compress_model, train_loader, adapt, cfg.batch_num, [], _Progress())
         _apply_initial_ranges(cfg, compress_model)
     return n
 
@@ -522,14 +481,9 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
         the slow path).
     """
     _check_args(model, compress_model, epochs, lr, loss, optimizer, train_loader, cache_bytes)
-    cfg = load_distill_config(config_file)
-    check_layer_fields(cfg)
-    validate_distill_config(cfg, model)
+    cfg = load_distill_config(config_file, model)
     _check_models_match(cfg, model, compress_model)
-    if cfg.get("data_dump"):
-        raise DistillError("config key 'data_dump': dumping teacher block inputs/outputs is not supported; set it "
-                           "to false")
-    batch_num = int(cfg.get("batch_num", 1))
+    batch_num = cfg.batch_num
     progress = _Progress()
     run = _Run(teacher=model, student=compress_model, cfg=cfg, loader=train_loader,
                adapt=_make_adapter(sample_instance, model), loss_fn=loss if loss is not None else nn.MSELoss(),
@@ -538,7 +492,7 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
                n_check=max(batch_num, CHECK_BATCHES))
     if optimizer is not None:
         run.opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    watch = [n for g in cfg.get("distill_group", []) for n in g] + enabled_layers(cfg)
+    watch = [n for g in cfg.distill_group for n in g] + list(cfg.enabled)
 
     s_grad = {p: p.requires_grad for p in compress_model.parameters()}
     t0 = time.monotonic()
@@ -550,7 +504,7 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
             preset = _apply_initial_ranges(cfg, compress_model)
             if preset:
                 progress.say(f"initial activation ranges from the config (not calibrated): {preset}")
-            run.groups = _plan_groups(cfg, compress_model, call_order)
+            run.groups = _plan_groups(cfg, call_order)
             progress.say(f"calibrated activation ranges on {n_cal} batch(es); distilling {len(run.groups)} group(s) x "
                          f"{epochs} epoch(s)")
             run.hooks = stepped.Hooks(run.groups, run.smods, run.tmods)
@@ -599,7 +553,7 @@ class _Run:
 
     teacher: nn.Module
     student: nn.Module
-    cfg: dict
+    cfg: DistillConfig
     loader: Any
     adapt: Callable
     loss_fn: Callable
