@@ -93,15 +93,29 @@ distill_override_layers {
     assert "fixed_min" not in c["fc1"]["distill_data_config"]
 
 
-def test_initial_range_from_the_config_is_used_by_distill(tmp_path):
+def with_initial_range(tmp_path):
+    """(model, config file, student): the config gives fc2 the initial range [-1, 9]."""
     torch.manual_seed(0)
     model = Net().eval()
     (tmp_path / "s.cfg").write_text(
         'distill_override_layers { layer_name: "fc2" '
         'distill_data_quant_config { ulq_quantize { clip_max_min { clip_max: 9.0 clip_min: -1.0 } } } }\n')
-    amct_core.create_distill_config(str(tmp_path / "c.json"), model, X, config_defination=str(tmp_path / "s.cfg"))
-    student = amct_core.create_distill_model(str(tmp_path / "c.json"), model, X)
-    amct_core.distill(model, student, str(tmp_path / "c.json"), [X, X], epochs=1, lr=1e-12)
+    cfg = str(tmp_path / "c.json")
+    amct_core.create_distill_config(cfg, model, X, config_defination=str(tmp_path / "s.cfg"))
+    return model, cfg, amct_core.create_distill_model(cfg, model, X)
+
+
+def test_initial_range_from_the_config_is_where_create_distill_model_starts(tmp_path):
+    model, _, student = with_initial_range(tmp_path)
+    assert (student.fc2.clip_min.item(), student.fc2.clip_max.item()) == (-1.0, 9.0)
+    amct_core.create_distill_config(str(tmp_path / "plain.json"), model, X)
+    plain = amct_core.create_distill_model(str(tmp_path / "plain.json"), model, X)
+    assert torch.equal(student.fc1.clip_max, plain.fc1.clip_max)  # the other layers: their calibrated ranges
+
+
+def test_initial_range_from_the_config_is_used_by_distill(tmp_path):
+    model, cfg, student = with_initial_range(tmp_path)
+    amct_core.distill(model, student, cfg, [X, X], epochs=1, lr=1e-12)
     assert float(student.fc2.clip_max.detach()) == pytest.approx(9.0, rel=1e-6)
     assert float(student.fc2.clip_min.detach()) == pytest.approx(-1.0, rel=1e-6)
 

@@ -57,6 +57,22 @@ def calibrate(model: nn.Module, batches, max_batches: int | None = None) -> int:
     return n
 
 
+def apply_initial_ranges(cfg: DistillConfig, student: nn.Module) -> list[str]:
+    """Layers whose config gives an initial range (``clip_max`` / ``clip_min``) start from it, whatever
+    calibration measured. Returns their names."""
+    mods = dict(student.named_modules())
+    done = []
+    with torch.no_grad():
+        for n in cfg.enabled:
+            d = cfg.layers[n].distill_data_config
+            if d.clip_max is not None:
+                mods[n].clip_max.fill_(d.clip_max)
+                mods[n].clip_min.fill_(d.clip_min)
+                mods[n].act_initialized.fill_(True)
+                done.append(n)
+    return done
+
+
 def check_float_model(model) -> None:
     """``model`` of create_distill_config and create_distill_model: a torch Module without QAT layers."""
     if not isinstance(model, nn.Module):
@@ -69,7 +85,8 @@ def create_distill_model(config_file, model, input_data) -> nn.Module:
     """Return a new model in which every layer the config enables is a QAT module.
 
     The user's ``model`` is not modified. The activation ranges are initialised by one calibration
-    pass over ``input_data``, so the result can be exported at once or trained by :func:`distill`.
+    pass over ``input_data`` (a layer whose config gives ``clip_max`` / ``clip_min`` starts from that
+    range instead), so the result can be exported at once or trained by :func:`distill`.
     """
     check_float_model(model)
     config = load_distill_config(config_file, model)
@@ -79,4 +96,5 @@ def create_distill_model(config_file, model, input_data) -> nn.Module:
         calibrate(student, [inputs])
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"calibration forward failed on input_data {[tuple(t.shape) for t in inputs]}: {e}") from e
+    apply_initial_ranges(config, student)
     return student

@@ -60,6 +60,7 @@ from ..errors import AmctError
 from ..quant.modules import is_quant_module
 from . import stepped
 from .config import DistillConfig, load_distill_config
+from .model import apply_initial_ranges
 
 logger = logging.getLogger("amct_core.distill")
 # Batches (the first ones of train_loader, at least batch_num) on which each block's loss is measured
@@ -328,21 +329,6 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
     return n, order
 
 
-def _apply_initial_ranges(cfg: DistillConfig, student: nn.Module) -> list[str]:
-    """Layers whose config gives an initial range (``clip_max`` / ``clip_min``) start from it."""
-    mods = dict(student.named_modules())
-    done = []
-    with torch.no_grad():
-        for n in cfg.enabled:
-            d = cfg.layers[n].distill_data_config
-            if d.clip_max is not None:
-                mods[n].clip_max.fill_(d.clip_max)
-                mods[n].clip_min.fill_(d.clip_min)
-                mods[n].act_initialized.fill_(True)
-                done.append(n)
-    return done
-
-
 # ----------------------------------------------------------------------------------------------
 # groups
 
@@ -441,7 +427,7 @@ def calibrate_distill_model(compress_model, config_file, train_loader, sample_in
     adapt = _make_adapter(sample_instance, model if model is not None else compress_model)
     with eval_mode(compress_model):
         n, _ = _calibrate(compress_model, train_loader, adapt, cfg.batch_num, [], _Progress())
-        _apply_initial_ranges(cfg, compress_model)
+        apply_initial_ranges(cfg, compress_model)
     return n
 
 
@@ -501,7 +487,7 @@ def distill(model, compress_model, config_file, train_loader, epochs=1, lr=1e-3,
             for p in s_grad:
                 p.requires_grad_(False)  # each group unfreezes its own parameters while it trains
             n_cal, call_order = _calibrate(compress_model, train_loader, run.adapt, batch_num, watch, progress)
-            preset = _apply_initial_ranges(cfg, compress_model)
+            preset = apply_initial_ranges(cfg, compress_model)
             if preset:
                 progress.say(f"initial activation ranges from the config (not calibrated): {preset}")
             run.groups = _plan_groups(cfg, call_order)
