@@ -10,7 +10,6 @@ come (:func:`default_names`).
 from __future__ import annotations
 
 import ast
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -198,10 +197,6 @@ def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
     out["model_kwargs"] = kw
     if p.get("distill_config"):
         out["distill_config"] = _existing_file(p, "distill_config", "")
-        try:
-            json.loads(Path(out["distill_config"]).read_text())
-        except json.JSONDecodeError as e:
-            raise ParameterError("distill_config", f"{p['distill_config']!r} is not valid JSON: {e}") from None
     if p.get("record_file"):
         out["record_file"] = _existing_file(p, "record_file", " (omit it to write the record from the model)")
     tol = p.get("parity_tolerances") or {}
@@ -224,8 +219,15 @@ def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
     _number(p, "seed", 0, integer=True)
 
     # the library's rules (imports amct_core, hence torch)
-    from amct_core.errors import TargetError
+    from amct_core.distill import load_distill_config
+    from amct_core.errors import ConfigError, TargetError
     from amct_core.targets import check_opset, get_target
+
+    if out.get("distill_config"):
+        try:  # its keys and values; the layer names are checked against the model when it is wrapped
+            load_distill_config(out["distill_config"])
+        except ConfigError as e:
+            raise ParameterError("distill_config", str(e)) from None
 
     try:
         tgt = get_target(p["target"])

@@ -147,3 +147,10 @@ def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, t
 def test_each_bad_parameter_is_named(params, key, value, words):
     e = _error({**params, key: value})
     assert e.parameter == key and words in str(e), str(e)
+
+
+def test_a_distill_config_with_a_bad_value_is_named_with_its_key(params, tmp_path):
+    cfg = tmp_path / "distill.json"
+    cfg.write_text('{"batch_num": 0, "conv1": {"quant_enable": true}}')
+    e = _error({**params, "distill_config": str(cfg)})
+    assert e.parameter == "distill_config" and "key 'batch_num' must be a positive integer" in str(e), str(e)
