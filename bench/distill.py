@@ -21,7 +21,7 @@ memory  Peak memory of ``distill`` on the ratio setup against a plain fine-tunin
         printed beside it. With ``--save`` the distilled model is exported with save_distill_model
         and checked with amct_core.verify (onnx.checker on the fake-quant model, the verify run).
 
-quality The figures distillation must keep: the transformer block of ``tests/test_distill.py`` (block
+quality The figures distillation must keep: the transformer block of ``bench/models.py`` (block
         output MSE against the teacher on held-out batches) and the digits demo (accuracy in torch and
         ONNX Runtime), with the seeds of ``--seeds``.
 
@@ -400,12 +400,12 @@ def part_memory(hw: int, n_batches: int, save: bool, kind: str = "resnet50") -> 
 
 
 def part_quality(seeds: list[int], variant: str = "distill", teacher_epochs: int = 40) -> dict:
-    """The quality figures distill() must keep: the transformer block of tests/test_distill.py (block output
+    """The quality figures distill() must keep: the transformer block of bench/models.py (block output
     MSE against the teacher on held-out batches, calibration only and distilled, epochs=4, lr=1e-3) and
     the digits demo (held-out accuracy fp32 / int8 distilled in torch and in ONNX Runtime)."""
     from amct_core.distill import calibrate_distill_model
+    from bench.models import token_batches, transformer_teacher
     from examples import digits
-    from tests.test_distill import token_batches, transformer_teacher
 
     distill = amct_core.distill
 
@@ -429,7 +429,7 @@ def part_quality(seeds: list[int], variant: str = "distill", teacher_epochs: int
         mse_cal, mse_dist = (float(((m(test) - ref) ** 2).mean()) for m in (cal, dist))
     res = {"variant": variant, "transformer": {"mse_calibration_only": mse_cal, "mse_distilled": mse_dist,
                                                  "distill_s": secs}, "digits": []}
-    print(f"quality ({VARIANTS[variant]}): transformer block (tests/test_distill.py), 16 batches of 16, epochs=4, "
+    print(f"quality ({VARIANTS[variant]}): transformer block (bench/models.py), 16 batches of 16, epochs=4, "
           "lr=1e-3")
     print(f"  block output MSE vs teacher on 128 held-out sequences: calibration only {mse_cal:.4g}, "
           f"distilled {mse_dist:.4g} (distill {secs:.2f} s)")

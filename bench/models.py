@@ -1,5 +1,6 @@
 """Model shapes for the benchmarks, written out here (no torchvision): ResNet-50 and BERT-base shapes,
-plus a width-scalable transformer for the size sweep and the multi-GB case."""
+a width-scalable transformer for the size sweep and the multi-GB case, and the transformer block
+distillation's quality is measured on (bench.distill, and the test that distillation beats calibration)."""
 from __future__ import annotations
 
 import math
@@ -189,3 +190,47 @@ def by_name(name: str):
 def float_model(name: str = "resnet50"):
     """Only the float model of :func:`by_name` (the flow's ``model`` callable: 'bench.models:float_model')."""
     return by_name(name)[0]
+
+
+# ---- the distillation quality case ------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block, Linear layers on [B, T, D] inputs, functional GELU / softmax."""
+
+    def __init__(self, d: int = 32, ff: int = 96, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1 = nn.Linear(d, ff)
+        self.fc2 = nn.Linear(ff, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, -1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def transformer_teacher() -> nn.Module:
+    """The block with uneven LayerNorm gains and a few strong hidden units (long-tailed GELU outputs)."""
+    torch.manual_seed(0)
+    t = TransformerBlock().eval()
+    with torch.no_grad():
+        t.ln.weight.mul_(torch.linspace(0.2, 3.0, 32))
+        t.fc1.weight[:8].mul_(4.0)
+    return t
+
+
+def token_batches(n_batches: int, seed: int, batch: int = 16) -> list[torch.Tensor]:
+    """``n_batches`` batches of [batch, 16, 32] with two outlier channels, as in real residual streams."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(batch, 16, 32, generator=g)
+        x[..., :2] *= 8
+        out.append(x)
+    return out

@@ -11,50 +11,12 @@ import torch.nn.functional as F
 
 import amct_core
 from amct_core.distill import DistillError, DistillSampleBase, calibrate_distill_model
+from bench.models import token_batches, transformer_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- models ----------------------------------------------------------------------------------
-
-
-class TransformerBlock(nn.Module):
-    """Pre-LN transformer block, Linear layers on [B, T, D] inputs, functional GELU / softmax."""
-
-    def __init__(self, d: int = 32, ff: int = 96, heads: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.ln = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.fc1 = nn.Linear(d, ff)
-        self.fc2 = nn.Linear(ff, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, -1)
-        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(x)))
-
-
-def transformer_teacher() -> nn.Module:
-    torch.manual_seed(0)
-    t = TransformerBlock().eval()
-    with torch.no_grad():
-        t.ln.weight.mul_(torch.linspace(0.2, 3.0, 32))  # uneven LayerNorm gains
-        t.fc1.weight[:8].mul_(4.0)  # a few strong hidden units: long-tailed GELU outputs
-    return t
-
-
-def token_batches(n_batches: int, seed: int, batch: int = 16) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_batches):
-        x = torch.randn(batch, 16, 32, generator=g)
-        x[..., :2] *= 8  # outlier channels, as in real residual streams
-        out.append(x)
-    return out
 
 
 class FunctionalCNN(nn.Module):

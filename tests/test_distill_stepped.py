@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 import amct_core
 from amct_core.distill import DistillError
+from bench.models import token_batches, transformer_teacher
 
-from .test_distill import cnn_data, make_student, state, token_batches, transformer_teacher
+from .test_distill import cnn_data, make_student, state
 from .zoo_models import ZOO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
