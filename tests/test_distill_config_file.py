@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import pickle
 
 import pytest
 from hypothesis import given, settings
@@ -243,6 +244,15 @@ def test_an_unreadable_file_is_named(tmp_path, content, match):
         path.write_text(content)
     with pytest.raises(ConfigError, match=f"distill config '{path}'.*{match}"):
         load_distill_config(path)
+
+
+def test_an_error_crosses_a_process_boundary_whole(setup):
+    teacher, _, cfg, _ = setup
+    edited(cfg, lambda c: c.update({"batch_num": 0}))
+    with pytest.raises(ConfigKeyError) as e:
+        load_distill_config(cfg, teacher)
+    back = pickle.loads(pickle.dumps(e.value))
+    assert (type(back), str(back), back.key) == (ConfigKeyError, str(e.value), ("batch_num",))
 
 
 def test_a_config_built_in_python_is_checked_as_the_file_is():

@@ -64,6 +64,9 @@ class ConfigKeyError(ConfigError):
         where = f"distill config {source!r}" if source is not None else "distill config"
         super().__init__(f"{where}: key {'.'.join(self.key)!r} {problem}" if self.key else f"{where} {problem}")
 
+    def __reduce__(self):  # pickled as its parts (a Prefect or Dask worker hands it back to the flow)
+        return type(self), (self.key, self.problem, self.source)
+
     def within(self, *prefix: str) -> ConfigKeyError:
         """The same error, its key under ``prefix`` (an error of a sub-config, seen from its parent)."""
         return ConfigKeyError(prefix + self.key, self.problem, self.source)
