@@ -1,25 +1,9 @@
-"""Small file helpers shared by every writer: atomic replace and writable-directory checks."""
+"""Small file helpers shared by every writer: temporary files and atomic replace."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-
-from .errors import ExportError
-
-
-def check_dir_creatable(directory: Path, what: str) -> None:
-    """Raise ExportError unless ``directory`` exists as a writable directory or could be created."""
-    d = Path(os.path.abspath(directory))
-    probe = d
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ExportError(f"{what}: cannot create directory {str(d)!r}: {str(probe)!r} exists and is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ExportError(f"{what}: cannot create or write directory {str(d)!r}: {str(probe)!r} is not writable")
 
 
 def temp_path_for(final: Path) -> Path:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ._io import check_dir_creatable, temp_path_for
+from ._io import temp_path_for
 from ._modes import as_input_tuple
+from .arguments import check_names, check_output_dir
 from .errors import ConfigError, ExportError
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.check import check_before_write
@@ -64,8 +65,9 @@ def output_paths(save_path, record_file=None) -> OutputPaths:
     return OutputPaths(directory / f"{prefix}{FAKE_QUANT_SUFFIX}", directory / f"{prefix}{DEPLOY_SUFFIX}", rec)
 
 
-def normalize_dynamic_axes(dynamic_axes, known_names: list[str]) -> dict | None:
-    """Accept both seed forms (``{"in": [0, 2]}`` and ``{"in": {0: "batch"}}``); names must be known."""
+def normalize_dynamic_axes(dynamic_axes, known_names: list[str], ranks: dict[str, int] | None = None) -> dict | None:
+    """Accept both seed forms (``{"in": [0, 2]}`` and ``{"in": {0: "batch"}}``); names must be known, and
+    the axes of a tensor whose rank ``ranks`` gives must lie within it. Returns the dict form."""
     if dynamic_axes is None:
         return None
     if not isinstance(dynamic_axes, dict):
@@ -84,6 +86,9 @@ def normalize_dynamic_axes(dynamic_axes, known_names: list[str]) -> dict | None:
             out[name] = {int(a): str(v) for a, v in axes.items()}
         else:
             raise ExportError(f"dynamic_axes[{name!r}] must be a list of axes or a dict axis -> name, got {axes!r}")
+        rank = (ranks or {}).get(name)
+        if rank is not None and any(not 0 <= a < rank for a in out[name]):
+            raise ExportError(f"dynamic_axes[{name!r}] = {sorted(out[name])} is out of range for an input of rank {rank}")
     return out
 
 
@@ -91,18 +96,6 @@ def _resolve_target(model: nn.Module, target, opset_version) -> tuple[Target, in
     tgt = get_target(target if target is not None else getattr(model, "amct_target", None))
     opset = DEFAULT_OPSET if opset_version is None else opset_version
     return tgt, check_opset(tgt, opset)
-
-
-def _check_names(names, what: str, count: int | None) -> list[str] | None:
-    if names is None:
-        return None
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
-        raise ExportError(f"{what} must be a list of non-empty strings, got {names!r}")
-    if len(set(names)) != len(names):
-        raise ExportError(f"{what} has duplicates: {names!r}")
-    if count is not None and len(names) > count:
-        raise ExportError(f"{what} has {len(names)} names but the model has {count}")
-    return list(names)
 
 
 def export_quant_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None,
@@ -123,15 +116,11 @@ def export_quant_model(model: nn.Module, input_data, input_names=None, output_na
         inputs = as_input_tuple(input_data)
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    input_names = _check_names(input_names, "input_names", len(inputs))
-    output_names = _check_names(output_names, "output_names", None)
+    input_names = check_names(input_names, "input_names", len(inputs))
+    output_names = check_names(output_names, "output_names", None)
     known = (input_names or []) + (output_names or [])
-    axes = normalize_dynamic_axes(dynamic_axes, known) if dynamic_axes is not None else None
-    if axes:
-        ranks = {n: inputs[i].dim() for i, n in enumerate(input_names or [])}
-        for name, ax in axes.items():
-            if name in ranks and any(not 0 <= a < ranks[name] for a in ax):
-                raise ExportError(f"dynamic_axes[{name!r}] = {sorted(ax)} is out of range for an input of rank {ranks[name]}")
+    ranks = {n: inputs[i].dim() for i, n in enumerate(input_names or [])}
+    axes = normalize_dynamic_axes(dynamic_axes, known, ranks)
     traced = trace_quant_model(model, inputs, input_names, output_names, axes, opset)
     if not traced.layers:
         raise ExportError("no layers to save: no quantized layer is called by forward() on input_data")
@@ -152,7 +141,7 @@ def save_distill_model(model, save_path, input_data, record_file=None, input_nam
     last_stage_seconds.clear()
     paths = output_paths(save_path, record_file)
     for p, what in ((paths.fake_quant, "save_path"), (paths.record, "record_file")):
-        check_dir_creatable(p.parent, what)
+        check_output_dir(p.parent, what)
     with _stage("trace"):
         traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
                                                 target, opset_version)

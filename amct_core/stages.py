@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from ._io import check_dir_creatable
+from .arguments import check_output_dir
 from .errors import ExportError
 from .onnx import metadata
 from .onnx.build import build_deploy, build_fake_quant
@@ -51,8 +51,8 @@ def trace_to_file(model, input_data, traced_path, record_path, input_names=None,
                   dynamic_axes=None, target=None, opset_version=None) -> TraceResult:
     """Trace the QAT model to a float ONNX file and write the record file of its factors."""
     traced_path, record_path = Path(traced_path), Path(record_path)
-    check_dir_creatable(traced_path.parent, "traced_path")
-    check_dir_creatable(record_path.parent, "record_path")
+    check_output_dir(traced_path.parent, "traced_path")
+    check_output_dir(record_path.parent, "record_path")
     traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
                                             target, opset_version)
     validate_record(traced.records, layer_infos(traced.model, traced.layers), tgt, source="record of the model")
@@ -88,7 +88,7 @@ def validate_record_file(record_path, traced_path, target=None) -> dict:
 
 def _build_file(kind, traced_path, record_path, out_path, target=None) -> str:
     out_path = Path(out_path)
-    check_dir_creatable(out_path.parent, "out_path")
+    check_output_dir(out_path.parent, "out_path")
     om, layers, traced_target, opset = load_traced(traced_path)
     tgt = get_target(target or traced_target)
     check_opset(tgt, opset)
