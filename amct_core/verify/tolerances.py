@@ -1,6 +1,7 @@
 """Pass/fail thresholds of the checks, with their documented defaults (docs/VERIFY.md)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 
@@ -37,6 +38,15 @@ class Tolerances:
     #: per layer dequantized output: |deploy - fake_quant| <= deploy_dequant_rtol * |fake_quant|
     #: (+ deq_scale * the accumulator slack allowed where float32 cannot hold the sums exactly)
     deploy_dequant_rtol: float = 2.0 ** -22
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and "None" in str(f.type):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                can_be_none = " or None (not checked)" if "None" in str(f.type) else ""
+                raise ValueError(f"tolerance {f.name!r} must be a number{can_be_none}, got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
