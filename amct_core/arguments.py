@@ -12,9 +12,9 @@ from pathlib import Path
 from .errors import ExportError
 
 
-def check_names(names, what: str, count: int | None = None) -> list[str] | None:
+def check_names(names, what: str, count: int | None = None, counted: str = "tensors") -> list[str] | None:
     """``names`` (graph input or output names): None, or a list of distinct non-empty strings, at most
-    ``count`` of them when ``count`` is given. Returns them as a list."""
+    ``count`` of them when ``count`` is given (the number of the model's ``counted``). Returns them as a list."""
     if names is None:
         return None
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
@@ -22,7 +22,7 @@ def check_names(names, what: str, count: int | None = None) -> list[str] | None:
     if len(set(names)) != len(names):
         raise ExportError(f"{what} has duplicates: {names!r}")
     if count is not None and len(names) > count:
-        raise ExportError(f"{what} has {len(names)} names but the model has {count}")
+        raise ExportError(f"{what} has {len(names)} names but the model has {count} {counted}")
     return list(names)
 
 

@@ -116,7 +116,7 @@ def export_quant_model(model: nn.Module, input_data, input_names=None, output_na
         inputs = as_input_tuple(input_data)
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    input_names = check_names(input_names, "input_names", len(inputs))
+    input_names = check_names(input_names, "input_names", len(inputs), "inputs")
     output_names = check_names(output_names, "output_names", None)
     known = (input_names or []) + (output_names or [])
     ranks = {n: inputs[i].dim() for i, n in enumerate(input_names or [])}

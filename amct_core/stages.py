@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 
+from ._io import atomic_write_bytes
 from .arguments import check_output_dir
 from .errors import ExportError
 from .onnx import metadata
@@ -83,6 +84,16 @@ def validate_record_file(record_path, traced_path, target=None) -> dict:
     tgt = get_target(target or traced_target)
     records = read_record(record_path)
     validate_record(records, layer_infos(om, layers), tgt, source=f"record file {str(record_path)!r}")
+    return records
+
+
+def publish_record_file(model_record_path, traced_path, out_path, target=None) -> dict:
+    """Validate the model's own record file (written by :func:`trace_to_file`) against the traced model and
+    write it to ``out_path`` (a temporary file renamed into place). Returns the records."""
+    out_path = Path(out_path)
+    check_output_dir(out_path.parent, "out_path")
+    records = validate_record_file(model_record_path, traced_path, target)
+    atomic_write_bytes(out_path, Path(model_record_path).read_bytes())
     return records
 
 

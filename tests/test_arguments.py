@@ -20,11 +20,11 @@ def test_names_are_returned_as_a_list():
     (["a", "a"], "input_names has duplicates"),
     (["a", ""], "input_names must be a list of non-empty strings"),
     ("ab", "input_names must be a list of non-empty strings"),
-    (["a", "b", "c"], "input_names has 3 names but the model has 2"),
+    (["a", "b", "c"], "input_names has 3 names but the model has 2 inputs"),
 ])
 def test_bad_names_are_refused_naming_the_argument(names, words):
     with pytest.raises(ExportError, match=words):
-        check_names(names, "input_names", 2)
+        check_names(names, "input_names", 2, "inputs")
 
 
 def test_an_output_dir_under_a_file_is_refused(tmp_path):

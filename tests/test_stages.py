@@ -92,3 +92,26 @@ def test_a_built_model_that_breaks_a_post_condition_is_not_written(tmp_path, mon
         build(res.traced_path, res.record_path, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_publishing_the_models_record_writes_it_unchanged(tmp_path):
+    from amct_core.stages import publish_record_file
+
+    qat = models.make_qat("mlp", tmp_path)
+    res = trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "t.onnx", tmp_path / "r.txt")
+    records = publish_record_file(res.record_path, res.traced_path, tmp_path / "out" / "m_record.txt")
+    assert list(records) == res.layers
+    assert (tmp_path / "out" / "m_record.txt").read_bytes() == (tmp_path / "r.txt").read_bytes()
+
+
+def test_a_record_that_does_not_fit_the_traced_model_is_not_published(tmp_path):
+    from amct_core.stages import publish_record_file
+
+    qat = models.make_qat("mlp", tmp_path)
+    res = trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "t.onnx", tmp_path / "r.txt")
+    records = read_record(res.record_path)
+    records.pop("fc2")
+    write_record(tmp_path / "partial.txt", records)
+    with pytest.raises(RecordError, match="fc2"):
+        publish_record_file(tmp_path / "partial.txt", res.traced_path, tmp_path / "out" / "m_record.txt")
+    assert not (tmp_path / "out").exists()
