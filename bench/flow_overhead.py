@@ -6,9 +6,9 @@ a free port on 127.0.0.1), warms it up with one flow run, then alternates N runs
   flow    flows.distill_export.distill_export(..., force=True) called in this process against the
           server: every stage recomputed (no cache hits), task runs, states, cache keys (file hashes),
           persisted results and artifacts recorded by Prefect;
-  direct  the flow's own body (distill_export.fn) with each Prefect task replaced by its plain
-          function (task.fn) and the Prefect-only calls (artifacts, run logger, runtime) made no-ops:
-          the same library calls, files, parity check, manifest and MLflow logging, without Prefect;
+  direct  the flow's recipe (flows.distill_export.export) with each Prefect task replaced by its plain
+          function (task.fn) and the Prefect-only calls (artifacts, run logger) made no-ops: the same
+          library calls, files, parity check, manifest and MLflow logging, without Prefect;
 
 and reports the median of each and the difference (the overhead per export). It also times a bare
 save_distill_model of the same model (what a user calls without the flow: no parity, no MLflow), and
@@ -31,7 +31,6 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -76,28 +75,32 @@ class _Plain:
 
 @contextmanager
 def without_prefect():
-    """Patch the flow module so distill_export.fn runs the same work with no Prefect involvement."""
+    """Patch the flow module so its recipe (flows.distill_export.export) runs the same work with no Prefect
+    involvement: each task is its plain function, the Prefect UI table a no-op, the logging stage MLflow
+    logging alone (tasks.tracking.log_run: no task retries, no Prefect link). Yields: params -> summary."""
     import flows.distill_export as fm
     import tasks.tracking as tr
 
     names = ("load_checkpoint", "trace", "record", "fake_quant_build", "deploy_build", "parity", "write_manifest")
     saved = {n: getattr(fm, n) for n in names}
-    saved.update(create_table_artifact=fm.create_table_artifact, create_link_artifact=fm.create_link_artifact,
-                 get_run_logger=fm.get_run_logger, runtime_flow_run=fm.runtime_flow_run)
-    saved_log = tr.log_to_mlflow
+    saved.update(show_parity=fm.show_parity, log=fm.log, get_run_logger=fm.get_run_logger)
+
+    def log(tracking, done, manifest):
+        t0 = time.perf_counter()
+        logged = tr.log_run(tracking, tr.run_payload(done, manifest.path, tracking.metrics))
+        PLAIN_SECONDS.setdefault("mlflow-log", []).append(time.perf_counter() - t0)
+        return logged
+
     try:
         for n in names:
             setattr(fm, n, _Plain(saved[n]))
-        fm.create_table_artifact = lambda **_: None
-        fm.create_link_artifact = lambda **_: None
+        fm.show_parity = lambda *_: None
+        fm.log = log
         fm.get_run_logger = lambda: logging.getLogger("bench.direct")
-        fm.runtime_flow_run = SimpleNamespace(id=None, ui_url=None, name=None)
-        tr.log_to_mlflow = _Plain(saved_log)
-        yield fm.distill_export.fn
+        yield lambda params: fm.export(fm.ExportPlan.check(params))
     finally:
         for n, v in saved.items():
             setattr(fm, n, v)
-        tr.log_to_mlflow = saved_log
 
 
 def make_checkpoint(model_name: str, d: Path) -> dict:
@@ -139,25 +142,17 @@ def time_flow(params: dict, out: Path, force: bool = True) -> tuple[float, dict]
 
 
 def time_direct(params: dict, out: Path) -> float:
-    with without_prefect() as body:
+    with without_prefect() as export:
         t0 = time.perf_counter()
-        body(**{**_defaults(), **params, "output_dir": str(out), "force": True})
+        export({**params, "output_dir": str(out), "force": True})
         return time.perf_counter() - t0
-
-
-def _defaults() -> dict:
-    import inspect
-
-    from flows.distill_export import distill_export
-
-    return {k: v.default for k, v in inspect.signature(distill_export.fn).parameters.items()
-            if v.default is not inspect.Parameter.empty}
 
 
 def time_save(params: dict, out: Path) -> float:
     """save_distill_model alone on the same distilled model (rebuilt from the checkpoint, untimed)."""
     from amct_core import save_distill_model
-    from tasks._common import ModelSpec, build_model, spec_inputs
+    from tasks.model import build_model, spec_inputs
+    from tasks.specs import ModelSpec
 
     spec = ModelSpec(checkpoint=params["checkpoint"], model=params["model"], model_kwargs=params["model_kwargs"],
                      distill_config=params["distill_config"], input_shape=params["input_shape"],

@@ -85,8 +85,8 @@ def step_export(model_name: str, work: Path) -> dict:
 
 
 def _example_input(ck: dict):
-    """The flow's example input for this shape and dtype (tasks._common.example_input: 0..9 for integers)."""
-    from tasks._common import example_input
+    """The flow's example input for this shape and dtype (tasks.model.example_input: 0..9 for integers)."""
+    from tasks.model import example_input
 
     return example_input(ck["input_shape"], ck["input_dtype"], 0)
 

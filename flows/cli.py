@@ -194,7 +194,7 @@ def _classify(exc: BaseException | None) -> int:
     from prefect.exceptions import ParameterTypeError
 
     from flows.distill_export import LoggingFailed, ParityFailed
-    from tasks._params import ParameterError
+    from tasks.specs import ParameterError
 
     if exc is None:
         return EXIT_FAILED
@@ -210,11 +210,11 @@ def _classify(exc: BaseException | None) -> int:
 def check_parameters(params: dict) -> int:
     """The flow's own parameter rules (flows/parameters.py), before any flow starts: a bad parameter costs
     about a second and one line naming it, not a Prefect start and tracebacks."""
-    from flows.parameters import flow_defaults, validate_parameters
-    from tasks._params import ParameterError
+    from flows.parameters import ExportPlan
+    from tasks.specs import ParameterError
 
     try:
-        validate_parameters({**flow_defaults(), **params})
+        ExportPlan.check(params)
     except ParameterError as e:
         return _usage_error(str(e))
     return EXIT_OK
@@ -273,7 +273,8 @@ def cmd_validate_record(a: argparse.Namespace) -> int:
             import tempfile
 
             from amct_core.stages import trace_to_file, validate_record_file
-            from tasks._common import ModelSpec, build_model, spec_inputs
+            from tasks.model import build_model, spec_inputs
+            from tasks.specs import ModelSpec
 
             spec = ModelSpec(a.checkpoint, a.model, a.model_kwargs or {}, a.distill_config, a.input_shape,
                              a.input_dtype or "float32")
@@ -308,7 +309,7 @@ def inspect_model(path: str) -> dict:
     import onnx
     from onnx import helper, numpy_helper
 
-    from tasks._common import onnx_files
+    from tasks.files import onnx_files
 
     m = onnx.load(path, load_external_data=False)
     g = m.graph
@@ -368,7 +369,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print(json.dumps(facts, indent=2, default=str))
         return EXIT_OK
     print(f"{facts['path']}  ({facts['kind']} model)")
-    print(f"  opset_import: " + ", ".join(f"{o['domain'] or 'ai.onnx'}={o['version']}" for o in facts["opset_import"]))
+    print("  opset_import: " + ", ".join(f"{o['domain'] or 'ai.onnx'}={o['version']}" for o in facts["opset_import"]))
     for io in ("inputs", "outputs"):
         for t in facts[io]:
             print(f"  {io[:-1]:6s} {t['name']}: {t['dtype']} {t['shape']}")
@@ -380,7 +381,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             print(f"    {q['op']:14s} {q['node']}  {extra}")
     if facts["fake_quant_layers"]:
         print(f"  fake-quant layers: {', '.join(facts['fake_quant_layers'])}")
-    print(f"  initializers: " + ", ".join(f"{k}x{v}" for k, v in facts["initializer_types"].items()))
+    print("  initializers: " + ", ".join(f"{k}x{v}" for k, v in facts["initializer_types"].items()))
     for f in facts["files"]:
         print(f"  file {f['path']}  {f['size']} bytes  sha256 {f['sha256']}")
     return EXIT_OK
@@ -388,7 +389,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_fetch(a: argparse.Namespace) -> int:
     """Download an export from MLflow into a new or empty directory, checked against its manifest."""
-    from tasks._params import ParameterError
+    from tasks.specs import ParameterError
     from tasks.tracking import ExportMismatch, TrackingError, fetch_export
 
     try:
@@ -446,7 +447,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     import dataclasses
 
     from examples.digits import format_table, load_digits_split, ort_predict, predict, write_results
-    from tasks._common import ModelSpec, build_model
+    from tasks.model import build_model
+    from tasks.specs import ModelSpec
 
     # the accuracy of the fake-quant ONNX model the flow exported, in ONNX Runtime
     split = load_digits_split(a.seed)

@@ -1,22 +1,35 @@
-"""The distill-export flow's parameter rules, in one place: the flow checks its parameters with
-:func:`validate_parameters` before any work, and the CLI calls the same function before it starts any flow.
+"""The distill-export flow's parameters: as the flow declares them, and as checked into an export plan.
 
-Importable without Prefect, torch or MLflow: the cheap rules run first (files exist, names, shapes,
-numbers), then the ones that need the library (target, opset, tolerances), then the model: its reference
-must import and the float model must run on the example input (on the CPU when it is small, else on
-PyTorch's ``meta`` device, which allocates no weights). That run also gives the number of outputs, from which the default graph names
-come (:func:`default_names`).
+Declared: the flow's signature and the Args of its docstring (flows/distill_export.py) are the one list
+of parameters, with their types, defaults and help. :func:`flow_parameters` reads them from the file's
+source without importing it (that would import Prefect): ``amct-export run`` builds its options from
+them, and the defaults of a partial set of parameters come from them.
+
+Checked: :meth:`ExportPlan.check` applies every parameter rule once and gives the plan the stages run.
+The flow calls it first; ``amct-export run`` calls it before it starts any flow, so a bad parameter
+costs about a second and one line naming it. Rules that are the library's are the library's
+(``amct_core.targets``, ``amct_core.arguments``, ``amct_core.save.normalize_dynamic_axes``,
+``amct_core.verify.Tolerances``, ``amct_core.distill.load_distill_config``); the rules here are the
+pipeline's own (paths, MLflow names, numbers). The cheap rules run first, without torch; then the
+library's; then the model: its reference must import and the float model must run on the example input
+(on the CPU when it is small, else on PyTorch's ``meta`` device, which allocates no weights). That run
+gives the number of outputs, from which the default graph names come (:func:`default_names`).
 """
 from __future__ import annotations
 
 import ast
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks._params import (
+from tasks.specs import (
+    GraphSpec,
+    ModelSpec,
     ParameterError,
+    TrackingSpec,
     import_callable,
     input_list,
     is_mlflow_uri,
@@ -24,18 +37,63 @@ from tasks._params import (
 )
 
 FLOW_FILE = Path(__file__).with_name("distill_export.py")
-SMALL_MODEL_BYTES = 64 << 20  # parameters + buffers up to this are checked on the CPU
 FLOW_FUNCTION = "distill_export"
+SMALL_MODEL_BYTES = 64 << 20  # parameters + buffers up to this are checked on the CPU
+REQUIRED = object()  # the default of a parameter that has none
+UNRECORDED = ("mlflow_retries", "mlflow_retry_delay_seconds")  # how to log, not what was exported
+WORK_DIR = ".amct_work"  # intermediates under output_dir: the traced graph, the model's record, downloads
+
+
+# ---- as declared --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlowParameter:
+    """One parameter of the flow, as its signature and docstring declare it."""
+
+    name: str
+    annotation: str  # as written in the signature, e.g. "Optional[list[str]]"
+    default: Any  # REQUIRED when the signature gives none
+    help: str  # the docstring's Args entry
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """The entries of a Google-style ``Args:`` section: name -> text (continuation lines joined)."""
+    args: dict[str, str] = {}
+    lines = iter(doc.splitlines())
+    for line in lines:
+        if line.strip() == "Args:":
+            break
+    current = None
+    for line in lines:
+        if not line.strip() or not line.startswith("    "):
+            break
+        if not line.startswith("        "):  # a new entry
+            current, _, text = line.strip().partition(":")
+            args[current] = text.strip()
+        elif current is not None:
+            args[current] += " " + line.strip()
+    return args
 
 
 @lru_cache(maxsize=1)
-def flow_defaults() -> dict[str, Any]:
-    """The flow's parameter defaults, read from its signature in flows/distill_export.py (not imported:
-    that would import Prefect)."""
+def flow_parameters() -> tuple[FlowParameter, ...]:
+    """The flow's parameters in signature order, read from flows/distill_export.py's source (not imported)."""
     tree = ast.parse(FLOW_FILE.read_text())
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == FLOW_FUNCTION)
     args = fn.args.args
-    return {a.arg: ast.literal_eval(d) for a, d in zip(args[len(args) - len(fn.args.defaults):], fn.args.defaults)}
+    defaults = [REQUIRED] * (len(args) - len(fn.args.defaults)) + [ast.literal_eval(d) for d in fn.args.defaults]
+    docs = _docstring_args(ast.get_docstring(fn) or "")
+    return tuple(FlowParameter(a.arg, ast.unparse(a.annotation) if a.annotation else "Any", d, docs.get(a.arg, ""))
+                 for a, d in zip(args, defaults, strict=True))
+
+
+def flow_defaults() -> dict[str, Any]:
+    """The flow's parameter defaults (the parameters that have one)."""
+    return {p.name: p.default for p in flow_parameters() if not p.required}
 
 
 def default_names(prefix: str, count: int) -> list[str]:
@@ -44,29 +102,230 @@ def default_names(prefix: str, count: int) -> list[str]:
     return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
 
 
-def known_tolerance_keys() -> set[str]:
-    from dataclasses import fields
+# ---- as checked ---------------------------------------------------------------------------------
 
-    from amct_core.verify.tolerances import Tolerances
+@dataclass(frozen=True)
+class ExportFiles:
+    """Where the files of one export go: ``<output_dir>/<name>_*`` (the library's file names, FORMATS §1),
+    ``manifest.json``, the parity report in ``parity/``, intermediates in ``.amct_work/``."""
 
-    return {f.name for f in fields(Tolerances)}
+    output_dir: str
+    name: str
+
+    def _named(self, file_name: str, directory: str | None = None) -> str:
+        return str(Path(directory or self.output_dir) / f"{self.name}_{file_name}")
+
+    @property
+    def fake_quant(self) -> str:
+        return self._named("fake_quant_model.onnx")
+
+    @property
+    def deploy(self) -> str:
+        return self._named("deploy_model.onnx")
+
+    @property
+    def record(self) -> str:
+        return self._named("scale_offset_record.txt")
+
+    @property
+    def manifest(self) -> str:
+        from amct_core.manifest import MANIFEST_FILE
+
+        return str(Path(self.output_dir) / MANIFEST_FILE)
+
+    @property
+    def parity(self) -> str:
+        return str(Path(self.output_dir) / "parity")
+
+    @property
+    def work(self) -> str:
+        return str(Path(self.output_dir) / WORK_DIR)
+
+    @property
+    def traced(self) -> str:
+        return self._named("traced.onnx", self.work)
+
+    @property
+    def model_record(self) -> str:
+        return self._named("model_record.txt", self.work)
+
+    @property
+    def downloads(self) -> str:
+        return str(Path(self.work) / "checkpoint")
 
 
-def _names(value, parameter: str) -> list[str] | None:
-    if value is None:
+@dataclass(frozen=True)
+class ExportPlan:
+    """One export, checked: what the stages are given (``flows.distill_export.export`` runs them)."""
+
+    model: ModelSpec
+    graph: GraphSpec
+    files: ExportFiles
+    record_file: str | None  # a given record file (absolute), instead of the model's own factors
+    tolerances: dict | None  # overrides of amct_core.verify.Tolerances
+    tracking: TrackingSpec
+    force: bool
+    parameters: dict  # the flow's parameters as checked (absolute paths, default names): recorded with the export
+
+    @classmethod
+    def check(cls, given: Mapping[str, Any]) -> "ExportPlan":
+        """Check the flow's parameters (``given``: some or all of them; the others take the flow's defaults)
+        and return the plan; raise ParameterError naming the first bad one. Cheap rules first; the model
+        is imported and run last."""
+        declared = [p.name for p in flow_parameters()]
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            raise ParameterError(unknown[0], f"is not a parameter of the flow; its parameters are {declared}")
+        p = {**flow_defaults(), **given}
+        for name in declared:
+            if name not in p:
+                raise ParameterError(name, "is required")
+        out = dict(p)
+
+        # ---- cheap rules: no torch
+        out["checkpoint"] = _checkpoint(p["checkpoint"])
+        out["name"] = _file_prefix(p["name"])
+        out["output_dir"] = _output_dir(p["output_dir"])
+        inputs = input_list(p["input_shape"], p["input_dtype"])
+        out["input_names"] = _library("input_names", _check_names, p["input_names"], "input_names", len(inputs),
+                                      "inputs")
+        if out["input_names"] is not None and len(out["input_names"]) != len(inputs):  # the pipeline names every input
+            raise ParameterError("input_names", f"gives {len(out['input_names'])} name(s) for {len(inputs)} input(s) "
+                                                f"(input_shape {p['input_shape']!r}): {out['input_names']!r}")
+        out["output_names"] = _library("output_names", _check_names, p["output_names"], "output_names")
+        out["model_kwargs"] = _model_kwargs(p["model_kwargs"])
+        out["distill_config"] = _existing_file("distill_config", p["distill_config"], "")
+        out["record_file"] = _existing_file("record_file", p["record_file"], " (omit it to write the record from "
+                                                                          "the model)")
+        if not isinstance(p["mlflow_experiment"], str) or not p["mlflow_experiment"].strip():
+            raise ParameterError("mlflow_experiment", "must be a non-empty experiment name")
+        out["mlflow_artifact_location"] = _artifact_location(p["mlflow_artifact_location"])
+        _metrics(p["metrics"])
+        _number("mlflow_retries", p["mlflow_retries"], 0, integer=True)
+        _number("mlflow_retry_delay_seconds", p["mlflow_retry_delay_seconds"], 0)
+        _number("seed", p["seed"], 0, integer=True)
+        if not isinstance(p["force"], bool):
+            raise ParameterError("force", f"must be true or false, got {p['force']!r}")
+
+        # ---- the library's rules
+        from amct_core.errors import TargetError
+        from amct_core.targets import check_opset, get_target
+
+        try:
+            tgt = get_target(p["target"])
+        except TargetError as e:
+            raise ParameterError("target", str(e)) from None
+        out["target"] = tgt.name
+        try:
+            check_opset(tgt, p["opset"])
+        except TargetError as e:
+            raise ParameterError("opset", str(e)) from None
+        _tolerances(p["parity_tolerances"])
+        if out["distill_config"]:
+            _distill_config(out["distill_config"])
+
+        # ---- the model: it imports, and runs on the example input(s)
+        import_callable(p["model"], "model")
+        n_out = count_outputs(p["model"], out["model_kwargs"], inputs)
+        _library("output_names", _check_names, out["output_names"], "output_names", n_out, "outputs")
+        out["input_names"] = out["input_names"] or default_names("input", len(inputs))
+        out["output_names"] = out["output_names"] or default_names("output", n_out)
+        ranks = {n: len(s) for n, (s, _) in zip(out["input_names"], inputs, strict=True)}
+        axes = _library("dynamic_axes", _normalize_dynamic_axes, _int_axes(p["dynamic_axes"]),
+                        out["input_names"] + out["output_names"], ranks)
+
+        from tasks.model import model_source_sha256
+
+        return cls(
+            model=ModelSpec(checkpoint=out["checkpoint"], model=p["model"], model_kwargs=out["model_kwargs"],
+                            distill_config=out["distill_config"], input_shape=p["input_shape"],
+                            input_dtype=p["input_dtype"], seed=p["seed"],
+                            model_source_sha256=model_source_sha256(p["model"])),
+            graph=GraphSpec(target=tgt.name, opset=p["opset"], input_names=out["input_names"],
+                            output_names=out["output_names"], dynamic_axes=axes),
+            files=ExportFiles(out["output_dir"], out["name"]),
+            record_file=out["record_file"],
+            tolerances=p["parity_tolerances"] or None,
+            tracking=TrackingSpec(experiment=p["mlflow_experiment"], tracking_uri=p["mlflow_tracking_uri"],
+                                  artifact_location=out["mlflow_artifact_location"],
+                                  registered_model_name=p["registered_model_name"], metrics=dict(p["metrics"] or {}),
+                                  retries=p["mlflow_retries"], retry_delay_seconds=p["mlflow_retry_delay_seconds"]),
+            force=p["force"],
+            parameters={k: v for k, v in out.items() if k not in UNRECORDED},
+        )
+
+
+# ---- the rules -----------------------------------------------------------------------------------
+
+def _library(parameter: str, rule, *args):
+    """A library rule applied to a parameter: its error (ExportError, ValueError) names the parameter."""
+    from amct_core.errors import AmctError
+
+    try:
+        return rule(*args)
+    except (AmctError, ValueError) as e:
+        raise ParameterError.of(parameter, e) from None
+
+
+def _check_names(*args):
+    from amct_core.arguments import check_names
+
+    return check_names(*args)
+
+
+def _normalize_dynamic_axes(*args):
+    from amct_core.save import normalize_dynamic_axes
+
+    return normalize_dynamic_axes(*args)
+
+
+def _checkpoint(ck) -> str:
+    if not isinstance(ck, str) or not ck.strip():
+        raise ParameterError("checkpoint", "is required: a file path or an MLflow URI ('runs:/<id>/<path>', "
+                                           "'models:/<name>/<version>')")
+    if is_mlflow_uri(ck):
+        return ck
+    return _existing_file("checkpoint", ck, " (give a file path, or an MLflow URI such as 'runs:/<run_id>/<path>' "
+                                            "or 'models:/<name>/<version>')")
+
+
+def _file_prefix(name) -> str:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ParameterError("name", f"must be a file-name prefix without '/', got {name!r}")
+    return name
+
+
+def _output_dir(directory) -> str:
+    from amct_core.arguments import check_output_dir
+
+    if not isinstance(directory, str) or not directory:
+        raise ParameterError("output_dir", f"must be a directory path, got {directory!r}")
+    _library("output_dir", check_output_dir, directory, "output_dir")
+    return str(Path(directory).resolve())
+
+
+def _existing_file(parameter: str, value, hint: str) -> str | None:
+    if not value:
         return None
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(n, str) and n for n in value):
-        raise ParameterError(parameter, f"must be a non-empty list of non-empty strings, got {value!r}")
-    if len(set(value)) != len(value):
-        raise ParameterError(parameter, f"has duplicate names: {value!r}")
-    return list(value)
+    f = Path(value)
+    if not f.is_file():
+        raise ParameterError(parameter, f"{str(f)!r} does not exist{hint}")
+    return str(f.resolve())
 
 
-def _number(p: dict, key: str, minimum: float, integer: bool = False) -> None:
-    v = p[key]
-    kind = (int,) if integer else (int, float)
-    if isinstance(v, bool) or not isinstance(v, kind) or v < minimum:
-        raise ParameterError(key, f"must be {'an integer' if integer else 'a number'} >= {minimum}, got {v!r}")
+def _model_kwargs(kw) -> dict:
+    kw = kw or {}
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        raise ParameterError("model_kwargs", f"must be a JSON object of keyword arguments, got {kw!r}")
+    return kw
+
+
+def _artifact_location(loc) -> str | None:
+    if loc is None:
+        return None
+    if not isinstance(loc, str) or not loc.strip():
+        raise ParameterError("mlflow_artifact_location", f"must be a directory or an artifact URI, got {loc!r}")
+    return loc if "://" in loc or loc.startswith("file:") else str(Path(loc).resolve())
 
 
 def _metrics(m) -> None:
@@ -82,37 +341,37 @@ def _metrics(m) -> None:
             raise ParameterError("metrics", f"[{k!r}] must be a finite number, got {v!r}")
 
 
-def _existing_file(p: dict, key: str, what: str) -> str | None:
-    v = p.get(key)
-    if not v:
-        return None
-    f = Path(v)
-    if not f.is_file():
-        raise ParameterError(key, f"{str(f)!r} does not exist{what}")
-    return str(f.resolve())
+def _number(parameter: str, v, minimum: float, integer: bool = False) -> None:
+    kind = (int,) if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kind) or v < minimum:
+        raise ParameterError(parameter, f"must be {'an integer' if integer else 'a number'} >= {minimum}, got {v!r}")
 
 
-def _dynamic_axes(axes, names: list[str], ranks: dict[str, int]) -> dict | None:
-    if axes is None:
-        return None
+def _tolerances(tol) -> None:
+    from amct_core.verify.tolerances import Tolerances
+
+    if tol is not None and not isinstance(tol, dict):
+        raise ParameterError("parity_tolerances", f"must be an object of tolerance name -> number, got {tol!r}")
+    _library("parity_tolerances", Tolerances.from_dict, tol)
+
+
+def _distill_config(path: str) -> None:
+    from amct_core.distill import load_distill_config
+
+    _library("distill_config", load_distill_config, path)
+
+
+def _int_axes(axes):
+    """JSON object keys are strings: ``{"output": {"0": "batch"}}`` -> ``{"output": {0: "batch"}}`` (keys that
+    are not integers are left for the library's rule to name)."""
     if not isinstance(axes, dict):
-        raise ParameterError("dynamic_axes", f"must be an object like {{\"input\": [0]}}, got {axes!r}")
-    for n, ax in axes.items():
-        if n not in names:
-            raise ParameterError("dynamic_axes", f"names {n!r}, which is not a graph input or output name {names} "
-                                                 f"(input_names/output_names, or the defaults)")
-        idx = list(ax) if isinstance(ax, (list, tuple)) else list(ax.keys()) if isinstance(ax, dict) else None
-        if idx is None:
-            raise ParameterError("dynamic_axes", f"[{n!r}] must be a list of axes or an object axis -> name, got {ax!r}")
-        try:
-            idx = [int(a) for a in idx]
-        except (TypeError, ValueError):
-            raise ParameterError("dynamic_axes", f"[{n!r}] axes must be ints, got {ax!r}") from None
-        if n in ranks and any(not 0 <= a < ranks[n] for a in idx):
-            raise ParameterError("dynamic_axes", f"[{n!r}] = {idx} is out of range for an input of rank {ranks[n]}")
-    # JSON object keys are strings: give amct_core int axes.
-    return {n: ([int(a) for a in ax] if isinstance(ax, (list, tuple)) else {int(k): str(v) for k, v in ax.items()})
-            for n, ax in axes.items()}
+        return axes
+    out = {}
+    for name, ax in axes.items():
+        if isinstance(ax, dict):
+            ax = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v for k, v in ax.items()}
+        out[name] = ax
+    return out
 
 
 def _devices(model_ref: str, model_kwargs: dict) -> tuple[str, ...]:
@@ -161,96 +420,3 @@ def count_outputs(model_ref: str, model_kwargs: dict, inputs: list[tuple[list[in
     raise ParameterError("input_shape", f"model {model_ref} does not run on example input(s) of shape {shapes}: "
                                         f"{type(error).__name__}: {first} (give the shape(s) the model takes, and "
                                         f"input_dtype if it is not float32)")
-
-
-def validate_parameters(p: dict[str, Any]) -> dict[str, Any]:
-    """Check every parameter of the flow (``p`` holds all of them; see :func:`flow_defaults`) and return
-    them normalised (absolute paths, int axes, default graph names); raise ParameterError naming the first
-    bad one. Cheap rules first; the model is imported and run last."""
-    out = dict(p)
-    ck = p["checkpoint"]
-    if not isinstance(ck, str) or not ck.strip():
-        raise ParameterError("checkpoint", "is required: a file path or an MLflow URI ('runs:/<id>/<path>', "
-                                           "'models:/<name>/<version>')")
-    if not is_mlflow_uri(ck):
-        out["checkpoint"] = _existing_file(p, "checkpoint", " (give a file path, or an MLflow URI such as "
-                                                            "'runs:/<run_id>/<path>' or 'models:/<name>/<version>')")
-    name = p["name"]
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ParameterError("name", f"must be a file-name prefix without '/', got {name!r}")
-    od = Path(p["output_dir"])
-    probe = od.resolve()
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ParameterError("output_dir", f"{str(od)!r} cannot be created: {str(probe)!r} is not a directory")
-    out["output_dir"] = str(od.resolve())
-    inputs = input_list(p["input_shape"], p["input_dtype"])
-    out["input_names"] = _names(p.get("input_names"), "input_names")
-    out["output_names"] = _names(p.get("output_names"), "output_names")
-    if out["input_names"] is not None and len(out["input_names"]) != len(inputs):
-        raise ParameterError("input_names", f"gives {len(out['input_names'])} name(s) for {len(inputs)} input(s) "
-                                            f"(input_shape {p['input_shape']!r}): {out['input_names']!r}")
-    kw = p.get("model_kwargs") or {}
-    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
-        raise ParameterError("model_kwargs", f"must be a JSON object of keyword arguments, got {kw!r}")
-    out["model_kwargs"] = kw
-    if p.get("distill_config"):
-        out["distill_config"] = _existing_file(p, "distill_config", "")
-    if p.get("record_file"):
-        out["record_file"] = _existing_file(p, "record_file", " (omit it to write the record from the model)")
-    tol = p.get("parity_tolerances") or {}
-    if not isinstance(tol, dict):
-        raise ParameterError("parity_tolerances", f"must be an object, got {tol!r}")
-    for k, v in tol.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ParameterError("parity_tolerances", f"[{k!r}] must be a number or null, got {v!r}")
-    if not isinstance(p["mlflow_experiment"], str) or not p["mlflow_experiment"].strip():
-        raise ParameterError("mlflow_experiment", "must be a non-empty experiment name")
-    loc = p.get("mlflow_artifact_location")
-    if loc is not None:
-        if not isinstance(loc, str) or not loc.strip():
-            raise ParameterError("mlflow_artifact_location", f"must be a directory or an artifact URI, got {loc!r}")
-        if "://" not in loc and not loc.startswith("file:"):
-            out["mlflow_artifact_location"] = str(Path(loc).resolve())
-    _metrics(p.get("metrics"))
-    _number(p, "mlflow_retries", 0, integer=True)
-    _number(p, "mlflow_retry_delay_seconds", 0)
-    _number(p, "seed", 0, integer=True)
-
-    # the library's rules (imports amct_core, hence torch)
-    from amct_core.distill import load_distill_config
-    from amct_core.errors import ConfigError, TargetError
-    from amct_core.targets import check_opset, get_target
-
-    if out.get("distill_config"):
-        try:  # its keys and values; the layer names are checked against the model when it is wrapped
-            load_distill_config(out["distill_config"])
-        except ConfigError as e:
-            raise ParameterError("distill_config", str(e)) from None
-
-    try:
-        tgt = get_target(p["target"])
-    except TargetError as e:
-        raise ParameterError("target", str(e)) from None
-    out["target"] = tgt.name
-    try:
-        check_opset(tgt, p["opset"])
-    except TargetError as e:
-        raise ParameterError("opset", str(e)) from None
-    if tol:
-        unknown = sorted(set(tol) - known_tolerance_keys())
-        if unknown:
-            raise ParameterError("parity_tolerances", f"unknown key(s) {unknown}; known: {sorted(known_tolerance_keys())}")
-
-    # the model: it imports, and runs on the example input(s)
-    import_callable(p["model"], "model")
-    n_out = count_outputs(p["model"], kw, inputs)
-    if out["output_names"] is not None and len(out["output_names"]) > n_out:
-        raise ParameterError("output_names", f"gives {len(out['output_names'])} name(s) for the {n_out} output(s) "
-                                             f"of model {p['model']}: {out['output_names']!r}")
-    out["input_names"] = out["input_names"] or default_names("input", len(inputs))
-    out["output_names"] = out["output_names"] or default_names("output", n_out)
-    ranks = {n: len(s) for n, (s, _) in zip(out["input_names"], inputs)}
-    out["dynamic_axes"] = _dynamic_axes(p.get("dynamic_axes"), out["input_names"] + out["output_names"], ranks)
-    return out

@@ -7,18 +7,19 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ._common import ModelSpec, ParameterError, build_model, measured, sha256_file
-from ._params import MLFLOW_SCHEMES, is_mlflow_uri  # noqa: F401 (re-exported)
+from .files import sha256_file
+from .model import build_model
+from .specs import ModelSpec, ParameterError, is_mlflow_uri
+from .stage import measured
 
 
 @dataclass
 class CheckpointInfo:
-    path: str  # local file the model was loaded from
+    spec: ModelSpec  # the spec the later stages rebuild the model from: ``checkpoint`` is the local file
     source: str  # what the user gave (path or MLflow URI)
     sha256: str
     size: int
     quantized_layers: list[str]
-    parameters: int
     seconds: float
     peak_rss_mb: float
 
@@ -37,19 +38,16 @@ def resolve_checkpoint(checkpoint: str, download_dir: str, tracking_uri: str | N
 
 
 @task(name="load-checkpoint", cache_policy=NO_CACHE, persist_result=False)
-def load_checkpoint(spec: ModelSpec, download_dir: str, tracking_uri: str | None = None) -> tuple[CheckpointInfo, ModelSpec]:
-    """Resolve and load the checkpoint into the wrapped model (strict keys, no code execution).
+def load_checkpoint(spec: ModelSpec, download_dir: str, tracking_uri: str | None = None) -> CheckpointInfo:
+    """Resolve and load the checkpoint into the wrapped model (strict keys, no code execution)."""
+    from amct_core.quant.modules import is_quant_module
 
-    Returns the checkpoint facts and the spec with ``checkpoint`` replaced by the local file.
-    """
     with measured() as m:
         local = resolve_checkpoint(spec.checkpoint, download_dir, tracking_uri)
         local_spec = replace(spec, checkpoint=local)
         model = build_model(local_spec)
-        from amct_core.quant.modules import is_quant_module
-
         layers = [n for n, mod in model.named_modules() if is_quant_module(mod)]
-        n_params = sum(p.numel() for p in model.parameters())
-    info = CheckpointInfo(path=local, source=spec.checkpoint, sha256=sha256_file(local), size=Path(local).stat().st_size,
-                          quantized_layers=layers, parameters=int(n_params), seconds=m.seconds, peak_rss_mb=m.peak_rss_mb)
-    return info, local_spec
+    sha = sha256_file(local)
+    print(f"checkpoint {spec.checkpoint} (sha256 {sha[:12]}): {len(layers)} quantized layers")
+    return CheckpointInfo(spec=local_spec, source=spec.checkpoint, sha256=sha, size=Path(local).stat().st_size,
+                          quantized_layers=layers, seconds=m.seconds, peak_rss_mb=m.peak_rss_mb)

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_table_artifact
 
-from ._common import FileRef, ModelSpec, build_model, measured, spec_inputs, stage_cache
+from .files import FileRef
+from .model import build_model, spec_inputs
+from .specs import ModelSpec
+from .stage import measured, stage_cache
 
 REPORT_NAME = "report"
 MAX_LAYER_ROWS = 10
@@ -96,8 +100,8 @@ def summarize(report: dict) -> tuple[dict, list[dict]]:
 
 
 @task(name="parity", cache_policy=stage_cache("out_dir"), persist_result=True)
-def parity(spec: ModelSpec, model_source_sha256: str, fake_quant_path: str, deploy_path: str, out_dir: str,
-           tolerances: dict | None, target: str) -> ParityResult:
+def parity(spec: ModelSpec, fake_quant_path: str, deploy_path: str, out_dir: str, tolerances: dict | None,
+           target: str) -> ParityResult:
     """Preflight + deploy simulation + parity of the exported models; the report goes to ``out_dir``."""
     from amct_core.verify import verify
 
@@ -113,3 +117,14 @@ def parity(spec: ModelSpec, model_source_sha256: str, fake_quant_path: str, depl
     return ParityResult(report.get("verdict") == "pass", report.get("summary", ""), metrics, rows, files,
                         m.seconds, m.peak_rss_mb, list(report.get("checks_run", [])),
                         (report.get("parity") or {}).get("layer_order", ""))
+
+
+def show_parity(par: ParityResult, name: str, target: str) -> None:
+    """The parity verdict as a table in Prefect's UI (the flow run's artifact ``parity-summary``): per check,
+    per output, and the ten worst layers in the report's order."""
+    print(par.summary)  # the flow's log (log_prints)
+    create_table_artifact(
+        table=[{"verdict": "PASS" if par.passed else "FAIL", **r} for r in par.rows],
+        key="parity-summary",
+        description=f"Parity of {name} ({target}): {par.summary}. Parity layers: {par.layer_order or 'worst first'}.",
+    )

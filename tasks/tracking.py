@@ -1,9 +1,10 @@
 """Stage 8: MLflow tracking. The ONLY module of the project that imports mlflow.
 
 * :func:`download_checkpoint` fetches a checkpoint given as an MLflow URI (``runs:/...``, ``models:/...``).
-* :func:`log_to_mlflow` (task) logs one flow run as one MLflow run: params, metrics, artifacts in a fixed
-  layout (``models/fake_quant``, ``models/deploy``, ``record``, ``parity``, ``plots``, ``config``,
-  ``manifest.json``), tags, and the fake-quant model as an MLflow ONNX model (optionally registered).
+* :func:`run_payload` says what an export's MLflow run gets: params, metrics, tags, and its files by role
+  (``models/fake_quant``, ``models/deploy``, ``record``, ``parity``, ``plots``, ``config``, ``manifest.json``).
+* :func:`log_to_mlflow` (task) logs one export as one MLflow run (:func:`log_run`), the fake-quant model as an
+  MLflow ONNX model (optionally registered), and links the run from the Prefect flow run.
 * :func:`log_metrics` adds figures measured after the run (the demo's ONNX Runtime accuracy).
 
 Tracking URI: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
@@ -22,8 +23,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ._common import ParameterError
-from .manifest import ARTIFACT_DIRS
+from amct_core.manifest import ARTIFACT_DIRS, artifact_path
+
+from .files import FileRef, sha256_file
+from .results import ExportResults
+from .specs import ParameterError, TrackingSpec
+from .stage import peak_rss_mb
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 FLOW_RUN_TAG = "prefect.flow_run_id"
@@ -205,14 +210,12 @@ def _find_or_start_run(mlflow, experiment_id: str, flow_run_id: str | None, run_
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
-def _signature(fake_quant_path: str, example_shape: list, dtype):
+def _signature(fake_quant_path: str, example_inputs: list[tuple[list[int], str]]):
     import numpy as np
     import onnx
     import onnxruntime as ort
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
-
-    from ._common import input_list
 
     from amct_core.onnx.mapped import open_model
 
@@ -231,7 +234,7 @@ def _signature(fake_quant_path: str, example_shape: list, dtype):
     outputs = Schema([TensorSpec(np_type(vi), dims(vi), vi.name) for vi in m.graph.output])
     rng = np.random.default_rng(0)
     example = {}
-    for vi, (shape, _) in zip(ins, input_list(example_shape, dtype)):
+    for vi, (shape, _) in zip(ins, example_inputs, strict=False):  # an input the tracer dropped has no example
         t = np_type(vi)
         example[vi.name] = (rng.standard_normal(shape).astype(t) if np.issubdtype(t, np.floating)
                             else rng.integers(0, 10, size=shape).astype(t))
@@ -270,68 +273,155 @@ def _flavor_model(fake_quant_path: str):
     return relocated(located, FLAVOR_DATA_DIR), files
 
 
+@dataclass
+class RunPayload:
+    """What one export's MLflow run gets."""
+
+    run_name: str
+    params: dict
+    metrics: dict
+    tags: dict
+    artifacts: dict[str, list[str]]  # role (amct_core.manifest.ARTIFACT_DIRS) -> local files
+    manifest: str  # manifest.json, logged at the artifacts' root
+    fake_quant_model: str  # logged again as an MLflow ONNX model
+    inputs: list[tuple[list[int], str]]  # the example inputs' shapes and dtypes: the model's input example
+
+
+def _metric_name(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in s)
+
+
+def _json(v) -> str:
+    import json
+
+    return json.dumps(v)
+
+
+def run_payload(export: ExportResults, manifest: str, caller_metrics: dict | None = None,
+                flow_run_name: str | None = None, flow_run_url: str | None = None) -> RunPayload:
+    """The params, metrics, tags and files of ``export``'s MLflow run (docs/PIPELINE.md lists them).
+    ``caller_metrics`` are figures measured elsewhere; the export's own metrics win a same name."""
+    from amct_core.manifest import versions
+    from amct_core.targets import get_target
+
+    p, ck, par = export.parameters, export.checkpoint, export.parity
+    tgt = get_target(export.graph.target)
+    vers = versions()
+    layers = len(ck.quantized_layers)
+    params = {
+        "target": tgt.name, "opset": export.graph.opset, "quantized_layer_count": layers,
+        "torch_version": vers["torch"], "onnx_version": vers["onnx"], "onnxruntime_version": vers["onnxruntime"],
+        "amct_core_version": vers["amct-core"], "model": p["model"], "model_kwargs": _json(p["model_kwargs"]),
+        "input_shape": _json(p["input_shape"]),
+        "input_dtype": p["input_dtype"] if isinstance(p["input_dtype"], str) else _json(p["input_dtype"]),
+        "name": export.name, "record_source": export.record.info.get("source"), "checkpoint": ck.source,
+        "input_names": _json(p["input_names"]), "output_names": _json(p["output_names"]),
+        "dynamic_axes": _json(p.get("dynamic_axes")), "parity_tolerances": _json(p.get("parity_tolerances")),
+        "soc_family": ",".join(tgt.soc_family),
+    }
+    fq_bytes = sum(f.size for f in export.fake_quant.files)
+    dp_bytes = sum(f.size for f in export.deploy.files)
+    stages = export.stage_results()
+    metrics = dict(caller_metrics or {})
+    metrics.update({_metric_name(k): v for k, v in par.metrics.items()})
+    metrics.update({
+        "parity.passed": 1.0 if par.passed else 0.0,
+        "fake_quant_model_bytes": fq_bytes, "deploy_model_bytes": dp_bytes, "checkpoint_bytes": ck.size,
+        "compression_ratio": fq_bytes / dp_bytes if dp_bytes else None,
+        "peak_rss_mb": max([peak_rss_mb()] + [r.peak_rss_mb for r in stages.values()]),
+        "quantized_layer_count": layers,
+    })
+    metrics.update({f"stage_seconds.{k}": v for k, v in export.seconds.items()})
+    metrics.update({f"stage_compute_seconds.{k}": r.seconds for k, r in stages.items()})
+    tags = {
+        "target": tgt.name, "soc_family": ",".join(tgt.soc_family), "atc_soc_version": tgt.soc_family[0],
+        "checkpoint.sha256": ck.sha256, "prefect.flow_run_url": flow_run_url, "prefect.flow_run_name": flow_run_name,
+        "parity": "pass" if par.passed else "fail",
+        "cached_stages": ",".join(k for k, v in export.states.items() if v == "Cached") or "none",
+    }
+    return RunPayload(
+        run_name=f"{export.name}-{tgt.name}-{flow_run_name or 'local'}", params=params, metrics=metrics, tags=tags,
+        artifacts={role: [f.path for f in refs] for role, refs in export.files().items()}, manifest=manifest,
+        fake_quant_model=export.fake_quant.path, inputs=ck.spec.inputs())
+
+
+def _flow_run() -> tuple[str | None, str | None, str | None]:
+    """The Prefect flow run this task runs in: (id, name, UI link or None when the API has no UI)."""
+    from prefect.runtime import flow_run
+
+    url = flow_run.ui_url
+    if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        url = None  # no UI (Prefect's ephemeral API): Prefect would give "None/flow-runs/..."
+    return (str(flow_run.id) if flow_run.id else None), flow_run.name, url
+
+
 @task(name="mlflow-log", cache_policy=NO_CACHE, persist_result=False, retries=3, retry_delay_seconds=[2, 4, 8],
       retry_condition_fn=retry_if_transient)
-def log_to_mlflow(tracking_uri: str | None, experiment: str, run_name: str, params: dict, metrics: dict, tags: dict,
-                  artifacts: dict[str, list[str]], manifest_path: str, fake_quant_path: str, example_shape: list,
-                  example_dtype: str | list[str], registered_model_name: str | None = None,
-                  flow_run_id: str | None = None, artifact_location: str | None = None) -> TrackingResult:
-    """Log the flow run to MLflow. ``artifacts`` maps a role (see ARTIFACT_DIRS) to local files.
-    ``artifact_location``: where the experiment keeps its artifacts if this call creates it (see
-    :func:`default_artifact_location` for the default)."""
+def log_to_mlflow(tracking: TrackingSpec, export: ExportResults, manifest: FileRef) -> TrackingResult:
+    """Log ``export`` as one MLflow run (:func:`run_payload`, :func:`log_run`): a retried task resumes the
+    run it started. Links the run from the Prefect flow run (markdown artifact ``mlflow-run``)."""
+    from prefect.artifacts import create_link_artifact
     from prefect.runtime import task_run as runtime_task_run
 
+    flow_run_id, flow_run_name, flow_run_url = _flow_run()
+    payload = run_payload(export, manifest.path, tracking.metrics, flow_run_name, flow_run_url)
     try:
-        return _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, manifest_path,
-                    fake_quant_path, example_shape, example_dtype, registered_model_name, flow_run_id,
-                    artifact_location)
+        result = log_run(tracking, payload, flow_run_id)
     except TrackingError as e:
         e.attempt = runtime_task_run.run_count  # the flow's final message says how many attempts were made
         raise
+    create_link_artifact(link=result.run_url, link_text=f"MLflow run {result.run_id}", key="mlflow-run",
+                         description=f"MLflow run of {export.name} ({export.graph.target}) at {result.tracking_uri}")
+    return result
 
 
-def _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, manifest_path, fake_quant_path,
-         example_shape, example_dtype, registered_model_name, flow_run_id, artifact_location=None) -> TrackingResult:
-    uri = resolve_tracking_uri(tracking_uri)
+def log_run(tracking: TrackingSpec, payload: RunPayload, flow_run_id: str | None = None) -> TrackingResult:
+    """Log one run to MLflow at ``tracking``: params, metrics, tags, every file under its role's directory,
+    the manifest, and the fake-quant model as an MLflow ONNX model (registered under
+    ``tracking.registered_model_name`` if given). With ``flow_run_id``, a run of that flow run is resumed
+    rather than a second one started. The experiment, if this call creates it, keeps its artifacts at
+    ``tracking.artifact_location`` (default: :func:`default_artifact_location`)."""
+    uri = resolve_tracking_uri(tracking.tracking_uri)
     check_reachable(uri)
     mlflow = _mlflow(uri)
     from mlflow.tracking import MlflowClient
 
+    registered = tracking.registered_model_name or None
     try:
-        exp = _experiment(mlflow, experiment, uri, artifact_location)
-        with _find_or_start_run(mlflow, exp.experiment_id, flow_run_id, run_name) as run:
+        exp = _experiment(mlflow, tracking.experiment, uri, tracking.artifact_location)
+        with _find_or_start_run(mlflow, exp.experiment_id, flow_run_id, payload.run_name) as run:
             run_id = run.info.run_id
-            mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+            mlflow.set_tags({k: str(v) for k, v in payload.tags.items() if v is not None})
             if flow_run_id:
                 mlflow.set_tag(FLOW_RUN_TAG, flow_run_id)
             existing = MlflowClient(uri).get_run(run_id).data.params
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items() if k not in existing})
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-            for role, files in artifacts.items():
+            mlflow.log_params({k: str(v)[:6000] for k, v in payload.params.items() if k not in existing})
+            mlflow.log_metrics({k: float(v) for k, v in payload.metrics.items() if v is not None})
+            for role, files in payload.artifacts.items():
                 for f in files:
                     mlflow.log_artifact(f, artifact_path=ARTIFACT_DIRS.get(role, role))
-            mlflow.log_artifact(manifest_path)
-            signature, example = _signature(fake_quant_path, example_shape, example_dtype)
-            flavor_model, data_files = _flavor_model(fake_quant_path)
+            mlflow.log_artifact(payload.manifest)
+            signature, example = _signature(payload.fake_quant_model, payload.inputs)
+            flavor_model, data_files = _flavor_model(payload.fake_quant_model)
             info = mlflow.onnx.log_model(
                 flavor_model, name="fake_quant_onnx", signature=signature, input_example=example,
-                registered_model_name=registered_model_name or None, onnx_execution_providers=["CPUExecutionProvider"],
+                registered_model_name=registered, onnx_execution_providers=["CPUExecutionProvider"],
                 save_as_external_data=False, extra_files=data_files or None,
                 # what MLflow would infer by loading the model in a subprocess: the flavor's own requirements
                 pip_requirements=mlflow.onnx.get_default_pip_requirements(),
             )
             version = None
-            if registered_model_name:
+            if registered:
                 client = MlflowClient(uri)
-                versions = client.search_model_versions(f"name = '{registered_model_name}' and run_id = '{run_id}'")
+                versions = client.search_model_versions(f"name = '{registered}' and run_id = '{run_id}'")
                 if versions:
                     mv = max(versions, key=lambda v: int(v.version))
                     version = str(mv.version)
-                    deploy_files = [Path(f).name for f in artifacts.get("deploy_model", [])]
+                    deploy_files = payload.artifacts.get("deploy_model", [])
                     if deploy_files:
-                        client.set_model_version_tag(registered_model_name, version, "deploy_model",
-                                                     f"runs:/{run_id}/{ARTIFACT_DIRS['deploy_model']}/{deploy_files[0]}")
-                    client.set_model_version_tag(registered_model_name, version, "target", str(tags.get("target")))
+                        client.set_model_version_tag(registered, version, "deploy_model",
+                                                     f"runs:/{run_id}/{artifact_path('deploy_model', deploy_files[0])}")
+                    client.set_model_version_tag(registered, version, "target", str(payload.tags.get("target")))
             model_uri = info.model_uri
     except TrackingError:
         raise
@@ -340,7 +430,7 @@ def _log(tracking_uri, experiment, run_name, params, metrics, tags, artifacts, m
         cls = TrackingUnavailable if _is_transient(e) else TrackingError
         raise cls(f"logging to MLflow tracking server {uri} failed: {type(e).__name__}: {e}") from e
     return TrackingResult(uri, exp.experiment_id, run_id, run_url(uri, exp.experiment_id, run_id), model_uri,
-                          registered_model_name, version)
+                          registered, version)
 
 
 # ---- fetch: an export back from MLflow -----------------------------------------------------------
@@ -426,8 +516,6 @@ def fetch_export(uri: str, dest: str | os.PathLike, tracking_uri: str | None = N
     import json
     import shutil
     import tempfile
-
-    from ._common import sha256_file
 
     dest = Path(dest).absolute()
     _empty_target(dest)

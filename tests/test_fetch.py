@@ -96,8 +96,8 @@ def test_a_file_that_differs_from_the_manifest_fails_and_leaves_nothing_in_the_d
 def test_a_model_with_external_data_is_fetched_with_its_data_file(mlflow_server, mlp_export, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tasks._common import FileRef, onnx_files
-    from tasks.manifest import write_manifest
+    from amct_core.manifest import build_manifest
+    from tasks.files import FileRef, onnx_files
 
     src = tmp_path / "src"
     src.mkdir()
@@ -110,8 +110,8 @@ def test_a_model_with_external_data_is_fetched_with_its_data_file(mlflow_server,
         assert len(files[f"{kind}_model"]) == 2  # the model and its data file
     shutil.copy(mlp_export / "mlp_record.txt", src / "mlp_scale_offset_record.txt")
     files["record"] = [FileRef.of(src / "mlp_scale_offset_record.txt")]
-    ref = write_manifest.fn(str(src / "manifest.json"), "A2", 11, "mlp", [1, 20], "float32", {}, files, {}, {})
-    manifest = json.loads(Path(ref.path).read_text())
+    manifest = build_manifest(directory=src, name="mlp", target="A2", opset=11, inputs=[([1, 20], "float32")],
+                              checkpoint={}, files=files, parity={}, parameters={})
     uploads = {e["artifact_path"]: src / e["path"] for entries in manifest["files"].values() for e in entries}
     run_id = _log_run(MlflowClient(mlflow_server.url), "fetch-external-data", uploads, manifest)
     dest = tmp_path / "deploy"

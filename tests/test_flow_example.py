@@ -60,7 +60,8 @@ def test_nightly_parameters_export_the_digits_example(nightly):
     s, params, cwd = nightly
     assert s["parity_passed"]
     split = load_digits_split(0)
-    from tasks._common import ModelSpec, build_model as rebuild
+    from tasks.model import build_model as rebuild
+    from tasks.specs import ModelSpec
 
     student = rebuild(ModelSpec(str(cwd / params["checkpoint"]), params["model"], {},
                                 str(cwd / params["distill_config"]), params["input_shape"]))

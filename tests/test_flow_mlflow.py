@@ -103,9 +103,10 @@ def test_every_artifact_downloads_and_matches_the_manifest(logged, mlflow_server
     assert manifest["atc_command"].startswith("atc ") and "--soc_version=Ascend910B1" in manifest["atc_command"]
     assert "--input_shape=\"input:1,3,16,16\"" in manifest["atc_command"]
     assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"]
-    from flows.cli import RUN_KEYS
+    from flows.parameters import flow_parameters
 
-    assert set(manifest["parameters"]) <= set(RUN_KEYS) and manifest["parameters"]["name"] == "cnn"
+    assert set(manifest["parameters"]) <= {p.name for p in flow_parameters()}
+    assert manifest["parameters"]["name"] == "cnn"
     checked = 0
     for role, entries in manifest["files"].items():
         for e in entries:
@@ -214,7 +215,8 @@ def test_a_model_with_external_data_is_logged_as_its_graph_and_its_own_data_file
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import log_to_mlflow
+    from tasks.specs import TrackingSpec
+    from tasks.tracking import RunPayload, log_run
     from tests import broken_models as bm
 
     e = bm.export("mlp")
@@ -224,8 +226,10 @@ def test_a_model_with_external_data_is_logged_as_its_graph_and_its_own_data_file
     data = tmp_path / (fq.name + ".data")
     manifest = tmp_path / "manifest.json"
     manifest.write_text("{}")
-    res = log_to_mlflow.fn(mlflow_server.url, "external-data", "ext", {}, {}, {}, {"fake_quant_model": [str(fq), str(data)]},
-                           str(manifest), str(fq), [2, 20], "float32", registered_model_name="mlp-external")
+    res = log_run(TrackingSpec(experiment="external-data", tracking_uri=mlflow_server.url,
+                               registered_model_name="mlp-external"),
+                  RunPayload("ext", {}, {}, {}, {"fake_quant_model": [str(fq), str(data)]}, str(manifest), str(fq),
+                             [([2, 20], "float32")]))
     local = Path(MlflowClient(mlflow_server.url).download_artifacts(res.run_id, "", str(tmp_path / "dl")))
     assert _sha(local / "models/fake_quant" / data.name) == _sha(data)
     mlflow.set_tracking_uri(mlflow_server.url)

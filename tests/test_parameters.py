@@ -1,15 +1,17 @@
-"""The flow's parameter rules (flows/parameters.py), shared by the flow and the CLI."""
+"""The flow's parameters (flows/parameters.py): declared once by the flow's signature and docstring, checked
+once into an export plan by rules the flow and the CLI share."""
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from flows.parameters import default_names, flow_defaults, validate_parameters
-from tasks._params import ParameterError
+from flows.parameters import ExportPlan, default_names, flow_defaults, flow_parameters
+from tasks.specs import ParameterError
 from tests import services
 
 
@@ -17,13 +19,13 @@ from tests import services
 def params(tmp_path):
     ck = tmp_path / "ck.safetensors"
     ck.write_bytes(b"")  # the rules check that it exists; loading it is the first stage's job
-    return {**flow_defaults(), "checkpoint": str(ck), "model": "tests.models:build", "model_kwargs": {"name": "cnn"},
+    return {"checkpoint": str(ck), "model": "tests.models:build", "model_kwargs": {"name": "cnn"},
             "input_shape": [1, 3, 16, 16], "output_dir": str(tmp_path / "out")}
 
 
 def _error(p) -> ParameterError:
     with pytest.raises(ParameterError) as e:
-        validate_parameters(p)
+        ExportPlan.check(p)
     return e.value
 
 
@@ -32,14 +34,56 @@ def test_flow_defaults_are_the_flows_signature():
 
     sig = inspect.signature(distill_export.fn).parameters
     assert flow_defaults() == {k: v.default for k, v in sig.items() if v.default is not inspect.Parameter.empty}
+    assert [p.name for p in flow_parameters()] == list(sig)
+
+
+def test_every_flow_parameter_has_its_own_entry_in_the_docstrings_args():
+    for p in flow_parameters():
+        assert len(p.help) > 10, f"parameter {p.name!r} has no Args entry in distill_export's docstring"
+    assert flow_parameters()[0].help.startswith("the distilled model's state_dict")
+
+
+def test_an_unknown_parameter_is_named_with_the_known_ones(params):
+    e = _error({**params, "input_shapes": [1, 3, 16, 16]})
+    assert e.parameter == "input_shapes" and "'input_shape'" in str(e)
+
+
+def test_a_missing_required_parameter_is_named(params):
+    del params["model"]
+    assert _error(params).parameter == "model"
+
+
+def test_the_plan_holds_what_each_stage_is_given(params, tmp_path):
+    plan = ExportPlan.check({**params, "name": "cnn", "target": "a3", "dynamic_axes": {"input": [0]}})
+    assert plan.graph.target == "A3" and plan.graph.opset == 11
+    assert plan.graph.dynamic_axes == {"input": {0: "input_dynamic_axes_1"}}
+    assert plan.model.checkpoint == str(tmp_path / "ck.safetensors") and len(plan.model.model_source_sha256) == 64
+    assert plan.files.fake_quant == str(tmp_path / "out" / "cnn_fake_quant_model.onnx")
+    assert plan.files.traced == str(tmp_path / "out" / ".amct_work" / "cnn_traced.onnx")
+    assert plan.tracking.experiment == "amct-export" and plan.tracking.retries == 3
+    assert "mlflow_retries" not in plan.parameters and plan.parameters["target"] == "A3"
 
 
 def test_the_rules_load_without_prefect_or_torch():
-    code = ("import sys; import flows.parameters, flows.cli; "
+    code = ("import sys; import flows.parameters, flows.cli; flows.cli.build_parser(); "
             "print(sorted(m for m in ('prefect', 'torch', 'mlflow') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=services.REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("target", "B7"), ("opset", 30), ("name", "a/b"), ("input_names", ["a", "a"]), ("output_dir", "/proc/version/x"),
+    ("input_dtype", "int4"), ("metrics", {"bad name!": 1.0}),
+])
+def test_a_bad_target_opset_name_or_path_is_refused_without_importing_torch(params, key, value):
+    code = ("import json, sys; from flows.parameters import ExportPlan; from tasks.specs import ParameterError\n"
+            "try:\n    ExportPlan.check(json.loads(sys.argv[1]))\nexcept ParameterError as e:\n"
+            "    print(e.parameter, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps({**params, key: value})], capture_output=True,
+                       text=True, cwd=services.REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [key, "False"]
 
 
 def test_a_wrong_input_shape_is_blamed_on_input_shape(params):
@@ -49,31 +93,36 @@ def test_a_wrong_input_shape_is_blamed_on_input_shape(params):
 
 
 def test_one_input_and_one_output_are_named_input_and_output(params):
-    p = validate_parameters({**params, "model_kwargs": {"name": "mlp"}, "input_shape": [1, 20]})
-    assert p["input_names"] == ["input"] and p["output_names"] == ["output"]
+    g = ExportPlan.check({**params, "model_kwargs": {"name": "mlp"}, "input_shape": [1, 20]}).graph
+    assert g.input_names == ["input"] and g.output_names == ["output"]
 
 
 def test_several_outputs_are_numbered_from_0(params):
-    p = validate_parameters({**params, "model_kwargs": {"name": "two"}, "input_shape": [1, 3, 8, 8]})
-    assert p["output_names"] == ["output_0", "output_1"]
+    g = ExportPlan.check({**params, "model_kwargs": {"name": "two"}, "input_shape": [1, 3, 8, 8]}).graph
+    assert g.output_names == ["output_0", "output_1"]
     assert default_names("input", 3) == ["input_0", "input_1", "input_2"]
 
 
 def test_given_names_are_kept(params):
-    p = validate_parameters({**params, "input_names": ["pixels"], "output_names": ["logits"]})
-    assert p["input_names"] == ["pixels"] and p["output_names"] == ["logits"]
+    g = ExportPlan.check({**params, "input_names": ["pixels"], "output_names": ["logits"]}).graph
+    assert g.input_names == ["pixels"] and g.output_names == ["logits"]
 
 
 def test_more_output_names_than_outputs_is_an_error_naming_output_names(params):
     e = _error({**params, "output_names": ["a", "b"]})
-    assert e.parameter == "output_names" and "1 output(s)" in str(e)
+    assert e.parameter == "output_names" and "has 2 names but the model has 1 outputs" in str(e)
 
 
 def test_dynamic_axes_may_name_the_default_names(params):
-    p = validate_parameters({**params, "dynamic_axes": {"input": [0], "output": {"0": "batch"}}})
-    assert p["dynamic_axes"] == {"input": [0], "output": {0: "batch"}}
+    g = ExportPlan.check({**params, "dynamic_axes": {"input": [0], "output": {"0": "batch"}}}).graph
+    assert g.dynamic_axes == {"input": {0: "input_dynamic_axes_1"}, "output": {0: "batch"}}
     e = _error({**params, "dynamic_axes": {"x": [0]}})
     assert e.parameter == "dynamic_axes" and "['input', 'output']" in str(e)
+
+
+def test_dynamic_axes_beyond_an_inputs_rank_are_refused(params):
+    e = _error({**params, "dynamic_axes": {"input": [4]}})
+    assert e.parameter == "dynamic_axes" and "out of range for an input of rank 4" in str(e)
 
 
 def test_a_small_model_is_checked_on_the_cpu_and_a_large_one_on_the_meta_device(tmp_path):
@@ -102,7 +151,7 @@ def test_a_model_whose_callable_cannot_build_on_the_meta_device_is_checked_on_th
             return m
     """))
     assert _devices(f"{src}:build", {}) == ("cpu",)
-    assert validate_parameters({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 4]})
+    assert ExportPlan.check({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 4]})
     e = _error({**params, "model": f"{src}:build", "model_kwargs": {"width": 3}, "input_shape": [1, 4]})
     assert e.parameter == "model_kwargs" and "width" in str(e)
 
@@ -125,8 +174,8 @@ def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, t
         def build():
             return DataDependent()
     """))
-    p = validate_parameters({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 4]})
-    assert p["output_names"] == ["output_0", "output_1"]
+    plan = ExportPlan.check({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 4]})
+    assert plan.graph.output_names == ["output_0", "output_1"]
     e = _error({**params, "model": f"{src}:build", "model_kwargs": {}, "input_shape": [1, 5]})
     assert e.parameter == "input_shape"
 
@@ -136,7 +185,11 @@ def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, t
     ("name", "a/b", "without '/'"),
     ("target", "B7", "'B7' is unknown"),
     ("opset", 30, "outside target A2's range"),
-    ("parity_tolerances", {"nope": 1.0}, "unknown key(s) ['nope']"),
+    ("parity_tolerances", {"nope": 1.0}, "unknown tolerance(s) ['nope']"),
+    ("parity_tolerances", {"output_cosine_min": "high"}, "tolerance 'output_cosine_min' must be a number"),
+    ("input_names", ["a", "a"], "has duplicates"),
+    ("output_dir", "/proc/version/out", "is not a directory"),
+    ("distill_config", "not-json", "is not valid JSON"),
     ("mlflow_retries", -1, ">= 0"),
     ("mlflow_artifact_location", "", "directory or an artifact URI"),
     ("model", "tests.models:nope", "no attribute 'nope'"),
@@ -144,7 +197,10 @@ def test_a_model_that_cannot_run_on_meta_tensors_is_checked_on_the_cpu(params, t
     ("metrics", {"accuracy (%)": 98.9}, "letters, digits"),
     ("metrics", {"accuracy": float("nan")}, "finite number"),
 ])
-def test_each_bad_parameter_is_named(params, key, value, words):
+def test_each_bad_parameter_is_named(params, key, value, words, tmp_path):
+    if value == "not-json":
+        (tmp_path / "cfg.json").write_text("{not json")
+        value = str(tmp_path / "cfg.json")
     e = _error({**params, key: value})
     assert e.parameter == key and words in str(e), str(e)
 

@@ -1,24 +1,18 @@
 """Stage helpers without a Prefect server: the model memo and its errors as flow parameters, the
-content-hash cache key, file records, the manifest, and the layering rules (no mlflow/prefect in amct_core)."""
+content-hash cache key, file records, and the layering rules (no mlflow/prefect in amct_core, no private
+module imported across packages)."""
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tasks._common import (
-    FileContentInputs,
-    FileRef,
-    ModelSpec,
-    ParameterError,
-    build_model,
-    import_callable,
-    release_models,
-    release_weights,
-)
+from tasks.files import FileRef
+from tasks.model import build_model, release_models, release_weights
+from tasks.specs import ModelSpec, ParameterError, import_callable
+from tasks.stage import FileContentInputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +156,7 @@ def test_file_ref_detects_changes(tmp_path):
 def test_onnx_files_are_the_model_and_its_external_data_files(tmp_path):
     import onnx
 
-    from tasks._common import onnx_files
+    from tasks.files import onnx_files
     from tests import broken_models as bm
 
     src = bm.export("mlp").fake_quant
@@ -173,29 +167,6 @@ def test_onnx_files_are_the_model_and_its_external_data_files(tmp_path):
     refs = onnx_files(ext)
     assert [Path(r.path).name for r in refs] == ["m.onnx", "m.onnx.data"]
     assert refs[1].size == (tmp_path / "m.onnx.data").stat().st_size
-
-
-def test_manifest_has_hashes_target_and_atc_command(tmp_path):
-    from amct_core import save_distill_model
-    from tasks.manifest import write_manifest
-    from tests import models
-
-    qat = models.make_qat("cnn", tmp_path)
-    save_distill_model(qat, str(tmp_path / "m"), models.example_inputs("cnn", 1), record_file=str(tmp_path / "r.txt"),
-                       input_names=["img"], output_names=["out"], dynamic_axes={"img": [0], "out": [0]}, target="A3")
-    files = {"fake_quant_model": [FileRef.of(tmp_path / "m_fake_quant_model.onnx")],
-             "deploy_model": [FileRef.of(tmp_path / "m_deploy_model.onnx")], "record": [FileRef.of(tmp_path / "r.txt")]}
-    ref = write_manifest.fn(str(tmp_path / "manifest.json"), "A3", 11, "m", [1, 3, 16, 16], "float32",
-                            {"source": "x", "sha256": "0" * 64, "size": 1}, files, {"passed": True}, {})
-    m = json.loads(Path(ref.path).read_text())
-    assert m["target"] == "A3" and m["soc_family"][0].startswith("Ascend910_93")
-    assert m["atc_command"] == ('atc --framework=5 --model=m_deploy_model.onnx --output=m_A3 '
-                                f'--soc_version={m["soc_family"][0]} --input_shape="img:1,3,16,16"')
-    for role, entries in m["files"].items():
-        for e in entries:
-            assert FileRef.of(tmp_path / e["path"]).sha256 == e["sha256"]
-            assert e["artifact_path"].endswith(Path(e["path"]).name)
-    assert m["versions"]["onnx"] and m["versions"]["torch"]
 
 
 # ---- layering --------------------------------------------------------------------------------
@@ -221,18 +192,32 @@ def test_layering_mlflow_in_one_task_module_prefect_only_in_tasks_and_flows():
     assert users == ["tasks/tracking.py"]
 
 
+def test_no_module_imports_a_private_module_of_another_package():
+    """amct_core, tasks and flows meet through public modules only (an underscore module is its package's own)."""
+    ours = ("amct_core", "tasks", "flows", "examples", "bench")
+    for d in ours:
+        for f in (REPO / d).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules = [node.module]
+                elif isinstance(node, ast.Import):
+                    modules = [a.name for a in node.names]
+                else:
+                    continue
+                for m in modules:
+                    top, *rest = m.split(".")
+                    if top in ours and top != d:
+                        assert not any(x.startswith("_") and not x.startswith("__") for x in rest), \
+                            f"{f.relative_to(REPO)} imports {m}"
+
+
 def test_flow_parameters_are_exactly_the_documented_ones():
-    """The manifest's "parameters" (and the Prefect UI form) hold the flow's parameters and nothing else."""
-    import inspect
+    """docs/PIPELINE.md documents every parameter of the flow."""
+    from flows.parameters import flow_parameters
 
-    from flows.cli import RUN_KEYS
-    from flows.distill_export import distill_export
-
-    names = set(inspect.signature(distill_export.fn).parameters)
-    assert names == set(RUN_KEYS)
     doc = (REPO / "docs" / "PIPELINE.md").read_text()
-    for n in names:
-        assert f"`{n}`" in doc, f"parameter {n} is not documented in docs/PIPELINE.md"
+    for p in flow_parameters():
+        assert f"`{p.name}`" in doc, f"parameter {p.name} is not documented in docs/PIPELINE.md"
 
 
 def test_prefect_parity_table_lists_layers_in_the_reports_order_with_local_figures(tmp_path):

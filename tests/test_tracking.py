@@ -15,14 +15,16 @@ def exported(mlp_export, tmp_path_factory):
     return mlp_export, d
 
 
-def _log(uri: str, experiment: str, exported, **kw):
-    from tasks.tracking import log_to_mlflow
+def _log(uri: str, experiment: str, exported, artifact_location=None):
+    from tasks.specs import TrackingSpec
+    from tasks.tracking import RunPayload, log_run
 
     d, extra = exported
     fq = d / "mlp_fake_quant_model.onnx"
-    return log_to_mlflow.fn(uri, experiment, "run", {"target": "A2"}, {"m": 1.0}, {"target": "A2"},
-                            {"fake_quant_model": [str(fq)], "record": [str(d / "mlp_record.txt")]},
-                            str(extra / "manifest.json"), str(fq), [1, 20], "float32", **kw)
+    payload = RunPayload("run", {"target": "A2"}, {"m": 1.0}, {"target": "A2"},
+                         {"fake_quant_model": [str(fq)], "record": [str(d / "mlp_record.txt")]},
+                         str(extra / "manifest.json"), str(fq), [([1, 20], "float32")])
+    return log_run(TrackingSpec(experiment=experiment, tracking_uri=uri, artifact_location=artifact_location), payload)
 
 
 def _files(root: Path) -> list[str]:

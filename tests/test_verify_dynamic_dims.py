@@ -267,19 +267,19 @@ def test_cli_prints_one_line_naming_the_dimensions_and_exits_1(unet, tmp_path, c
 # ---- the flow's stages and parity task ----------------------------------------------------------
 
 def test_the_flow_stages_and_parity_task_check_a_seed_form_export_at_its_size(tmp_path):
-    from tasks._common import ModelSpec
     from tasks.export import deploy_build, fake_quant_build, trace
+    from tasks.specs import GraphSpec, ModelSpec
     from tasks.parity import parity
 
     qat = models.make_qat("unet", tmp_path)
     torch.save(qat.state_dict(), tmp_path / "unet.pt")
     spec = ModelSpec(str(tmp_path / "unet.pt"), "tests.models:build", {"name": "unet"},
                      str(tmp_path / "unet_distill_config.json"), [1, 3, 24, 32])
-    tr = trace.fn(spec, "0" * 64, str(tmp_path / "t.onnx"), str(tmp_path / "r.txt"), target="A2", opset=11,
-                         **SEED_AXES)
+    tr = trace.fn(spec, GraphSpec(target="A2", opset=11, **SEED_AXES), str(tmp_path / "t.onnx"),
+                  str(tmp_path / "r.txt"))
     fq = fake_quant_build.fn(tr.path, str(tmp_path / "r.txt"), str(tmp_path / "unet_fake_quant_model.onnx"), "A2")
     dp = deploy_build.fn(tr.path, str(tmp_path / "r.txt"), str(tmp_path / "unet_deploy_model.onnx"), "A2")
-    res = parity.fn(spec, "0" * 64, fq.path, dp.path, str(tmp_path / "parity"), None, "A2")
+    res = parity.fn(spec, fq.path, dp.path, str(tmp_path / "parity"), None, "A2")
     assert res.passed, res.summary
     report = json.loads((tmp_path / "parity" / "report.json").read_text())
     assert _shape(report, "deploy_simulation") == _shape(report, "parity") == [1, 3, 24, 32]
