@@ -1,9 +1,14 @@
-"""amct-export: run the distill-export flow locally, validate a record file, inspect an exported model,
-fetch an export back from MLflow.
+"""amct-export: run the distill-export flow locally, check exported files, validate a record file, inspect
+an exported model, fetch an export back from MLflow.
+
+``run``'s options are the flow's parameters: names, types, defaults and help come from the signature
+and docstring of ``flows/distill_export.py:distill_export`` (:func:`flows.parameters.flow_parameters`,
+read without importing Prefect), so a bad parameter is refused in about a second, before any flow
+starts. ``verify`` is ``python -m amct_core.verify``.
 
 Exit codes (for scripts):
   0  success
-  1  the run failed in a stage (see the message)
+  1  the run failed in a stage (see the message) / verify: a check failed
   2  invalid arguments or parameters (the message names the parameter; fetch: also an unknown run or
      model version, or a --to directory that is not empty)
   3  MLflow failed: logging failed after its retries (every exported file is still on disk) / fetch: the
@@ -19,152 +24,199 @@ import json
 import os
 import shlex
 import sys
+import typing
 from pathlib import Path
+from typing import Any, Optional, Union
+
+from flows.parameters import FlowParameter, flow_parameters
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TRACKING, EXIT_PARITY, EXIT_INVALID = 0, 1, 2, 3, 4, 5
+
+EXIT_CODES = """\
+exit codes: 0 ok, 1 stage failed (verify: a check failed), 2 bad arguments/parameters, 3 MLflow failed
+(logging: files kept; fetch: server unreachable), 4 parity failed, 5 invalid record file / unreadable
+model / fetched files do not match their manifest"""
 
 MAIN_EPILOG = """\
 examples:
   # export a distilled checkpoint (file or MLflow URI), check it, log it to MLflow
   amct-export run --checkpoint digits_out/student.safetensors --model examples.digits:build_model \\
       --distill-config digits_out/distill_config.json --input-shape 1,1,8,8 \\
-      --output-dir digits_out/export --name digits --input-names input --output-names output \\
-      --dynamic-axes '{"input": [0], "output": [0]}' --target A2
-  # the digits example end to end: train, distill, then run the flow on the checkpoint
-  amct-export demo
+      --output-dir digits_out/export --name digits --dynamic-axes '{"input": [0], "output": [0]}'
+  # check exported files on the CPU: ATC preflight, deploy simulation, parity with the torch model
+  amct-export verify digits_out/export/digits --model examples.digits:build_model \\
+      --distill-config digits_out/distill_config.json --checkpoint digits_out/student.safetensors
   # check a record file (syntax and values; against the model when --model/--checkpoint are given)
   amct-export validate-record out/model_scale_offset_record.txt
   # what is inside an exported model
   amct-export inspect out/model_deploy_model.onnx
   # an export back from MLflow (deploy + fake-quant models, record, manifest; SHA-256 checked)
   amct-export fetch models:/digits-int8/latest --to deploy/ --mlflow-tracking-uri http://127.0.0.1:5001
+  # the digits example end to end: train, distill, then run the flow on the checkpoint
+  amct-export demo
 
-Without configuration the flow runs on Prefect's ephemeral API and logs to ./mlflow.db; set
-PREFECT_API_URL and MLFLOW_TRACKING_URI (or --mlflow-tracking-uri) to use real servers.
-See the MLflow UI with:  {mlflow} ui --backend-store-uri sqlite:///mlflow.db --port 5000  (then http://127.0.0.1:5000)
+Each command has its own --help. Without configuration `run` runs the flow on Prefect's ephemeral API
+and logs to ./mlflow.db; set PREFECT_API_URL and MLFLOW_TRACKING_URI (or --mlflow-tracking-uri) to use
+real servers. See the MLflow UI with:
+  {mlflow} ui --backend-store-uri sqlite:///mlflow.db --port 5000   (then http://127.0.0.1:5000)
 
-exit codes: 0 ok, 1 stage failed, 2 bad arguments/parameters, 3 MLflow failed (logging: files kept;
-fetch: server unreachable), 4 parity failed, 5 invalid record file / unreadable model / fetched files do
-not match their manifest
+""" + EXIT_CODES
+
+RUN_EPILOG = """\
+Each option is a parameter of the flow (the same names with '_' for '-' in a Prefect deployment's
+parameters or in --params-file). Values on the command line:
+  lists        comma-separated: --input-shape 1,3,224,224 --input-names image; one list per input
+               separated by ';': --input-shape "1,16;1,16"; or JSON: --input-shape "[[1, 16], [1, 16]]"
+  objects      JSON, or KEY=VALUE (the value is read as JSON if it can be), repeatable and merged:
+               --metrics accuracy.int8=98.9 --metrics latency_ms=3, --dynamic-axes '{"input": [0]}'
+  true/false   --force / --no-force
+
+example:
+  amct-export run --checkpoint digits_out/student.safetensors --model examples.digits:build_model \\
+      --distill-config digits_out/distill_config.json --input-shape 1,1,8,8 --output-dir out --name digits
+
+Prints the files written, the parity verdict and the MLflow run (--json: as JSON). Re-runs skip stages
+whose inputs are unchanged.
+
+exit codes: 0 ok, 1 a stage failed, 2 a bad parameter (one line naming it, before any flow starts),
+3 MLflow logging failed after its retries (every file is on disk), 4 parity failed (files written and
+logged; the report names the worst output/layer)
 """
 
 
-def _one_shape(s: str) -> list[int]:
+# ---- run's options, from the flow's parameters --------------------------------------------------
+
+_TYPES = {"Any": Any, "Optional": Optional, "Union": Union, "list": list, "dict": dict, "str": str, "int": int,
+          "float": float, "bool": bool}
+
+
+def _type(annotation: str):
+    """The annotation as a typing object, None stripped (a parameter's default says whether it may be None)."""
+    tp = eval(annotation, dict(_TYPES))  # noqa: S307 - the flow's own signature, read from our source
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else Union[tuple(args)]
+    return tp
+
+
+def _scalar(text: str, item) -> Any:
+    """One item of a list: as the item type says; for Any, a number when it reads as one."""
+    if item is str:
+        return text
     try:
-        vals = [int(v) for v in s.replace("x", ",").split(",") if v.strip()]
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 1,3,224,224, got {s!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one dimension")
-    return vals
-
-
-def _ints(s: str):
-    """``1,3,224,224`` -> one shape; ``1,16;1,16`` -> one shape per input."""
-    parts = [p for p in s.split(";") if p.strip()]
-    if len(parts) > 1:
-        return [_one_shape(p) for p in parts]
-    return _one_shape(s)
-
-
-def _dtypes(s: str):
-    parts = [p.strip() for p in s.split(",") if p.strip()]
-    return parts[0] if len(parts) == 1 else parts
-
-
-def _json_obj(s: str):
+        pass
+    if item is int:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}")
     try:
-        v = json.loads(s)
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _list_parser(item):
+    def parse(text: str) -> list:
+        if text.lstrip().startswith("["):
+            return _json_value(text)
+        groups = [[_scalar(v.strip(), item) for v in g.split(",") if v.strip()] for g in text.split(";") if g.strip()]
+        if not groups or not all(groups):
+            raise argparse.ArgumentTypeError(f"expected comma-separated values like 1,3,224,224, got {text!r}")
+        return groups[0] if len(groups) == 1 else groups
+    return parse
+
+
+def _one_or_list(text: str):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a value or comma-separated values, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _json_value(text: str):
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {s!r}") from None
-    if v is not None and not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
-    return v
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
 
 
-def _metric(s: str) -> tuple[str, float]:
-    name, sep, value = s.partition("=")
+def _dict_item(text: str) -> dict:
+    """``'{"a": 1}'`` or ``a=1`` (the value read as JSON when it can be, else as a string)."""
+    if text.lstrip().startswith("{"):
+        v = _json_value(text)
+        if not isinstance(v, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+        return v
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE or a JSON object, got {text!r}")
     try:
-        if not sep or not name.strip():
-            raise ValueError
-        return name.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER such as accuracy.int8=98.9, got {s!r}") from None
+        return {key.strip(): json.loads(value)}
+    except json.JSONDecodeError:
+        return {key.strip(): value}
 
 
-def _names(s: str) -> list[str]:
-    return [n.strip() for n in s.split(",") if n.strip()]
+def _option(p: FlowParameter) -> tuple[str, dict]:
+    """The argparse option of a flow parameter: its type, metavar and help (the docstring's, with the default)."""
+    tp = _type(p.annotation)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    help_text = ("(required) " if p.required else "") + p.help
+    if p.default not in (None, False) and not p.required:
+        help_text = f"{help_text.rstrip('.')} (default: {p.default})."
+    kw: dict = {"dest": p.name, "default": None, "help": help_text.replace("%", "%%")}
+    if tp is bool:
+        kw.update(action=argparse.BooleanOptionalAction)
+    elif tp in (int, float):
+        kw.update(type=tp, metavar="N" if tp is int else "X")
+    elif tp is str:
+        kw.update(metavar=p.name.upper())
+    elif origin is list:
+        kw.update(type=_list_parser(args[0] if args else Any), metavar="A,B[;C,D]" if args[0] is Any else "A,B")
+    elif origin is Union and str in args:
+        kw.update(type=_one_or_list, metavar="A[,B]")
+    elif origin is dict:
+        kw.update(type=_dict_item, action="append", metavar="JSON|KEY=VALUE")
+    else:
+        raise TypeError(f"flow parameter {p.name!r}: no command-line form for its type {p.annotation!r}")
+    return "--" + p.name.replace("_", "-"), kw
 
 
-def _add_run_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("model and checkpoint")
-    g.add_argument("--checkpoint", required=False, help="distilled state_dict (.pt/.pth/.safetensors) or MLflow URI "
-                   "(runs:/<run_id>/<path>, models:/<name>/<version>); loaded without executing code")
-    g.add_argument("--model", required=False, help="package.module:callable (or path/file.py:callable) building the float model")
-    g.add_argument("--model-kwargs", type=_json_obj, default=None, metavar="JSON", help="keyword arguments, e.g. '{\"width\": 16}'")
-    g.add_argument("--distill-config", default=None, help="distill config JSON the model was wrapped with (default: all Conv2d/Linear)")
-    g.add_argument("--input-shape", type=_ints, default=None, metavar="N,C,H,W",
-                   help="example input shape, e.g. 1,1,8,8; several inputs: 1,16;1,16")
-    g.add_argument("--input-dtype", type=_dtypes, default=None, help="example input dtype (default float32); several: int64,int64")
-    g = p.add_argument_group("export")
-    g.add_argument("--output-dir", default=None, help="where files are written (default ./out)")
-    g.add_argument("--name", default=None, help="file name prefix (default 'model')")
-    g.add_argument("--record-file", default=None, help="use (after validating) this record file instead of the model's factors")
-    g.add_argument("--target", default=None, help="A2, A3 or 950 (default A2)")
-    g.add_argument("--opset", type=int, default=None, help="ONNX opset (default 11, within the target's range)")
-    g.add_argument("--input-names", type=_names, default=None, metavar="A,B",
-                   help="graph input names (default: input, or input_0,input_1,... for several)")
-    g.add_argument("--output-names", type=_names, default=None, metavar="A,B",
-                   help="graph output names (default: output, or output_0,output_1,... for several)")
-    g.add_argument("--dynamic-axes", type=_json_obj, default=None, metavar="JSON", help="e.g. '{\"input\": [0], \"output\": [0]}'")
-    g = p.add_argument_group("checks and tracking")
-    g.add_argument("--parity-tolerances", type=_json_obj, default=None, metavar="JSON",
-                   help="overrides of amct_core.verify.Tolerances, e.g. '{\"output_cosine_min\": 0.999, \"layer_sqnr_min_db\": 30}'")
-    g.add_argument("--mlflow-experiment", default=None, help="MLflow experiment (default amct-export)")
-    g.add_argument("--mlflow-tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
-    g.add_argument("--mlflow-artifact-location", default=None, metavar="DIR_OR_URI",
-                   help="where a new experiment keeps its artifacts (default: beside a SQLite database, "
-                        "<its directory>/mlruns; on a tracking server, the server's artifact root)")
-    g.add_argument("--registered-model-name", default=None, help="register the logged fake-quant model under this name")
-    g.add_argument("--mlflow-retries", type=int, default=None, help="retries of the logging task (default 3)")
-    g.add_argument("--mlflow-retry-delay-seconds", type=float, default=None, help="first retry delay, doubled each time (default 2)")
-    g.add_argument("--metric", dest="metrics", type=_metric, action="append", default=None, metavar="NAME=VALUE",
-                   help="a figure measured elsewhere (e.g. accuracy.int8=98.9) to log with the run as an MLflow "
-                        "metric; repeatable")
-    g.add_argument("--seed", type=int, default=None, help="seed of the example/parity inputs (default 0)")
-    g.add_argument("--force", action="store_true", default=None, help="recompute every stage even if its inputs are unchanged")
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("the flow's parameters")
+    for p in flow_parameters():
+        flag, kw = _option(p)
+        g.add_argument(flag, **kw)
+    g = parser.add_argument_group("running")
     g.add_argument("--params-file", default=None, metavar="JSON_FILE",
-                   help="flow parameters as a JSON object (same names as the Prefect deployment); flags override it")
+                   help="flow parameters as a JSON object (the names above with '_', as in a Prefect deployment); "
+                        "options given on the command line override it (objects are merged)")
     g.add_argument("--json", action="store_true", help="print the result summary as JSON")
 
 
-RUN_KEYS = ("checkpoint", "model", "model_kwargs", "distill_config", "input_shape", "input_dtype", "output_dir", "name",
-            "record_file", "target", "opset", "input_names", "output_names", "dynamic_axes", "parity_tolerances",
-            "mlflow_experiment", "mlflow_tracking_uri", "mlflow_artifact_location", "registered_model_name", "metrics",
-            "mlflow_retries", "mlflow_retry_delay_seconds", "seed", "force")
-
-
-def _collect_params(a: argparse.Namespace) -> dict:
+def collect_params(a: argparse.Namespace) -> dict:
+    """The flow's parameters from --params-file and the options given (the options win; objects merge)."""
     params: dict = {}
     if a.params_file:
         try:
             params = json.loads(Path(a.params_file).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(_usage_error(f"--params-file {a.params_file!r}: {e}"))
+            raise SystemExit(_usage_error(f"--params-file {a.params_file!r}: {e}")) from None
         if not isinstance(params, dict):
             raise SystemExit(_usage_error(f"--params-file {a.params_file!r} must hold a JSON object"))
-        unknown = sorted(set(params) - set(RUN_KEYS))
-        if unknown:
-            raise SystemExit(_usage_error(f"--params-file {a.params_file!r}: unknown parameter(s) {unknown}; known: {list(RUN_KEYS)}"))
-    for k in RUN_KEYS:
-        v = getattr(a, k, None)
-        if k == "metrics" and v is not None:  # --metric NAME=VALUE, repeated: added to the file's metrics
-            v = {**(params.get("metrics") or {}), **dict(v)}
-        if v is not None:
-            params[k] = v
-    for k in ("checkpoint", "model", "input_shape"):
-        if k not in params:
-            raise SystemExit(_usage_error(f"--{k.replace('_', '-')} is required (or give it in --params-file)"))
+    for p in flow_parameters():
+        v = getattr(a, p.name, None)
+        if v is None:
+            continue
+        if isinstance(v, list) and typing.get_origin(_type(p.annotation)) is dict:
+            merged = dict(params.get(p.name) or {})
+            for item in v:
+                merged.update(item)
+            v = merged
+        params[p.name] = v
+    for p in flow_parameters():
+        if p.required and p.name not in params:
+            raise SystemExit(_usage_error(f"--{p.name.replace('_', '-')} is required (or give \"{p.name}\" in "
+                                          f"--params-file)"))
     return params
 
 
@@ -259,7 +311,7 @@ def run_flow(params: dict, as_json: bool = False) -> tuple[int, dict | None]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    return run_flow(_collect_params(a), a.json)[0]
+    return run_flow(collect_params(a), a.json)[0]
 
 
 def cmd_validate_record(a: argparse.Namespace) -> int:
@@ -472,40 +524,67 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+VERIFY_PROG = "amct-export verify"
+
+
+def cmd_verify(argv: list[str]) -> int:
+    """``python -m amct_core.verify`` under amct-export (its options, help and exit codes)."""
+    from amct_core.verify.__main__ import main as verify_main
+
+    return verify_main(argv, prog=VERIFY_PROG)
+
+
+def _shape(text: str):
+    return _list_parser(int)(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="amct-export",
-        description="Export distilled checkpoints to Ascend-ready int8 ONNX (fake-quant + deploy), check them, "
-                    "track them in MLflow. Runs the Prefect flow 'distill-export' locally.",
+        description="Export distilled checkpoints to Ascend-ready int8 ONNX (fake-quant + deploy models), check\n"
+                    "them, track them in MLflow. `run` runs the Prefect flow 'distill-export' locally.",
         epilog=MAIN_EPILOG.replace("{mlflow}", tool("mlflow")), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("run", help="run the distill-export flow on a checkpoint",
-                       description="Run the distill-export flow: checkpoint -> trace -> record -> fake-quant and deploy "
-                                   "models -> parity -> manifest -> MLflow. Re-runs skip unchanged stages.",
-                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_args(p)
+                       description="Run the distill-export flow on a distilled checkpoint: load checkpoint -> trace ->\n"
+                                   "record -> fake-quant and deploy models -> parity -> manifest -> MLflow log.",
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(p)
     p.set_defaults(fn=cmd_run)
+    # verify's own parser reads the rest of the command line (main() hands it over)
+    sub.add_parser("verify", add_help=False,
+                   help="check exported files on the CPU: ATC preflight, deploy simulation, parity with the torch "
+                        "model (python -m amct_core.verify; see amct-export verify --help)")
     p = sub.add_parser("validate-record", help="validate a record file (FORMATS §2), optionally against the model",
                        description="Validate a record file. Alone: syntax and value rules. With --model, --checkpoint "
                                    "and --input-shape: also that every quantized layer has exactly one record, "
                                    "C_out matches and each bias fits int32.",
-                       epilog="exit codes: 0 valid, 5 invalid, 2 bad arguments")
-    p.add_argument("record_file")
-    p.add_argument("--target", default=None, help="A2, A3 or 950 (default A2)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--model-kwargs", type=_json_obj, default=None, metavar="JSON")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--distill-config", default=None)
-    p.add_argument("--input-shape", type=_ints, default=None, metavar="N,C,H,W")
-    p.add_argument("--input-dtype", type=_dtypes, default=None)
-    p.add_argument("--opset", type=int, default=None)
+                       epilog="example:\n  amct-export validate-record out/model_scale_offset_record.txt --model "
+                              "examples.digits:build_model \\\n      --checkpoint digits_out/student.safetensors "
+                              "--distill-config digits_out/distill_config.json --input-shape 1,1,8,8\n\n"
+                              "exit codes: 0 valid, 5 invalid, 2 bad arguments",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("record_file", help="the record file (scale_offset_record.txt format)")
+    p.add_argument("--target", default=None, help="A2, A3 or 950: the target whose rules apply (default A2)")
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="package.module:callable (or path/file.py:callable) building the float model")
+    p.add_argument("--model-kwargs", type=_dict_item, default=None, metavar="JSON",
+                   help="keyword arguments of the callable, a JSON object")
+    p.add_argument("--checkpoint", default=None, help="the distilled state_dict (.pt/.pth/.safetensors)")
+    p.add_argument("--distill-config", default=None,
+                   help="the distill config JSON the model was wrapped with (default: every Conv2d/Linear)")
+    p.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
+                   help="example input shape, e.g. 1,1,8,8; several inputs: 1,16;1,16")
+    p.add_argument("--input-dtype", type=_one_or_list, default=None, metavar="A[,B]",
+                   help="example input dtype (default float32); several: int64,int64")
+    p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset of the trace (default 11)")
     p.set_defaults(fn=cmd_validate_record)
     p = sub.add_parser("inspect", help="show what is inside an exported ONNX model",
                        description="Print opsets, inputs/outputs, op counts, Ascend quant/dequant nodes, fake-quant "
                                    "layers, initializer types and file hashes of an ONNX model.",
                        epilog="exit codes: 0 ok, 5 not a readable ONNX model, 2 no such file")
-    p.add_argument("model_file")
+    p.add_argument("model_file", help="an .onnx file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("fetch", help="download an export from MLflow (deploy + fake-quant models, record, manifest)",
@@ -542,7 +621,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    a = ap.parse_args(argv)
+    a, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if a.command == "verify":
+        return cmd_verify(rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if not getattr(a, "fn", None):
         ap.print_help()
         return EXIT_USAGE

@@ -1,4 +1,5 @@
-"""amct-export: --help, exit codes, validate-record, inspect, run."""
+"""amct-export: --help, exit codes, run (its options are the flow's parameters), verify, validate-record,
+inspect."""
 from __future__ import annotations
 
 import json
@@ -12,15 +13,53 @@ from flows import cli
 from tests import services
 
 
-def test_help_lists_the_commands_and_exit_codes():
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=services.REPO,
-                       timeout=60)
-    assert r.returncode == 0
-    for word in ("run", "validate-record", "inspect", "demo", "exit codes", "mlflow ui"):
-        assert word in r.stdout, word
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--help"], capture_output=True, text=True,
+def _help(*args) -> str:
+    r = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--help"], capture_output=True, text=True,
                        cwd=services.REPO, timeout=60)
-    assert r.returncode == 0 and "--checkpoint" in r.stdout and "--dynamic-axes" in r.stdout and "--force" in r.stdout
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_help_lists_the_commands_and_exit_codes():
+    out = _help()
+    for word in ("run", "verify", "validate-record", "inspect", "fetch", "demo", "exit codes", "mlflow ui"):
+        assert word in out, word
+
+
+def test_run_has_one_option_per_flow_parameter_with_the_docstrings_help():
+    from flows.parameters import flow_parameters
+
+    out = " ".join(_help("run").split())  # argparse wraps lines
+    for p in flow_parameters():
+        assert f"--{p.name.replace('_', '-')}" in out, p.name
+        assert " ".join(p.help.rstrip(".").split()[:6]) in out, p.name
+    assert "--force, --no-force" in out and "(default: A2)" in out and "(required)" in out
+    assert "comma-separated" in out and "KEY=VALUE" in out  # how lists and objects are written
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--input-shape", "1,3,224,224"], {"input_shape": [1, 3, 224, 224]}),
+    (["--input-shape", "1,16;1,16"], {"input_shape": [[1, 16], [1, 16]]}),
+    (["--input-shape", "[[1, 16], [1, 16]]"], {"input_shape": [[1, 16], [1, 16]]}),
+    (["--input-dtype", "int64,float32"], {"input_dtype": ["int64", "float32"]}),
+    (["--input-names", "a,b"], {"input_names": ["a", "b"]}),
+    (["--dynamic-axes", '{"input": [0]}', "--dynamic-axes", 'output={"0": "batch"}'],
+     {"dynamic_axes": {"input": [0], "output": {"0": "batch"}}}),
+    (["--opset", "13", "--mlflow-retry-delay-seconds", "0.5", "--force"],
+     {"opset": 13, "mlflow_retry_delay_seconds": 0.5, "force": True}),
+])
+def test_run_options_give_the_flow_parameters_in_their_types(args, expected):
+    a = cli.build_parser().parse_args(["run", "--checkpoint", "c.pt", "--model", "m:f", "--input-shape", "1,4", *args])
+    params = cli.collect_params(a)
+    assert {k: params[k] for k in expected} == expected
+
+
+def test_verify_is_amct_core_verify_under_amct_export(mlp_export, capsys):
+    out = _help("verify")
+    assert out.startswith("usage: amct-export verify") and "--dim NAME=N" in out and "--report-dir" in out
+    assert cli.main(["verify", str(mlp_export / "mlp")]) == 0
+    assert capsys.readouterr().out.startswith("PASS")
+    assert cli.main(["verify", str(mlp_export / "nothing")]) == cli.EXIT_USAGE
 
 
 def test_no_command_and_bad_arguments_exit_2(capsys):
@@ -32,6 +71,9 @@ def test_no_command_and_bad_arguments_exit_2(capsys):
         cli.main(["run", "--model", "a:b", "--input-shape", "1,3"])  # no --checkpoint
     assert e.value.code == cli.EXIT_USAGE
     assert "--checkpoint is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["inspect", "m.onnx", "--nope"])
+    assert e.value.code == cli.EXIT_USAGE
 
 
 _RUN_AND_REPORT_IMPORTS = ("import sys; from flows import cli; rc = cli.main(sys.argv[1:]); "
@@ -59,16 +101,25 @@ def test_a_bad_run_parameter_exits_2_with_one_line_naming_it_before_any_flow_sta
     assert not (tmp_path / "out").exists()
 
 
-def test_metric_flags_add_to_the_params_files_metrics(tmp_path):
+def test_object_options_add_to_the_params_files_objects(tmp_path):
     pf = tmp_path / "params.json"
-    pf.write_text(json.dumps({"metrics": {"accuracy.fp32": 98.0, "accuracy.int8": 90.0}}))
+    pf.write_text(json.dumps({"metrics": {"accuracy.fp32": 98.0, "accuracy.int8": 90.0}, "name": "file"}))
     a = cli.build_parser().parse_args(["run", "--checkpoint", "c.pt", "--model", "m:f", "--input-shape", "1,4",
-                                       "--params-file", str(pf), "--metric", "accuracy.int8=98.9",
-                                       "--metric", "latency_ms=3"])
-    assert cli._collect_params(a)["metrics"] == {"accuracy.fp32": 98.0, "accuracy.int8": 98.9, "latency_ms": 3.0}
+                                       "--params-file", str(pf), "--metrics", "accuracy.int8=98.9",
+                                       "--metrics", "latency_ms=3", "--name", "flag"])
+    params = cli.collect_params(a)
+    assert params["metrics"] == {"accuracy.fp32": 98.0, "accuracy.int8": 98.9, "latency_ms": 3}
+    assert params["name"] == "flag"
     with pytest.raises(SystemExit) as e:
-        cli.build_parser().parse_args(["run", "--metric", "accuracy"])
+        cli.build_parser().parse_args(["run", "--metrics", "accuracy"])
     assert e.value.code == cli.EXIT_USAGE
+
+
+def test_an_unknown_parameter_in_the_params_file_exits_2_naming_it(tmp_path, capsys):
+    pf = tmp_path / "params.json"
+    pf.write_text(json.dumps({"checkpoint": str(pf), "model": "m:f", "input_shape": [1, 4], "input_shapes": [1]}))
+    assert cli.main(["run", "--params-file", str(pf)]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("amct-export: error: parameter 'input_shapes': is not a parameter")
 
 
 def test_validate_record_ok_and_invalid(mlp_export, tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""``python -m amct_core.verify``: ATC preflight, deploy simulation and (optionally) torch parity on
-files given by path. Exits 0 when every check passes, 1 when one fails, 2 on a usage error."""
+"""``python -m amct_core.verify`` (also ``amct-export verify``): ATC preflight, deploy simulation and
+(optionally) torch parity on files given by path. Exits 0 when every check passes, 1 when one fails, 2 on
+a usage error."""
 from __future__ import annotations
 
 import argparse
@@ -12,37 +13,40 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 _EPILOG = """\
 examples:
   # the two files save_distill_model wrote for save_path ./out/resnet
-  python -m amct_core.verify ./out/resnet --report-dir ./out/verify
+  {prog} ./out/resnet --report-dir ./out/verify
 
   # explicit files, target, inputs from an .npz (keys = graph input names, or arr_0, arr_1, ...)
-  python -m amct_core.verify --deploy d.onnx --fake-quant f.onnx --target 950 --inputs batch.npz
+  {prog} --deploy d.onnx --fake-quant f.onnx --target 950 --inputs batch.npz
 
   # a model exported with dynamic H and W, checked at 48x40 (default: the size it was exported at)
-  python -m amct_core.verify ./out/unet --dim inputs_dynamic_axes_2=48 --dim inputs_dynamic_axes_3=40
+  {prog} ./out/unet --dim inputs_dynamic_axes_2=48 --dim inputs_dynamic_axes_3=40
 
   # preflight only (any deploy model, ours or AMCT's)
-  python -m amct_core.verify --deploy resnet_deploy_model.onnx
+  {prog} --deploy resnet_deploy_model.onnx
 
   # with torch parity, loading the model as the distill-export flow does: the float model's callable,
   # the distill config it was wrapped with and the distilled state_dict (.pt or .safetensors)
-  python -m amct_core.verify ./out/resnet --model mypkg.models:resnet50 --distill-config distill.json \
+  {prog} ./out/resnet --model mypkg.models:resnet50 --distill-config distill.json \
       --checkpoint student.safetensors
 
   # a callable that returns the distilled model itself (weights loaded by it, or from --checkpoint)
-  python -m amct_core.verify ./out/resnet --model mypkg.models:build_distilled
+  {prog} ./out/resnet --model mypkg.models:build_distilled
 
 exit status: 0 all checks passed, 1 a check failed (the summary names the worst layer and the
 figure), 2 usage error (missing file, bad option).
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+PROG = "python -m amct_core.verify"
+
+
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m amct_core.verify",
-        description="Check exported models on a CPU: ATC preflight of the deploy model (FORMATS §5/§6), "
-                    "simulation of the deploy model against the fake-quant model (int32 accumulators must be "
+        prog=prog,
+        description="Check exported models on a CPU: ATC preflight of the deploy model (FORMATS §5/§6),\n"
+                    "simulation of the deploy model against the fake-quant model (int32 accumulators must be\n"
                     "equal), and optionally parity of the fake-quant model with the torch model.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_EPILOG.replace("{prog}", prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", help="ONNX files (classified by 'deploy' / 'fake_quant' in the name) or "
                                            "a save_path prefix such as ./out/resnet")
     p.add_argument("--deploy", help="deploy model (*_deploy_model.onnx)")
@@ -149,8 +153,8 @@ def _torch_model(args, fake: str, inputs, seed: int, dims: dict):
     return load_distilled_model(args.model, args.checkpoint, args.distill_config, example, model_kwargs=kwargs)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = _parser(prog).parse_args(argv)
     try:
         deploy, fake = _classify(args.paths)
     except SystemExit as e:
