@@ -52,8 +52,6 @@ examples:
   amct-export inspect out/model_deploy_model.onnx
   # an export back from MLflow (deploy + fake-quant models, record, manifest; SHA-256 checked)
   amct-export fetch models:/digits-int8/latest --to deploy/ --mlflow-tracking-uri http://127.0.0.1:5001
-  # the digits example end to end: train, distill, then run the flow on the checkpoint
-  amct-export demo
 
 Each command has its own --help. Without configuration `run` runs the flow on Prefect's ephemeral API
 and logs to ./mlflow.db; set PREFECT_API_URL and MLFLOW_TRACKING_URI (or --mlflow-tracking-uri) to use
@@ -472,58 +470,6 @@ def cmd_fetch(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    """Train and distill the digits example, then run the flow on the checkpoint it wrote; log the accuracy
-    figures with the flow's MLflow run and in <out>/results.json."""
-    import torch
-
-    torch.set_num_threads(max(1, a.threads))
-    from examples.digits import accuracy_metrics, run_demo
-
-    out = Path(a.out)
-    print(f"[demo] training the fp32 teacher and distilling the int8 student into {out}/ ...", flush=True)
-    res = run_demo(out, seed=a.seed, epochs=a.epochs, export=False, verbose=False)
-    print(f"[demo] running the distill-export flow on {res.files['student']} ...", flush=True)
-    params = {
-        "checkpoint": res.files["student"], "model": "examples.digits:build_model",
-        "distill_config": res.files["config"], "input_shape": [1, 1, 8, 8], "output_dir": str(out / "export"),
-        "name": "digits", "input_names": ["input"], "output_names": ["output"],
-        "dynamic_axes": {"input": [0], "output": [0]}, "metrics": accuracy_metrics(res),
-    }
-    for k in ("target", "mlflow_experiment", "mlflow_tracking_uri", "registered_model_name"):
-        if getattr(a, k) is not None:
-            params[k] = getattr(a, k)
-    rc, summary = run_flow(params)
-    if rc != EXIT_OK:
-        return rc
-    import dataclasses
-
-    from examples.digits import format_table, load_digits_split, ort_predict, predict, write_results
-    from tasks.model import build_model
-    from tasks.specs import ModelSpec
-
-    # the accuracy of the fake-quant ONNX model the flow exported, in ONNX Runtime
-    split = load_digits_split(a.seed)
-    student = build_model(ModelSpec(res.files["student"], "examples.digits:build_model", {}, res.files["config"],
-                                    [1, 1, 8, 8]))
-    p_ort = ort_predict(summary["fake_quant_model"], split.x_test)
-    res = dataclasses.replace(res, int8_distilled_ort=float((p_ort == split.y_test.numpy()).mean() * 100.0),
-                              ort_torch_agreement=float((p_ort == predict(student, split.x_test)).mean() * 100.0))
-    write_results(res, out)
-    print()
-    print(format_table(res))
-    from tasks.tracking import TrackingError, log_metrics
-
-    try:
-        log_metrics(summary["mlflow_tracking_uri"], summary["mlflow_run_id"], accuracy_metrics(res))
-    except TrackingError as e:
-        print(f"amct-export: the ONNX Runtime accuracy was not logged to MLflow: {e}", file=sys.stderr)
-        return EXIT_TRACKING
-    print(f"accuracy figures logged to MLflow run {summary['mlflow_run_id']} (metrics accuracy.*) and to "
-          f"{out / 'results.json'}")
-    return EXIT_OK
-
-
 VERIFY_PROG = "amct-export verify"
 
 
@@ -604,18 +550,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     p.add_argument("--json", action="store_true", help="print what was fetched as JSON")
     p.set_defaults(fn=cmd_fetch)
-    p = sub.add_parser("demo", help="the digits example end to end: train, distill, then run the flow",
-                       description="Train a small CNN on scikit-learn's digits, distill it to int8 (examples/digits.py), "
-                                   "then run the distill-export flow on the checkpoint it wrote and log to MLflow.")
-    p.add_argument("--out", default="digits_out", help="output directory (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=4, help="distillation epochs per block (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--target", default=None, help="A2, A3 or 950 (default A2)")
-    p.add_argument("--mlflow-experiment", default=None)
-    p.add_argument("--mlflow-tracking-uri", default=None)
-    p.add_argument("--registered-model-name", default=None)
-    p.set_defaults(fn=cmd_demo)
     return ap
 
 

@@ -22,7 +22,7 @@ def _help(*args) -> str:
 
 def test_help_lists_the_commands_and_exit_codes():
     out = _help()
-    for word in ("run", "verify", "validate-record", "inspect", "fetch", "demo", "exit codes", "mlflow ui"):
+    for word in ("run", "verify", "validate-record", "inspect", "fetch", "exit codes", "mlflow ui"):
         assert word in out, word
 
 
@@ -52,6 +52,12 @@ def test_run_options_give_the_flow_parameters_in_their_types(args, expected):
     a = cli.build_parser().parse_args(["run", "--checkpoint", "c.pt", "--model", "m:f", "--input-shape", "1,4", *args])
     params = cli.collect_params(a)
     assert {k: params[k] for k in expected} == expected
+
+
+def test_production_cli_imports_no_example():
+    code = "import sys, flows.cli; flows.cli.build_parser(); print(any(m.startswith('examples') for m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=services.REPO, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
 
 
 def test_verify_is_amct_core_verify_under_amct_export(mlp_export, capsys):
@@ -291,53 +297,3 @@ def test_the_printed_mlflow_ui_command_runs_as_typed_and_shows_the_run(embedded,
         assert [x["info"]["run_id"] for x in runs["runs"]] == [_embedded_run(cwd).info.run_id]
     finally:
         ui.stop()
-
-
-@pytest.fixture(scope="module")
-def demo(prefect_api, tmp_path_factory):
-    """The README's main job: `amct-export demo` (one distillation epoch) against the session's Prefect server."""
-    cwd = tmp_path_factory.mktemp("demo")
-    r = _cli(["demo", "--epochs", "1", "--mlflow-tracking-uri", f"sqlite:///{cwd / 'mlflow.db'}"], prefect_api, cwd)
-    assert r.returncode == cli.EXIT_OK, r.stdout[-3000:] + r.stderr[-3000:]
-    return r, cwd
-
-
-def _printed_percent(stdout: str, row: str) -> float:
-    line = next(line for line in stdout.splitlines() if row in line)
-    return float(line.split("|")[2].strip().rstrip("%").strip())
-
-
-@pytest.mark.integration
-def test_demo_runs_the_digits_example_through_the_flow(demo):
-    r, cwd = demo
-    assert "int8, distilled (fake-quant ONNX, ONNX Runtime)" in r.stdout
-    row = next(line for line in r.stdout.splitlines() if "fake-quant ONNX, ONNX Runtime" in line)
-    assert "n/a" not in row
-    for f in ("digits_fake_quant_model.onnx", "digits_deploy_model.onnx", "manifest.json", "parity/report.html"):
-        assert (cwd / "digits_out" / "export" / f).is_file(), f
-
-
-@pytest.mark.integration
-def test_demo_results_json_holds_the_figures_the_terminal_shows(demo):
-    r, cwd = demo
-    res = json.loads((cwd / "digits_out" / "results.json").read_text())
-    for key, row in [("fp32_teacher", "fp32 teacher (torch)"), ("int8_calibration_only", "calibration only (torch)"),
-                     ("int8_distilled_torch", "int8, distilled (torch)"),
-                     ("int8_distilled_ort", "fake-quant ONNX, ONNX Runtime")]:
-        assert res[key] is not None and round(res[key], 2) == _printed_percent(r.stdout, row), key
-    assert res["ort_torch_agreement"] is not None
-
-
-@pytest.mark.integration
-def test_demo_logs_every_accuracy_figure_to_the_flows_mlflow_run(demo):
-    import mlflow
-
-    r, cwd = demo
-    res = json.loads((cwd / "digits_out" / "results.json").read_text())
-    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
-    (run,) = mlflow.search_runs(experiment_names=["amct-export"], output_format="list")
-    m = run.data.metrics
-    for key in ("fp32_teacher", "int8_calibration_only", "int8_distilled_torch", "int8_distilled_ort",
-                "ort_torch_agreement"):
-        assert m[f"accuracy.{key}"] == pytest.approx(res[key]), key
-    assert run.info.run_id in r.stdout

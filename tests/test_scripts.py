@@ -1,6 +1,6 @@
 """scripts/: setup.sh installs once and then skips pip while pyproject.toml is unchanged; run-example keeps
-Prefect's home inside the project. Run on copies of the scripts and pyproject.toml whose .venv/bin/ tools
-are stand-ins that record how they were called."""
+Prefect's home inside the project and runs the digits example through the flow. Run on copies of the
+scripts and pyproject.toml whose .venv/bin/ tools are stand-ins that record how they were called."""
 from __future__ import annotations
 
 import shutil
@@ -69,10 +69,8 @@ def test_a_failed_install_is_retried_next_time(project):
 
 def test_run_example_keeps_prefects_home_in_the_project_unless_one_is_set(project):
     shutil.copy(REPO / "scripts" / "run-example", project / "scripts" / "run-example")
-    tool = project / ".venv" / "bin" / "amct-export"
-    tool.write_text('#!/usr/bin/env bash\necho "PREFECT_HOME=$PREFECT_HOME args=$*"\n')
-    tool.chmod(0o755)
-    _setup(project)  # .venv is current from here on
+    _setup(project)  # .venv is current from here on: setup.sh no longer calls python
+    (project / ".venv" / "bin" / "python").write_text('#!/usr/bin/env bash\necho "PREFECT_HOME=$PREFECT_HOME args=$*"\n')
 
     def run(**env):
         r = subprocess.run(["bash", str(project / "scripts" / "run-example")], capture_output=True, text=True,
@@ -80,5 +78,5 @@ def test_run_example_keeps_prefects_home_in_the_project_unless_one_is_set(projec
         assert r.returncode == 0, r.stderr
         return r.stdout.splitlines()[-1]
 
-    assert run() == f"PREFECT_HOME={project / '.prefect'} args=demo"
-    assert run(PREFECT_HOME="/srv/prefect") == "PREFECT_HOME=/srv/prefect args=demo"
+    assert run() == f"PREFECT_HOME={project / '.prefect'} args=-m examples.digits_flow"
+    assert run(PREFECT_HOME="/srv/prefect") == "PREFECT_HOME=/srv/prefect args=-m examples.digits_flow"
