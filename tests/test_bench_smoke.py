@@ -63,7 +63,9 @@ def test_profile_bench_finds_the_stages(capsys):
         assert stage in text
 
 
+@pytest.mark.integration
 def test_flow_overhead_plain_call_path(capsys):
+    """The flow's whole recipe, every stage and the MLflow logging, with the Prefect tasks as plain calls."""
     from bench import flow_overhead
 
     assert flow_overhead.main(["--smoke"]) == 0
