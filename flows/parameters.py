@@ -273,10 +273,12 @@ def _check_names(*args):
     return check_names(*args)
 
 
-def _normalize_dynamic_axes(*args):
-    from amct_core.save import normalize_dynamic_axes
+def _normalize_dynamic_axes(axes, *args):
+    if axes is None:
+        return None
+    from amct_core.save import normalize_dynamic_axes  # imports the exporter: only when there are some
 
-    return normalize_dynamic_axes(*args)
+    return normalize_dynamic_axes(axes, *args)
 
 
 def _checkpoint(ck) -> str:
@@ -348,10 +350,12 @@ def _number(parameter: str, v, minimum: float, integer: bool = False) -> None:
 
 
 def _tolerances(tol) -> None:
-    from amct_core.verify.tolerances import Tolerances
-
-    if tol is not None and not isinstance(tol, dict):
+    if tol is None:
+        return
+    if not isinstance(tol, dict):
         raise ParameterError("parity_tolerances", f"must be an object of tolerance name -> number, got {tol!r}")
+    from amct_core.verify.tolerances import Tolerances  # imports the verify package: only when there are some
+
     _library("parity_tolerances", Tolerances.from_dict, tol)
 
 
