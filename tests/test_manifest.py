@@ -2,26 +2,13 @@
 with its SHA-256), and that it is written whole."""
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from amct_core.manifest import atc_command, build_manifest, write_manifest
-
-
-@dataclass
-class FileRef:
-    path: str
-    sha256: str
-    size: int
-
-    @classmethod
-    def of(cls, path) -> "FileRef":
-        p = Path(path).resolve()
-        return cls(str(p), hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size)
+from tasks.files import FileRef  # any object with path, sha256 and size is a manifest entry
 
 
 @pytest.fixture(scope="module")
