@@ -23,10 +23,15 @@ INPUT_SHAPE = [1, 1, 8, 8]
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m examples.digits_flow", description=__doc__.split("\n\n")[0],
-        epilog="Without configuration the flow runs on Prefect's ephemeral API and logs to ./mlflow.db "
-               "(PREFECT_API_URL and MLFLOW_TRACKING_URI choose servers).\n"
-               "exit codes: 0 ok, 1 stage failed, 2 bad arguments, 3 MLflow failed (files kept), 4 parity failed")
+        prog="python -m examples.digits_flow", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The digits example end to end through the distill-export flow (scripts/run-example runs it):\n"
+                    "train the fp32 digits CNN, distill an int8 student, run the flow on its checkpoint (files in\n"
+                    "<out>/export/), measure the fake-quant model in ONNX Runtime, print the accuracy table\n"
+                    "(also in <out>/results.json and the MLflow run's accuracy.* metrics).",
+        epilog="Without configuration the flow runs on Prefect's ephemeral API and logs to ./mlflow.db\n"
+               "(PREFECT_API_URL and MLFLOW_TRACKING_URI choose servers).\n\n"
+               "exit codes: 0 ok, 1 a stage failed, 2 bad arguments, 3 MLflow logging failed (files kept),\n"
+               "4 parity failed")
     ap.add_argument("--out", default="digits_out", help="output directory (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split, teacher init and loaders (default: 0)")
     ap.add_argument("--epochs", type=int, default=4, help="distillation epochs per block (default: %(default)s)")

@@ -503,9 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check exported files on the CPU: ATC preflight, deploy simulation, parity with the torch "
                         "model (python -m amct_core.verify; see amct-export verify --help)")
     p = sub.add_parser("validate-record", help="validate a record file (FORMATS §2), optionally against the model",
-                       description="Validate a record file. Alone: syntax and value rules. With --model, --checkpoint "
-                                   "and --input-shape: also that every quantized layer has exactly one record, "
-                                   "C_out matches and each bias fits int32.",
+                       description="Validate a record file. Alone: syntax and value rules. With --model, --checkpoint\n"
+                                   "and --input-shape: also that every quantized layer has exactly one record, C_out\n"
+                                   "matches and each bias fits int32.",
                        epilog="example:\n  amct-export validate-record out/model_scale_offset_record.txt --model "
                               "examples.digits:build_model \\\n      --checkpoint digits_out/student.safetensors "
                               "--distill-config digits_out/distill_config.json --input-shape 1,1,8,8\n\n"
@@ -527,23 +527,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset of the trace (default 11)")
     p.set_defaults(fn=cmd_validate_record)
     p = sub.add_parser("inspect", help="show what is inside an exported ONNX model",
-                       description="Print opsets, inputs/outputs, op counts, Ascend quant/dequant nodes, fake-quant "
+                       description="Print opsets, inputs/outputs, op counts, Ascend quant/dequant nodes, fake-quant\n"
                                    "layers, initializer types and file hashes of an ONNX model.",
-                       epilog="exit codes: 0 ok, 5 not a readable ONNX model, 2 no such file")
+                       epilog="example:\n  amct-export inspect out/model_deploy_model.onnx --json\n\n"
+                              "exit codes: 0 ok, 5 not a readable ONNX model, 2 no such file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_file", help="an .onnx file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("fetch", help="download an export from MLflow (deploy + fake-quant models, record, manifest)",
-                       description="Download what the distill-export flow logged to MLflow: the deploy model (with "
-                                   "its external data file, if any), the fake-quant model, the record file and "
-                                   "manifest.json, into a new or empty directory. Every file's size and SHA-256 is "
-                                   "checked against the manifest before the directory appears; then the ATC "
-                                   "command line is printed.",
+                       description="Download what the distill-export flow logged to MLflow: the deploy model (with its\n"
+                                   "external data file, if any), the fake-quant model, the record file and manifest.json,\n"
+                                   "into a new or empty directory. Every file's size and SHA-256 is checked against the\n"
+                                   "manifest before the directory appears; then the ATC command line is printed.",
                        epilog="URI: runs:/<run_id>, models:/<name>/<version>, models:/<name>/latest or "
-                              "models:/<name>@<alias>.\n"
-                              "exit codes: 0 ok, 2 bad arguments / unknown run or version / --to not empty, "
-                              "3 tracking server unreachable, 5 not a complete export or a file differs from "
-                              "its manifest (nothing is left in --to)",
+                              "models:/<name>@<alias>.\n\n"
+                              "example:\n  amct-export fetch models:/digits-int8/latest --to deploy "
+                              "--mlflow-tracking-uri http://127.0.0.1:5001\n\n"
+                              "exit codes: 0 ok, 2 bad arguments / unknown run or version / --to not empty,\n"
+                              "3 tracking server unreachable, 5 not a complete export or a file differs from its\n"
+                              "manifest (nothing is left in --to)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("uri", help="runs:/<run_id> or models:/<name>/<version|latest> (or models:/<name>@<alias>)")
     p.add_argument("--to", required=True, metavar="DIR", help="a new or empty directory to put the files in")
