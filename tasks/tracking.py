@@ -14,6 +14,7 @@ tracking server puts them; never in the working directory by accident.
 """
 from __future__ import annotations
 
+import json
 import os
 import urllib.error
 import urllib.request
@@ -291,12 +292,6 @@ def _metric_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in s)
 
 
-def _json(v) -> str:
-    import json
-
-    return json.dumps(v)
-
-
 def run_payload(export: ExportResults, manifest: str, caller_metrics: dict | None = None,
                 flow_run_name: str | None = None, flow_run_url: str | None = None) -> RunPayload:
     """The params, metrics, tags and files of ``export``'s MLflow run (docs/PIPELINE.md lists them).
@@ -311,12 +306,12 @@ def run_payload(export: ExportResults, manifest: str, caller_metrics: dict | Non
     params = {
         "target": tgt.name, "opset": export.graph.opset, "quantized_layer_count": layers,
         "torch_version": vers["torch"], "onnx_version": vers["onnx"], "onnxruntime_version": vers["onnxruntime"],
-        "amct_core_version": vers["amct-core"], "model": p["model"], "model_kwargs": _json(p["model_kwargs"]),
-        "input_shape": _json(p["input_shape"]),
-        "input_dtype": p["input_dtype"] if isinstance(p["input_dtype"], str) else _json(p["input_dtype"]),
+        "amct_core_version": vers["amct-core"], "model": p["model"], "model_kwargs": json.dumps(p["model_kwargs"]),
+        "input_shape": json.dumps(p["input_shape"]),
+        "input_dtype": p["input_dtype"] if isinstance(p["input_dtype"], str) else json.dumps(p["input_dtype"]),
         "name": export.name, "record_source": export.record.info.get("source"), "checkpoint": ck.source,
-        "input_names": _json(p["input_names"]), "output_names": _json(p["output_names"]),
-        "dynamic_axes": _json(p.get("dynamic_axes")), "parity_tolerances": _json(p.get("parity_tolerances")),
+        "input_names": json.dumps(p["input_names"]), "output_names": json.dumps(p["output_names"]),
+        "dynamic_axes": json.dumps(p.get("dynamic_axes")), "parity_tolerances": json.dumps(p.get("parity_tolerances")),
         "soc_family": ",".join(tgt.soc_family),
     }
     fq_bytes = sum(f.size for f in export.fake_quant.files)
@@ -513,7 +508,6 @@ def fetch_export(uri: str, dest: str | os.PathLike, tracking_uri: str | None = N
     Raises ParameterError ('uri', 'to') for a bad or unknown URI or a non-empty ``dest``,
     TrackingUnavailable when the server cannot be reached, ExportMismatch when the run holds no complete
     export or a file differs from its manifest."""
-    import json
     import shutil
     import tempfile
 
