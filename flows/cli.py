@@ -352,66 +352,16 @@ def cmd_validate_record(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def inspect_model(path: str) -> dict:
-    """Facts of an ONNX file: opsets, inputs/outputs, op counts, quantized layers, initializer types, hashes."""
-    import collections
-
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from tasks.files import onnx_files
-
-    m = onnx.load(path, load_external_data=False)
-    g = m.graph
-    inits = {t.name: t for t in g.initializer}
-
-    def shape(vi):
-        return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
-
-    def dtype(vi):
-        return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
-
-    ops = collections.Counter((n.domain or "") + ("::" if n.domain else "") + n.op_type for n in g.node)
-    quant_layers = []
-    for n in g.node:
-        if n.op_type == "AscendQuant":
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            quant_layers.append({"node": n.name, "op": "AscendQuant", "scale": attrs.get("scale"),
-                                 "offset": attrs.get("offset"),
-                                 "dst_type": (attrs.get("dst_type") or b"").decode() if isinstance(attrs.get("dst_type"), bytes) else attrs.get("dst_type")})
-        elif n.op_type == "AscendDequant":
-            quant_layers.append({"node": n.name, "op": "AscendDequant", "param": n.input[1] if len(n.input) > 1 else None})
-    fakequant = sorted({n.name.split(".quant.fakequant.")[0] for n in g.node if ".quant.fakequant." in n.name})
-    init_types = collections.Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in inits.values())
-    external = [t.name for t in inits.values() if t.data_location == onnx.TensorProto.EXTERNAL]
-    kind = "deploy" if any(q["op"] == "AscendQuant" for q in quant_layers) else "fake_quant" if fakequant else "float"
-    facts = {
-        "path": str(Path(path).resolve()),
-        "kind": kind,
-        "ir_version": m.ir_version,
-        "producer": f"{m.producer_name} {m.producer_version}".strip(),
-        "opset_import": [{"domain": o.domain or "", "version": o.version} for o in m.opset_import],
-        "inputs": [{"name": i.name, "dtype": dtype(i), "shape": shape(i)} for i in g.input if i.name not in inits],
-        "outputs": [{"name": o.name, "dtype": dtype(o), "shape": shape(o)} for o in g.output],
-        "nodes": len(g.node),
-        "op_counts": dict(sorted(ops.items())),
-        "ascend_nodes": quant_layers,
-        "fake_quant_layers": fakequant,
-        "initializer_types": dict(init_types),
-        "external_data_tensors": len(external),
-        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in onnx_files(path)],
-        "metadata": {p.key: p.value for p in m.metadata_props},
-    }
-    del numpy_helper
-    return facts
-
-
 def cmd_inspect(a: argparse.Namespace) -> int:
     if not Path(a.model_file).is_file():
         print(f"amct-export: error: {a.model_file!r} does not exist", file=sys.stderr)
         return EXIT_USAGE
+    from amct_core.describe import describe_model
+    from tasks.files import onnx_files
+
     try:
-        facts = inspect_model(a.model_file)
+        facts = describe_model(a.model_file)
+        facts["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in onnx_files(a.model_file)]
     except Exception as e:  # noqa: BLE001
         print(f"INVALID: {a.model_file!r} is not a readable ONNX model: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_INVALID
