@@ -4,8 +4,7 @@ Public API (AMCT's family)::
 
     from amct_core import create_distill_config, create_distill_model, distill, save_distill_model
 """
-from .distill import create_distill_config, create_distill_model
-from .distill import distill
+from .distill import create_distill_config, create_distill_model, distill
 from .errors import AmctError, ConfigError, ExportError, RecordError, TargetError
 from .save import save_distill_model
 

@@ -7,8 +7,7 @@ touch the caller's graph: each works on a copy whose large arrays are shared, no
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from ..errors import ExportError
 from ..quant.arith import INT32_MAX, INT32_MIN, QMAX, QMIN, deq_scale, pack_deq_scale, quantize_bias

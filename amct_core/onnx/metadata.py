@@ -73,7 +73,7 @@ def _fits(vi: onnx.ValueInfoProto, ex: ExampleInput) -> bool:
     tt = vi.type.tensor_type
     if not tt.HasField("shape") or len(tt.shape.dim) != len(ex.shape):
         return False
-    if any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(tt.shape.dim, ex.shape)):
+    if any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(tt.shape.dim, ex.shape, strict=True)):
         return False
     try:
         return helper.tensor_dtype_to_np_dtype(tt.elem_type).name == ex.dtype
@@ -101,7 +101,7 @@ def record_input_shapes(proto: onnx.ModelProto, examples: Sequence[ExampleInput]
             rest.append(ex)
     free = [n for n in graph if n not in recorded and n not in names]
     if len(free) == len(rest):
-        recorded.update(zip(free, rest))
+        recorded.update(zip(free, rest, strict=True))
     recorded = {n: ex for n, ex in recorded.items() if _fits(graph[n], ex)}
     if recorded:
         value = {n: {"shape": list(ex.shape), "dtype": ex.dtype} for n, ex in recorded.items()}

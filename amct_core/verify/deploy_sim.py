@@ -24,12 +24,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._outcome import Outcome
 from ..errors import AmctError
 from ._graph import (
-    ASCEND_DEQUANT, ASCEND_QUANT, DeployLayer, GraphIndex, attr_value, fake_quant_layer,
-    find_deploy_layers, load_model, node_label, unpack_deq_scale, with_extra_outputs,
+    ASCEND_DEQUANT,
+    ASCEND_QUANT,
+    DeployLayer,
+    GraphIndex,
+    attr_value,
+    fake_quant_layer,
+    find_deploy_layers,
+    load_model,
+    node_label,
+    unpack_deq_scale,
+    with_extra_outputs,
 )
+from ._outcome import Outcome
 from ._run import explain_size_failure, feeds_for, generate_inputs, remap_feeds, run
 from .tolerances import Tolerances, as_tolerances
 
@@ -560,7 +569,7 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
         problems.append(f"the deploy model has {len(d_names)} outputs {d_names}, the fake-quant model {len(f_names)} {f_names}")
     if sorted(d_names) == sorted(f_names):
         d_names = list(f_names)  # same names: pair by name
-    for dn, fn in zip(d_names, f_names):
+    for dn, fn in zip(d_names, f_names, strict=False):  # unequal counts are a problem above
         if dn != fn:
             notes.append(f"output names differ: deploy {dn!r} vs fake-quant {fn!r} (paired by position)")
         d, f = douts[dn].astype(np.float64), fouts[fn].astype(np.float64)

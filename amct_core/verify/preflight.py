@@ -12,13 +12,22 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto
 
-from ._outcome import Outcome
 from ..errors import TargetError
 from ..targets import Target, get_target
 from ._graph import (
-    ASCEND_DEQUANT, ASCEND_QUANT, DeployLayer, GraphIndex, attr_map, attr_value, dtype_name, find_deploy_layers,
-    load_model, node_label, unpack_deq_scale,
+    ASCEND_DEQUANT,
+    ASCEND_QUANT,
+    DeployLayer,
+    GraphIndex,
+    attr_map,
+    attr_value,
+    dtype_name,
+    find_deploy_layers,
+    load_model,
+    node_label,
+    unpack_deq_scale,
 )
+from ._outcome import Outcome
 
 ERROR, WARNING = "error", "warning"
 

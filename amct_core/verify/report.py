@@ -82,7 +82,7 @@ def build_report(*, preflight=None, parity=None, deploy=None, tolerances=None, f
     else:
         summary = "FAIL: " + failures[0]["message"]
         if len(failures) > 1:
-            summary += f" | also failed: " + "; ".join(
+            summary += " | also failed: " + "; ".join(
                 f"{f['check']}" + (f" (layer {f['layer']!r}: {f['figure']})" if f.get("layer") else "")
                 for f in failures[1:])
     return _clean({
