@@ -135,6 +135,8 @@ def distill_export(
         mlflow_retries / mlflow_retry_delay_seconds: retries of the logging task (delay doubles each time).
     """
     p = validate_parameters(dict(locals()))
+    from amct_core.formats import DEPLOY_MODEL, FAKE_QUANT_MODEL, RECORD_FILE, prefixed_file
+
     logger = get_run_logger()
     out = Path(p["output_dir"])
     work = out / ".amct_work"
@@ -159,12 +161,12 @@ def distill_export(
                    target=p["target"], opset=opset)
     release_weights()  # the builds read files only: the weights the trace read need not stay in memory
     rec = run_stage(record, force, states, seconds, traced_path=tr.path, model_record_path=tr.info["record_path"],
-                    record_path=str(out / f"{name}_scale_offset_record.txt"), given_record_file=p.get("record_file"),
+                    record_path=str(prefixed_file(out, name, RECORD_FILE)), given_record_file=p.get("record_file"),
                     target=p["target"])
     fq = run_stage(fake_quant_build, force, states, seconds, traced_path=tr.path, record_path=rec.path,
-                   out_path=str(out / f"{name}_fake_quant_model.onnx"), target=p["target"])
+                   out_path=str(prefixed_file(out, name, FAKE_QUANT_MODEL)), target=p["target"])
     dp = run_stage(deploy_build, force, states, seconds, traced_path=tr.path, record_path=rec.path,
-                   out_path=str(out / f"{name}_deploy_model.onnx"), target=p["target"])
+                   out_path=str(prefixed_file(out, name, DEPLOY_MODEL)), target=p["target"])
     par = run_stage(parity, force, states, seconds, spec=local_spec, model_source_sha256=src_sha,
                     fake_quant_path=fq.path, deploy_path=dp.path, out_dir=str(out / "parity"),
                     tolerances=p.get("parity_tolerances"), target=p["target"])

@@ -7,42 +7,33 @@ touch the caller's graph: each works on a copy whose large arrays are shared, no
 from __future__ import annotations
 
 import numpy as np
+import torch
 from onnx import helper
 
 from ..errors import ExportError
-from ..quant.arith import INT32_MAX, INT32_MIN, QMAX, QMIN, deq_scale, pack_deq_scale, quantize_bias
+from ..formats import (
+    ASCEND_DEQUANT,
+    ASCEND_QUANT,
+    FAKE_QUANT_MIN_OPSET,
+    INT8_MAX,
+    INT8_MIN,
+    LayerNames,
+    ascend_dequant_attributes,
+    ascend_quant_attributes,
+    deq_scale,
+    inverse_scale,
+    pack_deq_scale,
+    quantize_bias,
+    quantize_weight,
+)
 from ..record import LayerRecord
 from .passes import splice_nodes
 from .store import GridWeight, LazyTensor, OnnxModel, materialize, set_single_opset
-from .trace import BIAS_ADD_SUFFIX, LayerMeta
-
-FAKE_QUANT_MIN_OPSET = 11  # Round exists from opset 11
+from .trace import LayerMeta
 
 
 def _f32(v) -> np.ndarray:
     return np.asarray(v, dtype=np.float32)
-
-
-def quantized_weight(w_float: np.ndarray, scale_w: np.ndarray, axis: int) -> np.ndarray:
-    """``clip(round(w / scale_w), -128, 127)`` with scale_w along ``axis`` (1 value broadcasts)."""
-    s = _f32(scale_w)
-    if s.size > 1:
-        shape = [1] * w_float.ndim
-        shape[axis] = s.size
-        s = s.reshape(shape)
-    return np.clip(np.round(w_float / s), QMIN, QMAX)
-
-
-def quantized_bias(bias: np.ndarray, deq: np.ndarray, layer: str) -> np.ndarray:
-    bq = quantize_bias(bias, deq)
-    bad = np.flatnonzero((bq < INT32_MIN) | (bq > INT32_MAX) | ~np.isfinite(bq))
-    if bad.size:
-        c = int(bad[0])
-        raise ExportError(
-            f"layer {layer!r}: bias overflows int32 after quantization (channel {c}: {float(bias.flat[c]):.6g} / "
-            f"deq_scale {float(np.broadcast_to(deq, bias.shape)[c]):.6g}); exclude this layer from quantization"
-        )
-    return bq
 
 
 class _LayerView:
@@ -53,7 +44,7 @@ class _LayerView:
         self.node = next(n for n in g.node if n.name == meta.name)
         self.bias_add = None
         if meta.op == "MatMul" and meta.has_bias:
-            self.bias_add = next(n for n in g.node if n.name == meta.name + BIAS_ADD_SUFFIX)
+            self.bias_add = next(n for n in g.node if n.name == LayerNames(meta.name).bias_add)
         self.last = self.bias_add or self.node  # produces the layer's output
         self.x = self.node.input[0]
         self.w_name = self.node.input[1]
@@ -83,7 +74,8 @@ def _lazy_weight_grid(traced: OnnxModel, w_name: str, scale_w: np.ndarray, axis:
 
     def grid(dtype) -> LazyTensor:
         return LazyTensor(shape, np.dtype(dtype),
-                          lambda: quantized_weight(materialize(source), scale_w, axis).astype(dtype))
+                          lambda: quantize_weight(torch.from_numpy(np.ascontiguousarray(materialize(source))),
+                                                  scale_w, axis).numpy().astype(dtype))
 
     return grid
 
@@ -98,7 +90,7 @@ def _prepare(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str,
         deq = deq_scale(rec.scale_d, np.asarray(rec.scale_w, np.float32))
         q_b = None
         if view.b_name is not None:
-            q_b = quantized_bias(traced.get_array(view.b_name).astype(np.float32), deq, name)
+            q_b = quantize_bias(traced.get_array(view.b_name).astype(np.float32), deq, name)
         out.append((view, meta, rec, q_w, q_b, deq))
     return out
 
@@ -122,24 +114,24 @@ class _FakeQuant(_Flavor):
     weight_dtype = bias_dtype = np.float32
 
     def quant(self, model, x, name, rec):
-        p = f"{name}.quant.fakequant"
-        model.set_array(f"{p}.scale", _f32(np.float32(1.0) / np.float32(rec.scale_d)))
-        model.set_array(f"{p}.offset", _f32(rec.offset_d))
-        model.set_array(f"{p}.min", _f32(QMIN))
-        model.set_array(f"{p}.max", _f32(QMAX))
+        p = LayerNames(name).fakequant
+        model.set_array(p("scale"), _f32(inverse_scale(rec.scale_d)))
+        model.set_array(p("offset"), _f32(rec.offset_d))
+        model.set_array(p("min"), _f32(INT8_MIN))
+        model.set_array(p("max"), _f32(INT8_MAX))
         nodes = [
-            helper.make_node("Mul", [x, f"{p}.scale"], [f"{p}.mul_output"], name=f"{p}.mul"),
-            helper.make_node("Round", [f"{p}.mul_output"], [f"{p}.round_output"], name=f"{p}.round"),
-            helper.make_node("Add", [f"{p}.round_output", f"{p}.offset"], [f"{p}.add_output"], name=f"{p}.add"),
-            helper.make_node("Clip", [f"{p}.add_output", f"{p}.min", f"{p}.max"], [f"{p}.clip_output"], name=f"{p}.clip"),
-            helper.make_node("Sub", [f"{p}.clip_output", f"{p}.offset"], [f"{p}.output"], name=f"{p}.sub"),
+            helper.make_node("Mul", [x, p("scale")], [p("mul_output")], name=p("mul")),
+            helper.make_node("Round", [p("mul_output")], [p("round_output")], name=p("round")),
+            helper.make_node("Add", [p("round_output"), p("offset")], [p("add_output")], name=p("add")),
+            helper.make_node("Clip", [p("add_output"), p("min"), p("max")], [p("clip_output")], name=p("clip")),
+            helper.make_node("Sub", [p("clip_output"), p("offset")], [p("output")], name=p("sub")),
         ]
-        return nodes, f"{p}.output"
+        return nodes, p("output")
 
     def dequant(self, model, acc, y, name, meta, deq):
-        p = f"{name}.fakedequant"
-        model.set_array(f"{p}.deq_scale", deq.reshape(_deq_shape(meta, deq.size)))
-        return helper.make_node("Mul", [acc, f"{p}.deq_scale"], [y], name=f"{p}.mul")
+        p = LayerNames(name).fakedequant
+        model.set_array(p("deq_scale"), deq.reshape(_deq_shape(meta, deq.size)))
+        return helper.make_node("Mul", [acc, p("deq_scale")], [y], name=p("mul"))
 
 
 class _Deploy(_Flavor):
@@ -148,22 +140,20 @@ class _Deploy(_Flavor):
     weight_dtype, bias_dtype = np.int8, np.int32
 
     def quant(self, model, x, name, rec):
-        out = f"{name}.quant.output"
-        node = helper.make_node(
-            "AscendQuant", [x], [out], name=f"{name}.quant",
-            scale=float(np.float32(1.0) / np.float32(rec.scale_d)), offset=float(rec.offset_d),
-            dst_type="INT8",  # AMCT's form: exactly scale, offset, dst_type (sqrt_mode 0 and round_mode "Round" are ATC's defaults)
-        )
-        return [node], out
+        names = LayerNames(name)
+        node = helper.make_node(ASCEND_QUANT, [x], [names.quant_output], name=names.quant,
+                                **ascend_quant_attributes(rec.scale_d, rec.offset_d))
+        return [node], names.quant_output
 
     def dequant(self, model, acc, y, name, meta, deq):
-        param = f"{name}.dequant.param"
-        model.set_array(param, pack_deq_scale(deq).reshape(-1))
-        return helper.make_node("AscendDequant", [acc, param], [y], name=f"{name}.dequant", dtype=0)
+        names = LayerNames(name)
+        model.set_array(names.dequant_param, pack_deq_scale(deq).reshape(-1))
+        return helper.make_node(ASCEND_DEQUANT, [acc, names.dequant_param], [y], name=names.dequant,
+                                **ascend_dequant_attributes())
 
 
 def _rewrite(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord], opset: int,
-             flavor: _Flavor, acc_suffix: str) -> OnnxModel:
+             flavor: _Flavor, acc_name) -> OnnxModel:
     """Wrap every quantized layer of a copy of ``traced`` in the flavor's quant and dequant nodes.
 
     Layers reading the same tensor with equal (scale_d, offset_d) share one quant chain, which stands
@@ -183,7 +173,7 @@ def _rewrite(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str,
         model.set_array(view.w_name, q_w(flavor.weight_dtype))
         if q_b is not None:
             model.set_array(view.b_name, q_b.astype(flavor.bias_dtype))
-        acc = f"{meta.name}{acc_suffix}"
+        acc = acc_name(LayerNames(meta.name))
         y = view.y
         view.last.output[0] = acc
         tails[view.last.name] = [flavor.dequant(model, acc, y, meta.name, meta, deq)]
@@ -200,10 +190,10 @@ def build_fake_quant(traced: OnnxModel, layers: dict[str, LayerMeta], records: d
             f"opset_version {opset}: the fake-quant model needs Round, which ONNX has from opset "
             f"{FAKE_QUANT_MIN_OPSET}; pick an opset >= {FAKE_QUANT_MIN_OPSET}"
         )
-    return _rewrite(traced, layers, records, opset, _FakeQuant(), ".fakedequant.input")
+    return _rewrite(traced, layers, records, opset, _FakeQuant(), lambda n: n.fakedequant("input"))
 
 
 def build_deploy(traced: OnnxModel, layers: dict[str, LayerMeta], records: dict[str, LayerRecord],
                  opset: int) -> OnnxModel:
     """The deploy model (FORMATS §5) from a traced graph and the records."""
-    return _rewrite(traced, layers, records, opset, _Deploy(), ".dequant.input")
+    return _rewrite(traced, layers, records, opset, _Deploy(), lambda n: n.dequant_input)

@@ -26,15 +26,13 @@ from onnx import helper, numpy_helper
 
 from .._modes import eval_mode
 from ..errors import ExportError
-from ..quant.arith import QMAX, QMIN
+from ..formats import PLACEHOLDER_OP, TRACE_DOMAIN, LayerNames, output_dim_name, quantize_weight
 from ..quant.modules import LayerFactors, QuantConv2d, QuantLinear, is_quant_module
 from ..record import LayerInfo, LayerRecord
 from .passes import eliminate_initializer_identities
 from .store import GridWeight, OnnxModel, drop_value_info, rename_tensor_uses, set_single_opset
 
-TRACE_DOMAIN = "amct_trace"
 MAX_TRACER_OPSET = 20  # the TorchScript exporter's highest opset
-BIAS_ADD_SUFFIX = ".bias_add"
 
 
 @dataclass
@@ -68,7 +66,7 @@ def layer_meta(graph: onnx.GraphProto, tensors: OnnxModel, name: str) -> LayerMe
             axis = 0
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if node.op_type == "MatMul":
-        has_bias = any(n.name == name + BIAS_ADD_SUFFIX for n in graph.node)
+        has_bias = any(n.name == LayerNames(name).bias_add for n in graph.node)
     return LayerMeta(name, node.op_type, int(w.shape[axis]), axis, has_bias)
 
 
@@ -79,7 +77,7 @@ def layer_infos(model: OnnxModel, layers: dict[str, LayerMeta]) -> dict[str, Lay
         bias = None
         if meta.has_bias:
             if meta.op == "MatMul":
-                node = next(n for n in model.graph.node if n.name == name + BIAS_ADD_SUFFIX)
+                node = next(n for n in model.graph.node if n.name == LayerNames(name).bias_add)
                 bias = model.get_array(node.input[1])
             else:
                 node = next(n for n in model.graph.node if n.name == name)
@@ -174,10 +172,10 @@ def _dequantized_weight(module, scale_w: np.ndarray, unfolded_scale: np.ndarray,
     def grid(dtype) -> np.ndarray:
         with torch.no_grad():
             w = module.weight.detach()
-            q = torch.div(w, torch.from_numpy(unfolded_scale).reshape(bshape)).round_().clamp_(QMIN, QMAX)
+            q = quantize_weight(w, unfolded_scale, axis=0)
             if sign is not None:
                 q.mul_(torch.from_numpy(sign).reshape(bshape))
-            q.add_(0.0)  # -0.0 -> +0.0
+            q.add_(0.0)  # -0.0 of a negative sign -> +0.0
             if np.dtype(dtype) == np.int8:
                 q = q.to(torch.int8)
             if transpose:
@@ -193,7 +191,8 @@ def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, unfo
     x = ph.input[0]
     kind = next(helper.get_attribute_value(a) for a in ph.attribute if a.name == "kind")
     kind = kind.decode() if isinstance(kind, bytes) else kind
-    w_name, b_name = f"{name}.weight", f"{name}.bias"
+    names = LayerNames(name)
+    w_name, b_name = names.weight, names.bias
     idx = list(graph.node).index(ph)
     graph.node.remove(ph)
     new_nodes = []
@@ -224,10 +223,10 @@ def _lower(graph, model: OnnxModel, ph, name: str, module, f: LayerFactors, unfo
             if bias is None:
                 new_nodes.append(helper.make_node("MatMul", [x, w_name], [out_name], name=name))
             else:
-                mm_out = f"{name}.matmul_output"
+                mm_out = names.matmul_output
                 model.set_array(b_name, bias.astype(np.float32))
                 new_nodes.append(helper.make_node("MatMul", [x, w_name], [mm_out], name=name))
-                new_nodes.append(helper.make_node("Add", [mm_out, b_name], [out_name], name=name + BIAS_ADD_SUFFIX))
+                new_nodes.append(helper.make_node("Add", [mm_out, b_name], [out_name], name=names.bias_add))
             meta = LayerMeta(name, "MatMul", module.out_features, 1, bias is not None)
     else:  # pragma: no cover - only QAT modules emit placeholders
         raise ExportError(f"layer {name!r}: unsupported module type {type(module).__name__}")
@@ -300,7 +299,7 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
         graph_outputs = {o.name for o in graph.output}
         if out_name not in graph_outputs:
             # Give the layer's output a readable name; graph outputs keep theirs (output_names hold).
-            new_name = f"{name}.output"
+            new_name = LayerNames(name).output
             rename_tensor_uses(graph, out_name, new_name)
             for vi in graph.value_info:
                 if vi.name == out_name:
@@ -315,8 +314,8 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
     # A graph output produced by a placeholder got the tracer's made-up dim names; name them after the output.
     for o in graph.output:
         for i, d in enumerate(o.type.tensor_type.shape.dim):
-            if d.HasField("dim_param") and d.dim_param.startswith("QuantLayer"):
-                d.dim_param = f"{o.name}_dim_{i}"
+            if d.HasField("dim_param") and d.dim_param.startswith(PLACEHOLDER_OP):
+                d.dim_param = output_dim_name(o.name, i)
     # Keep module order in the record (stable, readable).
     order = [n for n in modules if n in layers]
     drop_value_info(graph, dropped)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..formats import PLACEHOLDER_OP, TRACE_DOMAIN, quantize_weight
 from . import arith
 
 
@@ -91,7 +92,7 @@ class _QuantBase(nn.Module):
 
     def _fake_quant_weight(self) -> torch.Tensor:
         scale = self.weight_scale()
-        q = arith.quantize_weight(self.weight, scale)
+        q = arith.quantize_weight_ste(self.weight, scale)
         return q * scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
 
     @torch.no_grad()
@@ -103,7 +104,7 @@ class _QuantBase(nn.Module):
             )
         scale_d, offset_d = self.act_factors()
         scale_w = self.weight_scale()
-        q_w = arith.quantize_weight(self.weight, scale_w).to(torch.float32).cpu().numpy() if with_weights else None
+        q_w = quantize_weight(self.weight, scale_w).to(torch.float32).cpu().numpy() if with_weights else None
         return LayerFactors(
             scale_d=float(scale_d.to(torch.float32)),
             offset_d=int(offset_d),
@@ -237,7 +238,7 @@ class _TraceQuantLayer(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, fn, name, kind, *state):
-        y = g.op("amct_trace::QuantLayer", x, layer_s=name, kind_s=kind)
+        y = g.op(f"{TRACE_DOMAIN}::{PLACEHOLDER_OP}", x, layer_s=name, kind_s=kind)
         xt = x.type()
         sizes = xt.varyingSizes()
         if sizes is not None:

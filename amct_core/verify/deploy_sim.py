@@ -25,9 +25,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import AmctError
+from ..formats import ASCEND_DEQUANT, ASCEND_QUANT, INT8_MAX, INT8_MIN, LayerNames, unpack_deq_scale
 from ._graph import (
-    ASCEND_DEQUANT,
-    ASCEND_QUANT,
     DeployLayer,
     GraphIndex,
     attr_value,
@@ -35,7 +34,6 @@ from ._graph import (
     find_deploy_layers,
     load_model,
     node_label,
-    unpack_deq_scale,
     with_extra_outputs,
 )
 from ._outcome import Outcome
@@ -119,8 +117,8 @@ class _Rewriter:
         scale, offset = attr_value(n, "scale"), attr_value(n, "offset")
         if scale is None or offset is None:
             raise SimulationError(f"AscendQuant {lab!r} lacks attribute 'scale' or 'offset' (FORMATS §5); run preflight")
-        if not float(offset).is_integer() or not -128 <= offset <= 127:
-            raise SimulationError(f"AscendQuant {lab!r}: offset {offset!r} is not an integer in [-128, 127]")
+        if not float(offset).is_integer() or not INT8_MIN <= offset <= INT8_MAX:
+            raise SimulationError(f"AscendQuant {lab!r}: offset {offset!r} is not an integer in [{INT8_MIN}, {INT8_MAX}]")
         sqrt_mode = attr_value(n, "sqrt_mode", 0)
         mode = attr_value(n, "round_mode", b"Round")
         mode = mode.decode() if isinstance(mode, bytes) else str(mode)
@@ -136,8 +134,8 @@ class _Rewriter:
             r = self.round(self.node("Add", [v, off], base=b), mode, b, lab)
         else:  # FORMATS §3/§4 (training, fake-quant): round(x * scale) + offset
             r = self.node("Add", [self.round(v, mode, b, lab), off], base=b)
-        r = self.node("Max", [r, self.const(f"{b}.sim.qmin", np.float64(-128))], base=b)
-        r = self.node("Min", [r, self.const(f"{b}.sim.qmax", np.float64(127))], base=b)
+        r = self.node("Max", [r, self.const(f"{b}.sim.qmin", np.float64(INT8_MIN))], base=b)
+        r = self.node("Min", [r, self.const(f"{b}.sim.qmax", np.float64(INT8_MAX))], base=b)
         self.node("Cast", [r], output=n.output[0], base=b, to=TensorProto.INT8)
         self.quant_info[n.output[0]] = (lab, int(offset), n.input[0])
 
@@ -625,8 +623,8 @@ def _device_tie_differences(x: np.ndarray, attrs) -> int:
     if sqrt_mode:
         t = t * np.float32(scale)
     t = t.astype(np.float64)
-    dev = np.clip(np.round(t + offset), -128, 127)
-    train = np.clip(np.round(t) + offset, -128, 127)
+    dev = np.clip(np.round(t + offset), INT8_MIN, INT8_MAX)
+    train = np.clip(np.round(t) + offset, INT8_MIN, INT8_MAX)
     return int(np.count_nonzero(dev != train))
 
 
@@ -689,7 +687,7 @@ def _compare_layer(sl: SimLayer, F, douts, fouts, tol: Tolerances, static: dict)
     elif d_bad:
         figure = "dequantized_output"
         message = (f"{d_bad} of {of.size} dequantized outputs differ (max rel diff {d_rel:.3g} > "
-                   f"{tol.deploy_dequant_rtol:.3g}); check the deq_scale '{sl.name}.dequant.param'")
+                   f"{tol.deploy_dequant_rtol:.3g}); check the deq_scale {LayerNames(sl.name).dequant_param!r}")
     ok = figure is None
     return DeployLayerResult(
         name=sl.name, kind=sl.kind, ok=ok, failed_figure=figure, message=message, elements=n,
