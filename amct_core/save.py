@@ -20,8 +20,8 @@ from .formats import DEFAULT_RECORD_FILE, DEPLOY_MODEL, FAKE_QUANT_MODEL, dynami
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.check import check_before_write
 from .onnx.io import PendingWrite, prepare_write
-from .onnx.metadata import ExampleInput, record_input_shapes
-from .onnx.trace import TracedModel, layer_infos, trace_quant_model
+from .onnx.layers import layer_infos
+from .onnx.trace import TracedModel, trace_quant_model
 from .quant.modules import is_quant_module
 from .record import LayerRecord, format_record, validate_record
 from .targets import DEFAULT_OPSET, Target, check_opset, get_target
@@ -125,10 +125,8 @@ def export_quant_model(model: nn.Module, input_data, input_names=None, output_na
             if name in ranks and any(not 0 <= a < ranks[name] for a in ax):
                 raise ExportError(f"dynamic_axes[{name!r}] = {sorted(ax)} is out of range for an input of rank {ranks[name]}")
     traced = trace_quant_model(model, inputs, input_names, output_names, axes, opset)
-    if not traced.layers:
+    if not traced.records:
         raise ExportError("no layers to save: no quantized layer is called by forward() on input_data")
-    examples = [ExampleInput(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
-    record_input_shapes(traced.model.proto, examples, input_names)
     return traced, tgt, opset
 
 
@@ -149,11 +147,11 @@ def save_distill_model(model, save_path, input_data, record_file=None, input_nam
         traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
                                                 target, opset_version)
     with _stage("record"):
-        validate_record(traced.records, layer_infos(traced.model, traced.layers), tgt, source="record of the model")
+        validate_record(traced.records, layer_infos(traced.model, traced.records), tgt, source="record of the model")
     with _stage("fake_quant_build"):
-        fake = build_fake_quant(traced.model, traced.layers, traced.records, opset)
+        fake = build_fake_quant(traced.model, traced.records)
     with _stage("deploy_build"):
-        deploy = build_deploy(traced.model, traced.layers, traced.records, opset)
+        deploy = build_deploy(traced.model, traced.records)
     with _stage("check"):
         check_before_write(fake, f"fake-quant model {str(paths.fake_quant)!r}", standard_ops=True)
         check_before_write(deploy, f"deploy model {str(paths.deploy)!r}", standard_ops=False)

@@ -1,6 +1,7 @@
 """The file-to-file stages give the same files as save_distill_model, and check a given record."""
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 
@@ -83,7 +84,7 @@ def test_a_built_model_that_breaks_a_post_condition_is_not_written(tmp_path, mon
 
     def dangling(*a, **k):
         m = real(*a, **k)
-        m.graph.node[-1].input[0] = "nowhere"
+        m.graph[-1].replace_input_with(0, ir.val("nowhere"))
         return m
 
     monkeypatch.setattr(stages_mod, builder, dangling)
