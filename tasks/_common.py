@@ -52,13 +52,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest
 
 
-def readable(path: str | os.PathLike) -> None:
-    """Give a file written through a temporary file (mode 0600) the usual mode for the umask (0644)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 @dataclass
 class FileRef:
     """A file a stage wrote: where it is, its size and SHA-256."""

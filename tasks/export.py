@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-from ._common import FileRef, ModelSpec, build_model, measured, onnx_files, readable, spec_inputs, stage_cache
+from ._common import FileRef, ModelSpec, build_model, measured, onnx_files, spec_inputs, stage_cache
 
 
 @dataclass
@@ -69,7 +69,6 @@ def record(traced_path: str, model_record_path: str, record_path: str, given_rec
             from amct_core._io import atomic_write_bytes
 
             atomic_write_bytes(out, Path(model_record_path).read_bytes())
-            readable(out)
             source = "model"
     return StageResult("record", [FileRef.of(out)], m.seconds, m.peak_rss_mb,
                        {"source": source, "layers": list(records)})

@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ._common import FileRef, readable
+from ._common import FileRef
 
 # Where each kind of file goes in the MLflow run's artifacts (and in the manifest's "artifact_path").
 ARTIFACT_DIRS = {
@@ -91,7 +91,6 @@ def write_manifest(out_path: str, target: str, opset: int, name: str, input_shap
         "parameters": parameters,
     }
     atomic_write_bytes(Path(out_path), (json.dumps(manifest, indent=2, default=str) + "\n").encode())
-    readable(out_path)
     return FileRef.of(out_path)
 
 

@@ -93,7 +93,7 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
     factors: dict[str, LayerFactors] = {}
     for n, m in modules.items():
         try:
-            factors[n] = m.quant_factors(with_weights=False)
+            factors[n] = m.quant_factors()
         except RuntimeError as e:
             raise ExportError(f"layer {n!r}: {e}") from None
     with _export_mode(model), torch.no_grad():
