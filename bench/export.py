@@ -3,7 +3,7 @@ float model (the lower bound for any exporter that traces) and ONNX Runtime's qu
 per-channel weights, fixed scales) on the same float ONNX (a peer users pick instead).
 
 Each measurement runs in a fresh child process, so its memory is its own; runs alternate between the
-exporters and the median of --repeats is reported. Time is wall time of the one call. Memory is the
+exporters (in reverse order every other repeat) and the median of --repeats is reported. Time is wall time of the one call. Memory is the
 peak resident set size *during* the call: the child resets the kernel's high-water mark
 (``/proc/self/clear_refs``) just before the call and reads ``VmHWM`` after it, so building the model
 and the QAT copy does not count; "added" is that peak minus the RSS just before the call (the model
@@ -446,8 +446,8 @@ def main(argv=None) -> int:
     measured = kinds + (["baseline"] if baseline is not None else [])
     runs: dict[str, list[dict]] = {k: [] for k in measured}
     info = machine()
-    for _ in range(repeats):
-        for kind in measured:
+    for i in range(repeats):
+        for kind in measured if i % 2 == 0 else measured[::-1]:  # no exporter always runs after the same one
             if kind == "baseline":
                 r = run_child("ours", a.model, a.threads, root=baseline)
             else:
