@@ -119,6 +119,10 @@ def ascend_dequant_attributes() -> dict[str, int]:
 
 
 # ---- §4, §5, §7: names -------------------------------------------------------------------------------
+def _named(suffix: str, doc: str) -> property:
+    return property(lambda self: self.layer + suffix, doc=f"``<layer>{suffix}``: {doc}")
+
+
 @dataclass(frozen=True)
 class LayerNames:
     """The names of one quantized layer's nodes and tensors. ``layer`` is the torch module name, the
@@ -127,28 +131,17 @@ class LayerNames:
     layer: str
 
     # the layer (traced, fake-quant and deploy models)
-    @property
-    def weight(self) -> str:
-        return f"{self.layer}.weight"
-
-    @property
-    def bias(self) -> str:
-        return f"{self.layer}.bias"
-
-    @property
-    def output(self) -> str:
-        """The layer's output tensor, unless it is a graph output (which keeps its name)."""
-        return f"{self.layer}.output"
-
-    @property
-    def matmul_output(self) -> str:
-        """A MatMul layer's product, read by its bias Add."""
-        return f"{self.layer}.matmul_output"
-
-    @property
-    def bias_add(self) -> str:
-        """The Add node of a MatMul layer's bias."""
-        return f"{self.layer}.bias_add"
+    weight = _named(".weight", "the weight initializer")
+    bias = _named(".bias", "the bias initializer")
+    output = _named(".output", "the layer's output tensor, unless it is a graph output (which keeps its name)")
+    matmul_output = _named(".matmul_output", "a MatMul layer's product, read by its bias Add")
+    bias_add = _named(".bias_add", "the Add node of a MatMul layer's bias")
+    # deploy model (§5)
+    quant = _named(".quant", "the AscendQuant node")
+    quant_output = _named(".quant.output", "the AscendQuant node's int8 output")
+    dequant = _named(".dequant", "the AscendDequant node")
+    dequant_param = _named(".dequant.param", "the uint64 deq_scale initializer")
+    dequant_input = _named(".dequant.input", "the int32 accumulator AscendDequant reads")
 
     # fake-quant model (§4)
     def fakequant(self, part: str) -> str:
@@ -158,31 +151,6 @@ class LayerNames:
     def fakedequant(self, part: str) -> str:
         """``<layer>.fakedequant.<part>``: the Mul by deq_scale on the layer's output."""
         return f"{self.layer}.fakedequant.{part}"
-
-    # deploy model (§5)
-    @property
-    def quant(self) -> str:
-        """The AscendQuant node."""
-        return f"{self.layer}.quant"
-
-    @property
-    def quant_output(self) -> str:
-        return f"{self.layer}.quant.output"
-
-    @property
-    def dequant(self) -> str:
-        """The AscendDequant node."""
-        return f"{self.layer}.dequant"
-
-    @property
-    def dequant_param(self) -> str:
-        """The uint64 deq_scale initializer."""
-        return f"{self.layer}.dequant.param"
-
-    @property
-    def dequant_input(self) -> str:
-        """The int32 accumulator AscendDequant reads."""
-        return f"{self.layer}.dequant.input"
 
 
 def dynamic_axis_name(tensor: str, k: int) -> str:
