@@ -25,7 +25,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import AmctError
-from ..formats import ASCEND_DEQUANT, ASCEND_QUANT, INT8_MAX, INT8_MIN, LayerNames, unpack_deq_scale
+from ..formats import (
+    ASCEND_DEQUANT,
+    ASCEND_QUANT,
+    DEQUANT_FLOAT16,
+    DEQUANT_FLOAT32,
+    INT8_MAX,
+    INT8_MIN,
+    LayerNames,
+    unpack_deq_scale,
+)
 from ._graph import (
     DeployLayer,
     GraphIndex,
@@ -265,7 +274,7 @@ class _Rewriter:
             y = self.node("Mul", [y, d], base=lab)
         if attr_value(n, "relu_flag", 0):
             y = self.node("Relu", [y], base=lab)
-        if attr_value(n, "dtype", 0) == 1:
+        if attr_value(n, "dtype", DEQUANT_FLOAT32) == DEQUANT_FLOAT16:
             y = self.node("Cast", [y], base=lab, to=TensorProto.FLOAT16)
         self.node("Identity", [y], output=n.output[0], base=lab)
 

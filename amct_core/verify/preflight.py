@@ -18,6 +18,8 @@ from ..formats import (
     ASCEND_DEQUANT_ATTRS,
     ASCEND_QUANT,
     ASCEND_QUANT_ATTRS,
+    DEQUANT_FLOAT16,
+    DEQUANT_FLOAT32,
     INT8_MAX,
     INT8_MIN,
     ROUND_MODES,
@@ -247,8 +249,8 @@ class _Checker:
                      "inputs [int32 accumulator, uint64 deq_scale] and one output")
         v = self._check_attrs(node, ASCEND_DEQUANT_ATTRS, "ascend_dequant")
         dt = v.get("dtype")
-        if dt is not None and dt not in (0, 1):
-            self.add("ascend_dequant.dtype", lab, f"dtype = {dt}", "0 (float32) or 1 (float16)")
+        if dt is not None and dt not in (DEQUANT_FLOAT32, DEQUANT_FLOAT16):
+            self.add("ascend_dequant.dtype", lab, f"dtype = {dt}", f"{DEQUANT_FLOAT32} (float32) or {DEQUANT_FLOAT16} (float16)")
         for k in ("sqrt_mode", "relu_flag"):
             if v.get(k) not in (None, 0, 1):
                 self.add(f"ascend_dequant.{k}", lab, f"{k} = {v[k]}", "0 or 1")
