@@ -30,6 +30,8 @@ record (``scale_d``, ``offset_d``, ``scale_w``); ``deq_scale = scale_d * scale_w
 """
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import onnx_ir as ir
 
@@ -63,14 +65,17 @@ class _InsertQuantDequantPass(ir.passes.InPlacePass):
         super().__init__()
         self.records = records
 
+    @abc.abstractmethod
     def quant(self, graph: ir.Graph, x: ir.Value, names: LayerNames, rec: LayerRecord) -> list[ir.Node]:
-        raise NotImplementedError
+        """The nodes that quantize ``x`` (in order; the last one's output is what the layer reads)."""
 
+    @abc.abstractmethod
     def dequant(self, graph: ir.Graph, acc: ir.Value, names: LayerNames, layer: Layer, deq: np.ndarray) -> ir.Node:
-        raise NotImplementedError
+        """The node that dequantizes the layer's accumulator ``acc`` with ``deq`` = deq_scale."""
 
+    @abc.abstractmethod
     def accumulator(self, names: LayerNames) -> str:
-        raise NotImplementedError
+        """The name of the layer's accumulator, the dequant's input."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
