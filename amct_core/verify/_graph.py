@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..onnx.mapped import is_external, open_model, tensor_array
-
 from ..formats import ASCEND_DEQUANT, ASCEND_QUANT, LAYER_OPS
+from ..onnx.mapped import is_external, open_model, tensor_array
 
 
 def load_model(model) -> onnx.ModelProto:
