@@ -89,11 +89,12 @@ def _write_embedded(model: ir.Model, f) -> None:
     entries = []
     size = 0
     for name, t in initializers(model):
+        nbytes = t.nbytes  # onnx-ir computes it from the shape: once per tensor
         h = _header(name, t).SerializeToString()
-        raw_tag = _field(_TENSOR_RAW_DATA, t.nbytes)
-        entry_len = len(h) + len(raw_tag) + t.nbytes
+        raw_tag = _field(_TENSOR_RAW_DATA, nbytes)
+        entry_len = len(h) + len(raw_tag) + nbytes
         entry_tag = _field(_GRAPH_INITIALIZER, entry_len)
-        entries.append((entry_tag + h + raw_tag, name, t))
+        entries.append((entry_tag + h + raw_tag, name, t, nbytes))
         size += len(entry_tag) + entry_len
     proto = graph_proto(model)
     graph_bytes = proto.graph.SerializeToString()
@@ -101,10 +102,10 @@ def _write_embedded(model: ir.Model, f) -> None:
     f.write(proto.SerializeToString())
     f.write(_field(_MODEL_GRAPH, len(graph_bytes) + size))
     f.write(graph_bytes)
-    for head, name, t in entries:
+    for head, name, t, nbytes in entries:
         arr = tensor_array(t)
-        if arr.nbytes != t.nbytes:
-            raise AssertionError(f"tensor {name!r} has {arr.nbytes} bytes, declared {t.nbytes}")
+        if arr.nbytes != nbytes:
+            raise AssertionError(f"tensor {name!r} has {arr.nbytes} bytes, declared {nbytes}")
         f.write(head)
         f.write(memoryview(arr).cast("B"))
         del arr  # a lazy tensor's array lives only while it is written
