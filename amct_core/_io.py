@@ -18,11 +18,6 @@ def temp_path_for(final: Path) -> Path:
     return Path(name)
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def atomic_write_bytes(final: Path, data: bytes) -> None:
     """Write ``data`` to ``final`` so a crash leaves either the old or the new complete file."""
     final = Path(final)

@@ -17,13 +17,14 @@ from ._io import temp_path_for
 from ._modes import as_input_tuple
 from .arguments import check_names, check_output_dir
 from .errors import ConfigError, ExportError
+from .formats import DEFAULT_RECORD_FILE, DEPLOY_MODEL, FAKE_QUANT_MODEL, dynamic_axis_name, output_file
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.check import check_before_write
 from .onnx.io import PendingWrite, prepare_write
-from .onnx.metadata import ExampleInput, record_input_shapes
-from .onnx.trace import TracedModel, layer_infos, trace_quant_model
+from .onnx.layers import layer_infos
+from .onnx.trace import TracedModel, trace_quant_model
 from .quant.modules import is_quant_module
-from .record import DEFAULT_RECORD_FILE, LayerRecord, format_record, validate_record
+from .record import LayerRecord, format_record, validate_record
 from .targets import DEFAULT_OPSET, Target, check_opset, get_target
 
 # Seconds per stage of the last save_distill_model call in this process (read by benchmarks and the flow).
@@ -39,10 +40,6 @@ def _stage(name: str):
         last_stage_seconds[name] = time.perf_counter() - t0
 
 
-FAKE_QUANT_SUFFIX = "fake_quant_model.onnx"
-DEPLOY_SUFFIX = "deploy_model.onnx"
-
-
 @dataclass(frozen=True)
 class OutputPaths:
     fake_quant: Path
@@ -54,15 +51,10 @@ def output_paths(save_path, record_file=None) -> OutputPaths:
     """Where save_distill_model writes, from ``save_path`` (directory + name prefix) and ``record_file``."""
     if not isinstance(save_path, (str, Path)) or not str(save_path):
         raise ExportError(f"save_path must be a non-empty path string like './out/model', got {save_path!r}")
-    s = str(save_path)
-    if s.endswith(("/", "\\")) or Path(s).is_dir():
-        directory, prefix = Path(s), ""
-    else:
-        directory, prefix = Path(s).parent, Path(s).name + "_"
     rec = Path(record_file) if record_file is not None else Path(DEFAULT_RECORD_FILE)
     if rec.is_dir():
         raise ExportError(f"record_file {str(rec)!r} is a directory; give a file path")
-    return OutputPaths(directory / f"{prefix}{FAKE_QUANT_SUFFIX}", directory / f"{prefix}{DEPLOY_SUFFIX}", rec)
+    return OutputPaths(output_file(save_path, FAKE_QUANT_MODEL), output_file(save_path, DEPLOY_MODEL), rec)
 
 
 def normalize_dynamic_axes(dynamic_axes, known_names: list[str], ranks: dict[str, int] | None = None) -> dict | None:
@@ -79,7 +71,7 @@ def normalize_dynamic_axes(dynamic_axes, known_names: list[str], ranks: dict[str
         if isinstance(axes, (list, tuple)):
             if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
                 raise ExportError(f"dynamic_axes[{name!r}] must list axis indices (ints), got {axes!r}")
-            out[name] = {int(a): f"{name}_dynamic_axes_{i + 1}" for i, a in enumerate(axes)}
+            out[name] = {int(a): dynamic_axis_name(name, i) for i, a in enumerate(axes)}
         elif isinstance(axes, dict):
             if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
                 raise ExportError(f"dynamic_axes[{name!r}] keys must be axis indices (ints), got {list(axes)}")
@@ -122,10 +114,8 @@ def export_quant_model(model: nn.Module, input_data, input_names=None, output_na
     ranks = {n: inputs[i].dim() for i, n in enumerate(input_names or [])}
     axes = normalize_dynamic_axes(dynamic_axes, known, ranks)
     traced = trace_quant_model(model, inputs, input_names, output_names, axes, opset)
-    if not traced.layers:
+    if not traced.records:
         raise ExportError("no layers to save: no quantized layer is called by forward() on input_data")
-    examples = [ExampleInput(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
-    record_input_shapes(traced.model.proto, examples, input_names)
     return traced, tgt, opset
 
 
@@ -146,11 +136,11 @@ def save_distill_model(model, save_path, input_data, record_file=None, input_nam
         traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
                                                 target, opset_version)
     with _stage("record"):
-        validate_record(traced.records, layer_infos(traced.model, traced.layers), tgt, source="record of the model")
+        validate_record(traced.records, layer_infos(traced.model, traced.records), tgt, source="record of the model")
     with _stage("fake_quant_build"):
-        fake = build_fake_quant(traced.model, traced.layers, traced.records, opset)
+        fake = build_fake_quant(traced.model, traced.records)
     with _stage("deploy_build"):
-        deploy = build_deploy(traced.model, traced.layers, traced.records, opset)
+        deploy = build_deploy(traced.model, traced.records)
     with _stage("check"):
         check_before_write(fake, f"fake-quant model {str(paths.fake_quant)!r}", standard_ops=True)
         check_before_write(deploy, f"deploy model {str(paths.deploy)!r}", standard_ops=False)

@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnx
+import onnx_ir as ir
 
 from ._io import atomic_write_bytes
 from .arguments import check_output_dir
@@ -21,12 +21,11 @@ from .errors import ExportError
 from .onnx import metadata
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.check import check_before_write
-from .onnx.io import load_model, prepare_write
-from .onnx.store import OnnxModel
-from .onnx.trace import layer_infos, layer_meta
-from .record import read_record, validate_record, write_record
+from .onnx.io import prepare_write
+from .onnx.layers import layer_infos
+from .record import LayerRecord, read_record, validate_record, write_record
 from .save import export_quant_model
-from .targets import check_opset, get_target
+from .targets import Target, check_opset, get_target
 
 
 @dataclass
@@ -41,8 +40,18 @@ class TraceResult:
         return asdict(self)
 
 
-def _get_meta(proto: onnx.ModelProto, key: str, path) -> str:
-    value = metadata.read_prop(proto, key)
+@dataclass
+class TracedFile:
+    """A traced model read back from its file: the graph, its quantized layers, target and opset."""
+
+    model: ir.Model
+    layers: list[str]
+    target: str
+    opset: int
+
+
+def _get_meta(model: ir.Model, key: str, path) -> str:
+    value = metadata.read_prop(model, key)
     if value is None:
         raise ExportError(f"traced model {str(path)!r} has no metadata {key!r}: it was not written by trace_to_file")
     return value
@@ -56,10 +65,10 @@ def trace_to_file(model, input_data, traced_path, record_path, input_names=None,
     check_output_dir(record_path.parent, "record_path")
     traced, tgt, opset = export_quant_model(model, input_data, input_names, output_names, dynamic_axes,
                                             target, opset_version)
-    validate_record(traced.records, layer_infos(traced.model, traced.layers), tgt, source="record of the model")
-    metadata.write_prop(traced.model.proto, metadata.QUANT_LAYERS, json.dumps(list(traced.layers)))
-    metadata.write_prop(traced.model.proto, metadata.TARGET, tgt.name)
-    metadata.write_prop(traced.model.proto, metadata.OPSET, str(opset))
+    validate_record(traced.records, layer_infos(traced.model, traced.records), tgt, source="record of the model")
+    metadata.write_prop(traced.model, metadata.QUANT_LAYERS, json.dumps(list(traced.records)))
+    metadata.write_prop(traced.model, metadata.TARGET, tgt.name)
+    metadata.write_prop(traced.model, metadata.OPSET, str(opset))
     check_before_write(traced.model, f"traced model {str(traced_path)!r}", standard_ops=True)
     pending = prepare_write(traced.model, traced_path)
     try:
@@ -68,22 +77,20 @@ def trace_to_file(model, input_data, traced_path, record_path, input_names=None,
         pending.abort()
         raise
     pending.commit()
-    return TraceResult(str(traced_path), str(record_path), list(traced.layers), tgt.name, opset)
+    return TraceResult(str(traced_path), str(record_path), list(traced.records), tgt.name, opset)
 
 
-def load_traced(traced_path) -> tuple[OnnxModel, dict, str, int]:
-    om = load_model(traced_path)
-    names = json.loads(_get_meta(om.proto, metadata.QUANT_LAYERS, traced_path))
-    layers = {n: layer_meta(om.graph, om, n) for n in names}
-    return om, layers, _get_meta(om.proto, metadata.TARGET, traced_path), int(_get_meta(om.proto, metadata.OPSET, traced_path))
+def load_traced(traced_path) -> TracedFile:
+    """Read a traced model written by :func:`trace_to_file` (large tensors stay in their files)."""
+    model = ir.load(str(traced_path))
+    return TracedFile(model, json.loads(_get_meta(model, metadata.QUANT_LAYERS, traced_path)),
+                      _get_meta(model, metadata.TARGET, traced_path), int(_get_meta(model, metadata.OPSET, traced_path)))
 
 
-def validate_record_file(record_path, traced_path, target=None) -> dict:
-    """Validate a record file against a traced model (every rule of FORMATS §2). Returns the records."""
-    om, layers, traced_target, _ = load_traced(traced_path)
-    tgt = get_target(target or traced_target)
+def _validated_records(record_path, traced: TracedFile, target: Target) -> dict[str, LayerRecord]:
     records = read_record(record_path)
-    validate_record(records, layer_infos(om, layers), tgt, source=f"record file {str(record_path)!r}")
+    validate_record(records, layer_infos(traced.model, traced.layers), target,
+                    source=f"record file {str(record_path)!r}")
     return records
 
 
@@ -95,17 +102,21 @@ def publish_record_file(model_record_path, traced_path, out_path, target=None) -
     records = validate_record_file(model_record_path, traced_path, target)
     atomic_write_bytes(out_path, Path(model_record_path).read_bytes())
     return records
+def validate_record_file(record_path, traced_path, target=None) -> dict[str, LayerRecord]:
+    """Validate a record file against a traced model (every rule of FORMATS §2). Returns the records."""
+    traced = load_traced(traced_path)
+    return _validated_records(record_path, traced, get_target(target or traced.target))
 
 
 def _build_file(kind, traced_path, record_path, out_path, target=None) -> str:
     out_path = Path(out_path)
     check_output_dir(out_path.parent, "out_path")
-    om, layers, traced_target, opset = load_traced(traced_path)
-    tgt = get_target(target or traced_target)
-    check_opset(tgt, opset)
-    records = validate_record_file(record_path, traced_path, tgt.name)
-    metadata.drop_stage_props(om.proto)  # the outputs keep only the keys of metadata.OUTPUT_KEYS
-    built = (build_fake_quant if kind == "fake_quant" else build_deploy)(om, layers, records, opset)
+    traced = load_traced(traced_path)
+    tgt = get_target(target or traced.target)
+    check_opset(tgt, traced.opset)
+    records = _validated_records(record_path, traced, tgt)
+    metadata.drop_stage_props(traced.model)  # the outputs keep only the keys of metadata.OUTPUT_KEYS
+    built = (build_fake_quant if kind == "fake_quant" else build_deploy)(traced.model, records)
     what = "fake-quant model" if kind == "fake_quant" else "deploy model"
     check_before_write(built, f"{what} {str(out_path)!r}", standard_ops=kind == "fake_quant")
     prepare_write(built, out_path).commit()

@@ -3,7 +3,7 @@ float model (the lower bound for any exporter that traces) and ONNX Runtime's qu
 per-channel weights, fixed scales) on the same float ONNX (a peer users pick instead).
 
 Each measurement runs in a fresh child process, so its memory is its own; runs alternate between the
-exporters and the median of --repeats is reported. Time is wall time of the one call. Memory is the
+exporters (in reverse order every other repeat) and the median of --repeats is reported. Time is wall time of the one call. Memory is the
 peak resident set size *during* the call: the child resets the kernel's high-water mark
 (``/proc/self/clear_refs``) just before the call and reads ``VmHWM`` after it, so building the model
 and the QAT copy does not count; "added" is that peak minus the RSS just before the call (the model
@@ -14,6 +14,10 @@ peak RSS). Prints a table with the ratios and writes JSON.
     .venv/bin/python -m bench.export --model bert_base --repeats 3
     .venv/bin/python -m bench.export --model large --repeats 1          # 2.65 GB of fp32 weights
     .venv/bin/python -m bench.export --model tiny --smoke               # seconds; for the smoke test
+
+    # save_distill_model of this checkout against another commit's, alternating, with per-run ratios
+    git worktree add --detach /tmp/amct-base <commit>
+    .venv/bin/python -m bench.export --model resnet50 --kinds ours --baseline /tmp/amct-base --repeats 5
 
 What each column includes:
   bare  torch.onnx.export(model, x, file, dynamo=False, opset 11) of the float model; nothing else.
@@ -26,6 +30,9 @@ What each column includes:
         weights, per-channel weights, Conv/MatMul/Gemm only, with the activation ranges read from a
         calibration cache (fixed scales). Not included: the float export it starts from (= bare)
         and the calibration that produced the cache (2 batches, reported as ort_calibrate_s).
+  baseline  (with --baseline DIR) the ``ours`` measurement of another checkout of this repository,
+        run from DIR with this interpreter, alternating with ``ours``; the ratios ours / baseline of
+        time and job peak are taken run by run (pairs) and their median reported.
 """
 from __future__ import annotations
 
@@ -45,9 +52,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 KINDS = ("bare", "ours", "ort")
+ORDER = ("bare", "ours", "baseline", "ort")  # the rows of a table
 LABELS = {
     "bare": "torch.onnx.export (float)",
     "ours": "save_distill_model",
+    "baseline": "save_distill_model (baseline)",
     "ort": "ORT quantize_static (QDQ)",
 }
 
@@ -283,11 +292,13 @@ def child(kind: str, model_name: str, outdir: str, threads: int) -> dict:
     return res
 
 
-def run_child(kind: str, model_name: str, threads: int, timeout: float | None = None, inprocess: bool = False) -> dict:
+def run_child(kind: str, model_name: str, threads: int, timeout: float | None = None, inprocess: bool = False,
+              root: Path = ROOT) -> dict:
     """One measurement in a fresh process; its output files live in a temporary directory.
 
     ``inprocess`` (smoke runs only) calls the child in this process: no interpreter start-up, but the
-    memory figures are then this process's, not a clean child's.
+    memory figures are then this process's, not a clean child's. ``root``: the checkout whose code
+    the child runs (``bench.export`` and ``amct_core`` imported from there).
     """
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as d:
         if inprocess:
@@ -304,7 +315,7 @@ def run_child(kind: str, model_name: str, threads: int, timeout: float | None = 
         proc = subprocess.run(
             [sys.executable, "-m", "bench.export", "--child", kind, "--model", model_name, "--outdir", d,
              "--threads", str(threads)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
         )
         if proc.returncode != 0:
             return {"kind": kind, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
@@ -312,6 +323,23 @@ def run_child(kind: str, model_name: str, threads: int, timeout: float | None = 
 
 
 # ---- parent ------------------------------------------------------------------------------------
+
+def _commit(root: Path) -> str | None:
+    """The commit checked out in ``root`` (None outside git)."""
+    proc = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+
+
+def paired_ratios(ours: list[dict], base: list[dict]) -> dict:
+    """Median of the run-by-run ratios ours / baseline of time and job peak (the i-th run of each, both ok)."""
+    pairs = [(o, b) for o, b in zip(ours, base, strict=True) if "error" not in o and "error" not in b]
+    out: dict = {"pairs": len(pairs)}
+    for key in ("seconds", "job_peak_mb"):
+        vals = [o[key] / b[key] for o, b in pairs]
+        out[key + "_runs"] = vals
+        out[key] = statistics.median(vals) if vals else float("nan")
+    return out
+
 
 def machine() -> dict:
     """The machine and versions (without importing torch: the parent process stays small)."""
@@ -345,7 +373,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             continue
         med[kind] = {k: median_of(ok, k) for k in ("seconds", "peak_rss_mb", "rss_before_mb", "added_mb", "job_peak_mb")}
         med[kind]["files_mb"] = sum(ok[-1]["files"].values()) / 1e6
-        if kind == "ours" and ok[0]["stages"]:
+        if kind in ("ours", "baseline") and ok[0]["stages"]:
             med[kind]["stages"] = {s: {k: statistics.median(r["stages"][s][k] for r in ok)
                                        for k in ("seconds", "peak_rss_mb", "added_mb")}
                                    for s in ok[0]["stages"]}
@@ -364,7 +392,7 @@ def print_table(model_name: str, med: dict, first: dict, repeats: int, threads: 
     print(f"{'exporter':<28}{'seconds':>9}{'x bare':>8}{'peak RSS MB':>13}{'job MB':>9}{'job/wts':>9}"
           f"{'added MB':>10}{'files MB':>10}")
     bare = med.get("bare", {})
-    for kind in KINDS:
+    for kind in ORDER:
         m = med.get(kind)
         if m is None:
             continue
@@ -374,9 +402,10 @@ def print_table(model_name: str, med: dict, first: dict, repeats: int, threads: 
         ratio = m["seconds"] / bare["seconds"] if "seconds" in bare else float("nan")
         print(f"{LABELS[kind]:<28}{m['seconds']:>9.2f}{ratio:>7.2f}x{m['peak_rss_mb']:>13.0f}{m['job_peak_mb']:>9.0f}"
               f"{m['job_peak_mb'] * 2**20 / wb if wb else float('nan'):>8.2f}x{m['added_mb']:>10.0f}{m['files_mb']:>10.1f}")
-    if "stages" in med.get("ours", {}):
-        print("save_distill_model stages (median): " + ", ".join(
-            f"{s} {v['seconds']:.2f}s/+{v['added_mb']:.0f}MB" for s, v in med["ours"]["stages"].items()))
+    for kind in ("ours", "baseline"):
+        if "stages" in med.get(kind, {}):
+            print(f"{LABELS[kind]} stages (median): " + ", ".join(
+                f"{s} {v['seconds']:.2f}s/+{v['added_mb']:.0f}MB" for s, v in med[kind]["stages"].items()))
     checks = [r["check"] for r in runs_ours if "check" in r] if runs_ours else []
     if checks:
         passed = sum(c["passed"] for c in checks)
@@ -393,6 +422,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=str(RESULTS / "export_{model}.json"))
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="a checkout of another commit of this repository: its save_distill_model is measured too, "
+                         "alternating with this one's, and the ratios reported")
     ap.add_argument("--smoke", action="store_true",
                     help="one run of each, in this process (not timed cleanly), on --model (use tiny); no JSON unless --json")
     ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
@@ -405,12 +437,21 @@ def main(argv=None) -> int:
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         ap.error(f"--kinds: unknown {bad}; choose from {list(KINDS)}")
+    baseline = Path(a.baseline).resolve() if a.baseline else None
+    if baseline is not None and not (baseline / "bench" / "export.py").is_file():
+        ap.error(f"--baseline {a.baseline!r}: not a checkout of this repository (no bench/export.py in it)")
+    if baseline is not None and a.smoke:
+        ap.error("--baseline measures in child processes; drop --smoke")
     repeats = 1 if a.smoke else a.repeats
-    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    measured = kinds + (["baseline"] if baseline is not None else [])
+    runs: dict[str, list[dict]] = {k: [] for k in measured}
     info = machine()
-    for _ in range(repeats):
-        for kind in kinds:
-            r = run_child(kind, a.model, a.threads, inprocess=a.smoke)
+    for i in range(repeats):
+        for kind in measured if i % 2 == 0 else measured[::-1]:  # no exporter always runs after the same one
+            if kind == "baseline":
+                r = run_child("ours", a.model, a.threads, root=baseline)
+            else:
+                r = run_child(kind, a.model, a.threads, inprocess=a.smoke)
             runs[kind].append(r)
             if "error" in r:
                 print(f"{kind}: {r['error'][-500:]}", file=sys.stderr)
@@ -421,6 +462,13 @@ def main(argv=None) -> int:
               "repeats": repeats, "threads": a.threads, "machine": info, "median": med, "runs": runs}
     if "seconds" in med.get("bare", {}):
         result["ratio_time_vs_bare"] = {k: med[k]["seconds"] / med["bare"]["seconds"] for k in med if "seconds" in med[k]}
+    if baseline is not None:
+        result["baseline"] = {"root": str(baseline), "commit": _commit(baseline), "commit_ours": _commit(ROOT)}
+        result["ratio_vs_baseline"] = r = paired_ratios(runs.get("ours", []), runs["baseline"])
+        print(f"ours / baseline ({result['baseline']['commit_ours']} / {result['baseline']['commit']}), median of "
+              f"{r['pairs']} run-by-run ratios: time {r['seconds']:.3f}x (runs "
+              f"{', '.join(f'{x:.3f}' for x in r['seconds_runs'])}), job peak {r['job_peak_mb']:.3f}x (runs "
+              f"{', '.join(f'{x:.3f}' for x in r['job_peak_mb_runs'])})")
     if not a.smoke or "--json" in (argv or sys.argv):
         path = Path(a.json.format(model=a.model))
         path.parent.mkdir(parents=True, exist_ok=True)

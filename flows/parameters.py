@@ -113,19 +113,27 @@ class ExportFiles:
     name: str
 
     def _named(self, file_name: str, directory: str | None = None) -> str:
-        return str(Path(directory or self.output_dir) / f"{self.name}_{file_name}")
+        from amct_core.formats import prefixed_file
+
+        return str(prefixed_file(directory or self.output_dir, self.name, file_name))
 
     @property
     def fake_quant(self) -> str:
-        return self._named("fake_quant_model.onnx")
+        from amct_core.formats import FAKE_QUANT_MODEL
+
+        return self._named(FAKE_QUANT_MODEL)
 
     @property
     def deploy(self) -> str:
-        return self._named("deploy_model.onnx")
+        from amct_core.formats import DEPLOY_MODEL
+
+        return self._named(DEPLOY_MODEL)
 
     @property
     def record(self) -> str:
-        return self._named("scale_offset_record.txt")
+        from amct_core.formats import RECORD_FILE
+
+        return self._named(RECORD_FILE)
 
     @property
     def manifest(self) -> str:

@@ -18,8 +18,8 @@ def test_export_bench_runs_all_three_exporters(tmp_path, capsys):
     out = tmp_path / "export.json"
     assert export.main(["--model", "tiny", "--smoke", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    for label in export.LABELS.values():
-        assert label in text
+    for kind in export.KINDS:
+        assert export.LABELS[kind] in text
     res = json.loads(out.read_text())
     for kind in export.KINDS:
         m = res["median"][kind]
@@ -33,6 +33,19 @@ def test_export_bench_runs_all_three_exporters(tmp_path, capsys):
     assert "qdq.onnx" in res["runs"]["ort"][0]["files"]
     check = res["runs"]["ours"][0]["check"]
     assert check["checks"] == "verify" and check["passed"], check
+
+
+def test_export_bench_measures_another_checkout_side_by_side(tmp_path, capsys):
+    from bench import export
+
+    out = tmp_path / "export.json"
+    assert export.main(["--model", "tiny", "--kinds", "ours", "--baseline", str(export.ROOT), "--repeats", "1",
+                        "--json", str(out)]) == 0
+    assert export.LABELS["baseline"] in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert _positive(res["median"]["baseline"]["seconds"]) and res["baseline"]["root"] == str(export.ROOT)
+    ratios = res["ratio_vs_baseline"]
+    assert ratios["pairs"] == 1 and _positive(ratios["seconds"]) and _positive(ratios["job_peak_mb"])
 
 
 def test_export_bench_rejects_unknown_kind():

@@ -461,21 +461,22 @@ def test_external_data_path_loads_runs_and_replaces_old_data(tmp_path, monkeypat
 
 
 def test_streamed_file_parses_as_the_same_model(tmp_path):
-    """The streaming writer's bytes parse to exactly the proto with the arrays as initializers."""
-    from amct_core.onnx.io import prepare_write
-    from amct_core.onnx.store import OnnxModel
+    """The streaming writer's bytes parse to exactly the graph with the arrays as initializers."""
+    import onnx_ir as ir
 
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 300])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 300])])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    from amct_core.onnx.adapter import graph_proto
+    from amct_core.onnx.io import prepare_write
+
     arrays = {"w": np.random.default_rng(0).standard_normal((3, 300)).astype(np.float32),
               "q": np.arange(-128, 128, dtype=np.int8).reshape(16, 16),
               "p": np.array([1, 2**32 - 1], dtype=np.uint64)}
-    prepare_write(OnnxModel(proto, dict(arrays)), tmp_path / "s.onnx").commit()
+    inits = [ir.val(k, const_value=ir.tensor(v)) for k, v in arrays.items()]
+    x = ir.val("x", ir.DataType.FLOAT, [3, 300])
+    add = ir.node("Add", [x, inits[0]], name="add", outputs=[ir.val("y", ir.DataType.FLOAT, [3, 300])])
+    model = ir.Model(ir.Graph([x], add.outputs, nodes=[add], initializers=inits, opset_imports={"": 11}), ir_version=7)
+    prepare_write(model, tmp_path / "s.onnx").commit()
     back = onnx.load(str(tmp_path / "s.onnx"))
-    want = onnx.ModelProto()
-    want.CopyFrom(proto)
+    want = graph_proto(model)
     for k, v in arrays.items():
         want.graph.initializer.append(numpy_helper.from_array(v, k))
     assert back == want
@@ -511,9 +512,9 @@ def test_resnet50_with_downsample_first_exports_sorted_files(tmp_path):
 def _reversed_nodes(build):
     def broken(*a, **k):
         m = build(*a, **k)
-        nodes = list(m.graph.node)
-        del m.graph.node[:]
-        m.graph.node.extend(reversed(nodes))
+        nodes = list(m.graph)
+        m.graph.remove(nodes)
+        m.graph.extend(reversed(nodes))
         return m
     return broken
 

@@ -1,4 +1,4 @@
-"""The arithmetic of FORMATS §3 and the QAT modules."""
+"""The training arithmetic of FORMATS §3 and the QAT modules (format facts: tests/test_formats.py)."""
 import numpy as np
 import pytest
 import torch
@@ -37,19 +37,6 @@ def test_weight_scale_per_channel_and_per_tensor():
     w = torch.tensor([[1.0, -2.0], [0.5, 0.25], [0.0, 0.0]])
     assert arith.weight_scale(w, True).tolist() == pytest.approx([2 / 127, 0.5 / 127, 1.0])
     assert arith.weight_scale(w, False).tolist() == pytest.approx([2 / 127])
-
-
-def test_pack_deq_scale_low_bits_hold_float32_pattern():
-    deq = np.array([0.001, 3.5], dtype=np.float32)
-    packed = arith.pack_deq_scale(deq)
-    assert packed.dtype == np.uint64
-    assert (packed >> np.uint64(32)).tolist() == [0, 0]
-    assert (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32).tolist() == deq.tolist()
-
-
-def test_quantize_bias_uses_weight_and_data_scale():
-    deq = arith.deq_scale(0.5, np.array([0.25], np.float32))
-    assert arith.quantize_bias(np.array([1.0, -0.0625]), deq).tolist() == [8.0, -0.0]
 
 
 def test_qat_conv_factors_come_from_parameters_not_last_forward():

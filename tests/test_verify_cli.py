@@ -142,3 +142,12 @@ def test_help_explains_usage_and_exit_status(capsys):
     assert ex.value.code == 0
     out = capsys.readouterr().out
     assert "exit status" in out and "--deploy" in out and "--model" in out
+
+
+def test_a_file_named_neither_deploy_nor_fake_quant_model_is_a_usage_error(tmp_path, capsys):
+    e = bm.export("mlp")
+    odd = tmp_path / "model.onnx"
+    odd.write_bytes(e.deploy.read_bytes())
+    assert main([str(odd)]) == 2
+    err = capsys.readouterr().err
+    assert "'deploy_model.onnx'" in err and "'fake_quant_model.onnx'" in err and "--deploy" in err

@@ -52,7 +52,7 @@ def trace_calls(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple[int, .
     for name, mod in _leaf_modules(model).items():
         hooks.append(mod.register_forward_hook(hook(name)))
     hooked_forward(model, inputs, hooks)
-    del keep
+    keep.clear()  # the tensors kept alive for unique ids
     return calls
 
 

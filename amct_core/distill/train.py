@@ -770,7 +770,8 @@ def _train_group(run: _Run, gi: int) -> dict:
                 opt.step()
                 total += float(value.detach())
                 count += 1
-                progress.tick(lambda: f"{label} epoch {epoch + 1}/{run.epochs} batch {count}: loss {total / count:.6g}")
+                progress.tick(lambda epoch=epoch, count=count, total=total:
+                              f"{label} epoch {epoch + 1}/{run.epochs} batch {count}: loss {total / count:.6g}")
             progress.say(f"{label} epoch {epoch + 1}/{run.epochs}: mean loss {total / count:.6g} over {count} batches "
                          f"({time.monotonic() - t_ep:.1f} s)")
     finally:

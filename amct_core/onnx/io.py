@@ -1,11 +1,14 @@
-"""Write and read models atomically, embedding weights or streaming them to external data.
+"""Write models atomically, embedding weights or streaming them to external data.
 
-A model is written to a temporary file beside its final path and renamed into place, so a crash
-leaves the old complete file or the new complete file. When its tensors reach the protobuf limit
-(``EXTERNAL_DATA_THRESHOLD``), large tensors are streamed one by one into a data file named
-``<model>.onnx.<token>.data`` (ONNX external data; ``location`` is relative to the model's
-directory). The token is new for every write, so the new data never overwrites the data the old
-model still points to; the old data file is removed only after the new model is in place.
+A model (onnx-ir) is written to a temporary file beside its final path and renamed into place, so a
+crash leaves the old complete file or the new complete file. Its graph is serialized without its
+initializers (:mod:`.adapter`); the initializers are streamed one by one from their own memory,
+without a copy into protobuf: embedded in the ``.onnx`` file, or, when they reach the protobuf limit
+(``EXTERNAL_DATA_THRESHOLD``), the large ones into a data file named ``<model>.onnx.<token>.data``
+(ONNX external data; ``location`` is relative to the model's directory). The token is new for every
+write, so the new data never overwrites the data the old model still points to; the old data file is
+removed only after the new model is in place. A lazy tensor is computed when it is written, and its
+array lives only while it is.
 """
 from __future__ import annotations
 
@@ -14,12 +17,12 @@ import re
 import uuid
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx import TensorProto, numpy_helper
 
 from .._io import temp_path_for
-from .store import OnnxModel, materialize
+from .adapter import graph_proto, initializers, tensor_array
 
 # Protobuf cannot serialize a message of 2 GiB or more; FORMATS §1 sends 2 GB and more to external data.
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000  # below 2 GB (2e9) with room for the graph itself
@@ -49,15 +52,6 @@ class PendingWrite:
         if self.data is not None:
             self.data.unlink(missing_ok=True)
 
-    @property
-    def files(self) -> list[Path]:
-        return [self.final] + ([self.final.parent / self.data.name] if self.data else [])
-
-
-def _little_endian(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
-
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -80,34 +74,36 @@ def _field(number: int, length: int) -> bytes:
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 
 
-def _write_embedded(model: OnnxModel, f) -> None:
-    """Serialize ``model`` with its array tensors embedded, without copying them into protobuf.
+def _header(name: str, tensor: ir.TensorProtocol) -> TensorProto:
+    return TensorProto(name=name, dims=list(tensor.shape.numpy()), data_type=tensor.dtype.value)
+
+
+def _write_embedded(model: ir.Model, f) -> None:
+    """Serialize ``model`` with its initializers embedded, without copying them into protobuf.
 
     Protobuf readers merge a message's fields in any order, so the graph can be written as its
-    small part followed by one initializer entry per array; each entry is a TensorProto header
-    (name, dims, type) followed by its raw_data field, streamed from the array's own memory. The
-    result parses exactly as if the tensors had been in ``graph.initializer``.
+    initializer-free part followed by one initializer entry per tensor; each entry is a TensorProto
+    header (name, dims, type) followed by its raw_data field, streamed from the tensor's own memory.
+    The result parses exactly as if the tensors had been in ``graph.initializer``.
     """
-    headers = []
+    entries = []
     size = 0
-    for name, t in model.tensors.items():
-        dtype = np.dtype(t.dtype)
-        head = TensorProto(name=name, dims=list(t.shape), data_type=helper.np_dtype_to_tensor_dtype(dtype))
-        h = head.SerializeToString()
-        raw_tag = _field(_TENSOR_RAW_DATA, t.nbytes)
-        entry_len = len(h) + len(raw_tag) + t.nbytes
+    for name, t in initializers(model):
+        nbytes = t.nbytes  # onnx-ir computes it from the shape: once per tensor
+        h = _header(name, t).SerializeToString()
+        raw_tag = _field(_TENSOR_RAW_DATA, nbytes)
+        entry_len = len(h) + len(raw_tag) + nbytes
         entry_tag = _field(_GRAPH_INITIALIZER, entry_len)
-        headers.append((entry_tag + h + raw_tag, name, t.nbytes))
+        entries.append((entry_tag + h + raw_tag, name, t, nbytes))
         size += len(entry_tag) + entry_len
-    graph_bytes = model.proto.graph.SerializeToString()
-    rest = onnx.ModelProto()
-    rest.CopyFrom(model.proto)
-    rest.ClearField("graph")
-    f.write(rest.SerializeToString())
+    proto = graph_proto(model)
+    graph_bytes = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    f.write(proto.SerializeToString())
     f.write(_field(_MODEL_GRAPH, len(graph_bytes) + size))
     f.write(graph_bytes)
-    for head, name, nbytes in headers:
-        arr = _little_endian(materialize(model.tensors[name]))
+    for head, name, t, nbytes in entries:
+        arr = tensor_array(t)
         if arr.nbytes != nbytes:
             raise AssertionError(f"tensor {name!r} has {arr.nbytes} bytes, declared {nbytes}")
         f.write(head)
@@ -115,11 +111,40 @@ def _write_embedded(model: OnnxModel, f) -> None:
         del arr  # a lazy tensor's array lives only while it is written
 
 
-def prepare_write(model: OnnxModel, final, threshold: int | None = None) -> PendingWrite:
+def _write_external(model: ir.Model, data_path: Path) -> onnx.ModelProto:
+    """Stream every initializer of at least ``EXTERNAL_MIN_TENSOR_BYTES`` to ``data_path``; return the
+    model's proto, whose initializers reference them (and embed the small ones)."""
+    proto = graph_proto(model)
+    inits = proto.graph.initializer
+    offset = 0
+    with open(data_path, "wb") as f:
+        for name, t in initializers(model):
+            arr = tensor_array(t)
+            if arr.nbytes < EXTERNAL_MIN_TENSOR_BYTES:
+                inits.append(numpy_helper.from_array(arr, name))
+                continue
+            pad = (-offset) % _ALIGN
+            f.write(b"\0" * pad)
+            start = offset + pad
+            f.write(memoryview(arr).cast("B"))
+            offset = start + arr.nbytes
+            ref = _header(name, t)
+            ref.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_path.name), ("offset", str(start)), ("length", str(arr.nbytes))):
+                e = ref.external_data.add()
+                e.key, e.value = k, v
+            inits.append(ref)
+            del arr
+        f.flush()
+        os.fsync(f.fileno())
+    return proto
+
+
+def prepare_write(model: ir.Model, final, threshold: int | None = None) -> PendingWrite:
     """Serialize ``model`` to a temp file next to ``final`` (and a new external data file if large)."""
     final = Path(final)
     limit = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
-    total = model.tensor_bytes() + sum(len(t.raw_data) for t in model.graph.initializer)
+    total = sum(t.nbytes for _, t in initializers(model))
     tmp = temp_path_for(final)
     data_path = None
     try:
@@ -141,72 +166,3 @@ def prepare_write(model: OnnxModel, final, threshold: int | None = None) -> Pend
             data_path.unlink(missing_ok=True)
         raise
     return PendingWrite(final, tmp, data_path)
-
-
-def _external_ref(name: str, dtype: int, dims, location: str, offset: int, length: int) -> TensorProto:
-    t = TensorProto(name=name, data_type=dtype, dims=list(dims))
-    t.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        e = t.external_data.add()
-        e.key, e.value = k, v
-    return t
-
-
-def _write_external(model: OnnxModel, data_path: Path) -> onnx.ModelProto:
-    """Stream every large tensor to ``data_path``; return a proto that references them."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    inits = proto.graph.initializer
-    offset = 0
-    with open(data_path, "wb") as f:
-
-        def put(buf: memoryview | bytes) -> tuple[int, int]:
-            nonlocal offset
-            pad = (-offset) % _ALIGN
-            if pad:
-                f.write(b"\0" * pad)
-                offset += pad
-            start = offset
-            f.write(buf)
-            offset += len(buf)
-            return start, offset - start
-
-        for t in inits:
-            if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_TENSOR_BYTES:
-                start, length = put(t.raw_data)
-                t.ClearField("raw_data")
-                t.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", data_path.name), ("offset", str(start)), ("length", str(length))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-        for name, t in model.tensors.items():
-            arr = _little_endian(materialize(t))
-            dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
-            if arr.nbytes >= EXTERNAL_MIN_TENSOR_BYTES:
-                start, length = put(memoryview(arr).cast("B"))
-                inits.append(_external_ref(name, dtype, arr.shape, data_path.name, start, length))
-            else:
-                inits.append(numpy_helper.from_array(arr, name))
-        f.flush()
-        os.fsync(f.fileno())
-    return proto
-
-
-def load_model(path) -> OnnxModel:
-    """Load a model; external tensors are memory-mapped into ``tensors`` rather than read into the proto."""
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    om = OnnxModel(proto)
-    inits = proto.graph.initializer
-    for i in range(len(inits) - 1, -1, -1):
-        t = inits[i]
-        if t.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        count = int(np.prod(t.dims)) if len(t.dims) else 1
-        arr = np.memmap(path.parent / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
-                        shape=(count,)).reshape(tuple(t.dims))
-        om.tensors[t.name] = arr
-        del inits[i]
-    return om

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
+import onnx_ir as ir
 from onnx import helper
 
 PREFIX = "amct."
@@ -30,28 +31,41 @@ OPSET = "amct.opset"
 OUTPUT_KEYS = (INPUT_SHAPES,)
 
 
-def read_prop(proto: onnx.ModelProto, key: str) -> str | None:
+def read_prop(model: onnx.ModelProto | ir.Model, key: str) -> str | None:
     """The value of ``key``, or None when the model has no such entry."""
-    for p in proto.metadata_props:
+    if isinstance(model, ir.Model):
+        return model.metadata_props.get(key)
+    for p in model.metadata_props:
         if p.key == key:
             return p.value
     return None
 
 
-def write_prop(proto: onnx.ModelProto, key: str, value: str) -> None:
+def write_prop(model: onnx.ModelProto | ir.Model, key: str, value: str) -> None:
     """Set ``key`` to ``value`` (one entry per key)."""
-    for p in proto.metadata_props:
+    if isinstance(model, ir.Model):
+        model.metadata_props[key] = value
+        return
+    for p in model.metadata_props:
         if p.key == key:
             p.value = value
             return
-    proto.metadata_props.add(key=key, value=value)
+    model.metadata_props.add(key=key, value=value)
 
 
-def drop_stage_props(proto: onnx.ModelProto) -> None:
+def _stage_only(key: str) -> bool:
+    return key.startswith(PREFIX) and key not in OUTPUT_KEYS
+
+
+def drop_stage_props(model: onnx.ModelProto | ir.Model) -> None:
     """Remove every ``amct.*`` entry except the ones the written models carry (:data:`OUTPUT_KEYS`)."""
-    props = proto.metadata_props
+    if isinstance(model, ir.Model):
+        for key in [k for k in model.metadata_props if _stage_only(k)]:
+            del model.metadata_props[key]
+        return
+    props = model.metadata_props
     for i in range(len(props) - 1, -1, -1):
-        if props[i].key.startswith(PREFIX) and props[i].key not in OUTPUT_KEYS:
+        if _stage_only(props[i].key):
             del props[i]
 
 
@@ -73,7 +87,7 @@ def _fits(vi: onnx.ValueInfoProto, ex: ExampleInput) -> bool:
     tt = vi.type.tensor_type
     if not tt.HasField("shape") or len(tt.shape.dim) != len(ex.shape):
         return False
-    if any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(tt.shape.dim, ex.shape)):
+    if any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(tt.shape.dim, ex.shape, strict=True)):
         return False
     try:
         return helper.tensor_dtype_to_np_dtype(tt.elem_type).name == ex.dtype
@@ -101,7 +115,7 @@ def record_input_shapes(proto: onnx.ModelProto, examples: Sequence[ExampleInput]
             rest.append(ex)
     free = [n for n in graph if n not in recorded and n not in names]
     if len(free) == len(rest):
-        recorded.update(zip(free, rest))
+        recorded.update(zip(free, rest, strict=True))
     recorded = {n: ex for n, ex in recorded.items() if _fits(graph[n], ex)}
     if recorded:
         value = {n: {"shape": list(ex.shape), "dtype": ex.dtype} for n, ex in recorded.items()}

@@ -1,17 +1,17 @@
-"""The arithmetic of FORMATS.md section 3, shared by training, fake-quant and deploy.
+"""The training side of FORMATS.md section 3: activation factors from a learnable range, fake
+quantization with a straight-through rounding, weight scales.
 
-Torch functions are used by the QAT modules and by the exporter, so the factors a model trains with
-are bit-for-bit the factors it is exported with. Rounding is round-half-to-even everywhere
-(``torch.round`` and ``numpy.round`` both are).
+The QAT modules train with these functions and the exporter computes a layer's factors with the same
+ones, so the factors a model trains with are bit-for-bit the factors it is exported with. The ranges,
+weight and bias quantization and deq_scale are format facts: :mod:`amct_core.formats`. Rounding is
+round-half-to-even everywhere (``torch.round`` and ``numpy.round`` both are).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-QMIN, QMAX = -128, 127  # int8
-LEVELS = QMAX - QMIN  # 2^b - 1
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+from ..formats import INT8_LEVELS, INT8_MAX, INT8_MIN, quantize_weight
+
 # Smallest activation range span we allow; keeps scale_d well above DBL_EPSILON (record rule, §2).
 MIN_ACT_SPAN = 1e-6
 
@@ -30,14 +30,14 @@ def act_factors(clip_min: torch.Tensor, clip_max: torch.Tensor) -> tuple[torch.T
     lo = torch.clamp(clip_min, max=0.0)
     hi = torch.clamp(clip_max, min=0.0)
     span = torch.clamp(hi - lo, min=MIN_ACT_SPAN)
-    scale = span / LEVELS
-    offset = torch.clamp(round_ste(QMIN - lo / scale), QMIN, QMAX)
+    scale = span / INT8_LEVELS
+    offset = torch.clamp(round_ste(INT8_MIN - lo / scale), INT8_MIN, INT8_MAX)
     return scale, offset
 
 
 def quantize(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """``clip(round(x * inv_scale) + offset, -128, 127)``: AscendQuant's definition, as float values."""
-    return torch.clamp(round_ste(x * inv_scale) + offset, QMIN, QMAX)
+    return torch.clamp(round_ste(x * inv_scale) + offset, INT8_MIN, INT8_MAX)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -54,29 +54,10 @@ def weight_scale(w: torch.Tensor, channel_wise: bool) -> torch.Tensor:
         amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
     else:
         amax = w.abs().amax().reshape(1)
-    scale = amax / QMAX
+    scale = amax / INT8_MAX
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``clip(round(w / scale_w), -128, 127)`` with ``scale`` broadcast over axis 0 (float values)."""
-    s = scale.reshape((-1,) + (1,) * (w.dim() - 1))
-    return torch.clamp(round_ste(w / s), QMIN, QMAX)
-
-
-def deq_scale(scale_d: float, scale_w: np.ndarray) -> np.ndarray:
-    """``scale_d * scale_w`` computed in float32, exactly as the deploy model stores it."""
-    return (np.float32(scale_d) * np.asarray(scale_w, dtype=np.float32)).astype(np.float32)
-
-
-def quantize_bias(bias: np.ndarray, deq: np.ndarray) -> np.ndarray:
-    """``round(bias / (scale_w * scale_d))`` in float64, returned as float64 integers (may overflow int32;
-    the caller checks the range and names the layer)."""
-    b = np.asarray(bias, dtype=np.float64)
-    d = np.broadcast_to(np.asarray(deq, dtype=np.float64), b.shape)
-    return np.round(b / d)
-
-
-def pack_deq_scale(deq: np.ndarray) -> np.ndarray:
-    """uint64 whose low 32 bits are the IEEE-754 float32 pattern of ``deq``; high 32 bits zero."""
-    return np.ascontiguousarray(deq, dtype=np.float32).view(np.uint32).astype(np.uint64)
+def quantize_weight_ste(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The integer grid of ``w`` (scale broadcast over axis 0), differentiable: straight-through rounding."""
+    return quantize_weight(w, scale, axis=0, rounding=round_ste)

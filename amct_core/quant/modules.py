@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..formats import PLACEHOLDER_OP, TRACE_DOMAIN
 from . import arith
 
 
@@ -25,7 +26,6 @@ class LayerFactors:
     scale_d: float
     offset_d: int
     scale_w: np.ndarray  # float32 [C_out] or [1]
-    q_w: np.ndarray | None  # float32 integer grid, torch layout (None when not asked for)
     bias: np.ndarray | None  # float32 [C_out] (not quantized; the exporter quantizes it)
 
 
@@ -91,11 +91,11 @@ class _QuantBase(nn.Module):
 
     def _fake_quant_weight(self) -> torch.Tensor:
         scale = self.weight_scale()
-        q = arith.quantize_weight(self.weight, scale)
+        q = arith.quantize_weight_ste(self.weight, scale)
         return q * scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
 
     @torch.no_grad()
-    def quant_factors(self, with_weights: bool = True) -> LayerFactors:
+    def quant_factors(self) -> LayerFactors:
         if not bool(self.act_initialized):
             raise RuntimeError(
                 "activation range is not initialised: calibrate the model (distill(), or one forward "
@@ -103,12 +103,10 @@ class _QuantBase(nn.Module):
             )
         scale_d, offset_d = self.act_factors()
         scale_w = self.weight_scale()
-        q_w = arith.quantize_weight(self.weight, scale_w).to(torch.float32).cpu().numpy() if with_weights else None
         return LayerFactors(
             scale_d=float(scale_d.to(torch.float32)),
             offset_d=int(offset_d),
             scale_w=scale_w.to(torch.float32).cpu().numpy(),
-            q_w=q_w,
             bias=None if self.bias is None else self.bias.detach().to(torch.float32).cpu().numpy(),
         )
 
@@ -237,7 +235,7 @@ class _TraceQuantLayer(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, fn, name, kind, *state):
-        y = g.op("amct_trace::QuantLayer", x, layer_s=name, kind_s=kind)
+        y = g.op(f"{TRACE_DOMAIN}::{PLACEHOLDER_OP}", x, layer_s=name, kind_s=kind)
         xt = x.type()
         sizes = xt.varyingSizes()
         if sizes is not None:

@@ -1,15 +1,15 @@
 """The record file (FORMATS.md section 2): schema, text-format read/write, validation."""
 from .io import (
+    DEFAULT_RECORD_FILE,
     LayerInfo,
     LayerRecord,
-    read_record,
-    parse_record,
     format_record,
-    records_from_message,
+    parse_record,
+    read_record,
     record_message,
+    records_from_message,
     validate_record,
     write_record,
-    DEFAULT_RECORD_FILE,
 )
 
 __all__ = [

@@ -10,14 +10,21 @@ from google.protobuf import text_format
 
 from .._io import atomic_write_bytes
 from ..errors import RecordError
-from ..quant.arith import INT32_MAX, INT32_MIN, deq_scale, quantize_bias
+from ..formats import (
+    DEFAULT_RECORD_FILE,
+    OFFSET_RANGE,
+    QUANT_TYPE,
+    SCALE_MAX,
+    SCALE_MIN,
+    SHIFT_BIT_RANGE,
+    deq_scale,
+    quantize_bias,
+)
 from ..targets import Target, get_target
 from .schema import ScaleOffsetRecord
 
-DEFAULT_RECORD_FILE = "amct_log/scale_offset_record.txt"
-SCALE_MIN = 2.220446e-16  # DBL_EPSILON
-SCALE_MAX = 4.5035996e15  # 1 / DBL_EPSILON
-OFFSET_RANGE = {"INT8": (-128, 127), "INT16": (-32768, 32767)}
+__all__ = ["DEFAULT_RECORD_FILE", "LayerInfo", "LayerRecord", "format_record", "parse_record", "read_record",
+           "record_message", "records_from_message", "validate_record", "write_record"]
 
 
 @dataclass
@@ -29,9 +36,9 @@ class LayerRecord:
     scale_w: list[float]
     offset_w: list[int] = field(default_factory=list)
     shift_bit: list[int] = field(default_factory=list)
-    dst_type: str = "INT8"
-    act_type: str = "INT8"
-    wts_type: str = "INT8"
+    dst_type: str = QUANT_TYPE
+    act_type: str = QUANT_TYPE
+    wts_type: str = QUANT_TYPE
 
     def __post_init__(self):
         if not self.offset_w:
@@ -60,7 +67,7 @@ def record_message(records: dict[str, LayerRecord]) -> ScaleOffsetRecord:
             v.shift_bit.extend(int(s) for s in r.shift_bit)
         # Defaults are not written, as in AMCT's files; other values are.
         for name in ("dst_type", "act_type", "wts_type"):
-            if getattr(r, name) != "INT8":
+            if getattr(r, name) != QUANT_TYPE:
                 setattr(v, name, getattr(r, name))
     return msg
 
@@ -147,15 +154,17 @@ def validate_record(records: dict[str, LayerRecord], layers: dict[str, LayerInfo
             problems.append(f"{where}: field 'wts_type' = {r.wts_type!r} is not supported by target {tgt.name} (supports {list(tgt.wts_types)})")
         if r.dst_type not in tgt.dst_types:
             problems.append(f"{where}: field 'dst_type' = {r.dst_type!r} is not supported by target {tgt.name} (supports {list(tgt.dst_types)})")
-        lo, hi = OFFSET_RANGE.get(r.act_type, OFFSET_RANGE["INT8"])
+        lo, hi = OFFSET_RANGE.get(r.act_type, OFFSET_RANGE[QUANT_TYPE])
         if not lo <= r.offset_d <= hi:
             problems.append(f"{where}: field 'offset_d' = {r.offset_d} must be within [{lo}, {hi}] for {r.act_type} activations")
         if len(r.offset_w) != len(r.scale_w):
             problems.append(f"{where}: field 'offset_w' has {len(r.offset_w)} entries, must have {len(r.scale_w)} (as 'scale_w')")
         if any(o != 0 for o in r.offset_w):
             problems.append(f"{where}: field 'offset_w' must be all 0 (symmetric weights)")
-        if r.shift_bit and not (all(s == 0 for s in r.shift_bit) or all(1 <= s <= 16 for s in r.shift_bit)):
-            problems.append(f"{where}: field 'shift_bit' must be all 0 or each within [1, 16], got {r.shift_bit}")
+        lo_sb, hi_sb = SHIFT_BIT_RANGE
+        if r.shift_bit and not (all(s == 0 for s in r.shift_bit) or all(lo_sb <= s <= hi_sb for s in r.shift_bit)):
+            problems.append(f"{where}: field 'shift_bit' must be all 0 or each within [{lo_sb}, {hi_sb}], "
+                            f"got {r.shift_bit}")
         info = layers.get(name)
         if info is None:
             continue
@@ -163,15 +172,10 @@ def validate_record(records: dict[str, LayerRecord], layers: dict[str, LayerInfo
             problems.append(f"{where}: field 'scale_w' has {len(r.scale_w)} entries, must have 1 or C_out = {info.c_out}")
             continue
         if info.bias is not None and _scale_ok(r.scale_d) and not bad_w and r.scale_w:
-            deq = deq_scale(r.scale_d, np.asarray(r.scale_w, dtype=np.float32))
-            bq = quantize_bias(info.bias, deq)
-            over = np.flatnonzero((bq < INT32_MIN) | (bq > INT32_MAX) | ~np.isfinite(bq))
-            if over.size:
-                c = int(over[0])
-                problems.append(
-                    f"{where}: bias overflows int32 after quantization (channel {c}: bias {float(info.bias[c]):.6g} / "
-                    f"(scale_w * scale_d) = {float(bq[c]):.6g}); exclude this layer from quantization"
-                )
+            try:
+                quantize_bias(info.bias, deq_scale(r.scale_d, r.scale_w), name)
+            except RecordError as e:
+                problems.append(str(e))
     if problems:
         raise RecordError(f"{source} failed validation:\n  " + "\n  ".join(problems))
 

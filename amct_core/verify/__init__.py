@@ -14,9 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._run import InputSizeError
-from .deploy_sim import (
-    DeployCheckResult, SimulationError, build_simulation, compare_deploy, simulate_deploy,
-)
+from .deploy_sim import DeployCheckResult, SimulationError, build_simulation, compare_deploy, simulate_deploy
 from .parity import ParityResult, check_parity, make_inputs
 from .preflight import Finding, PreflightResult, preflight
 from .report import REPORT_SCHEMA, REPORT_VERSION, ReportPaths, build_report, write_report

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..formats import DEPLOY_MODEL, FAKE_QUANT_MODEL, output_file
+
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 _EPILOG = """\
@@ -47,10 +49,10 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
                     "simulation of the deploy model against the fake-quant model (int32 accumulators must be\n"
                     "equal), and optionally parity of the fake-quant model with the torch model.",
         epilog=_EPILOG.replace("{prog}", prog), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="*", help="ONNX files (classified by 'deploy' / 'fake_quant' in the name) or "
-                                           "a save_path prefix such as ./out/resnet")
-    p.add_argument("--deploy", help="deploy model (*_deploy_model.onnx)")
-    p.add_argument("--fake-quant", help="fake-quant model (*_fake_quant_model.onnx)")
+    p.add_argument("paths", nargs="*", help=f"ONNX files (*{DEPLOY_MODEL} / *{FAKE_QUANT_MODEL}) or a save_path "
+                                           "prefix such as ./out/resnet")
+    p.add_argument("--deploy", help=f"deploy model (*{DEPLOY_MODEL})")
+    p.add_argument("--fake-quant", help=f"fake-quant model (*{FAKE_QUANT_MODEL})")
     p.add_argument("--target", default=None, help="A2 (default), A3 or 950: the opset range preflight accepts")
     p.add_argument("--inputs", help=".npz with the model inputs (default: seeded random inputs from the graph's shapes)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
@@ -77,18 +79,16 @@ def _classify(paths: list[str]) -> tuple[str | None, str | None]:
     for s in paths:
         path = Path(s)
         if path.is_file():
-            if "fake_quant" in path.name:
+            if path.name.endswith(FAKE_QUANT_MODEL):
                 fake = str(path)
-            elif "deploy" in path.name:
+            elif path.name.endswith(DEPLOY_MODEL):
                 deploy = str(path)
             else:
-                raise SystemExit(_usage(f"cannot tell whether {s!r} is a deploy or a fake-quant model "
-                                        "(name contains neither); use --deploy / --fake-quant"))
+                raise SystemExit(_usage(f"cannot tell whether {s!r} is a deploy or a fake-quant model (name ends in "
+                                        f"neither {DEPLOY_MODEL!r} nor {FAKE_QUANT_MODEL!r}); use --deploy / "
+                                        "--fake-quant"))
         else:
-            prefix = s if s.endswith(("/", "\\")) or path.is_dir() else s + "_"
-            if path.is_dir() and not s.endswith(("/", "\\")):
-                prefix = s + "/"
-            d, f = Path(prefix + "deploy_model.onnx"), Path(prefix + "fake_quant_model.onnx")
+            d, f = output_file(s, DEPLOY_MODEL), output_file(s, FAKE_QUANT_MODEL)
             if not d.is_file() and not f.is_file():
                 raise SystemExit(_usage(f"{s!r} is neither a file nor a save_path prefix with "
                                         f"{d.name} / {f.name} next to it"))

@@ -13,11 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ..formats import ASCEND_DEQUANT, ASCEND_QUANT, LAYER_OPS
 from ..onnx.mapped import is_external, open_model, tensor_array
-
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
-ASCEND_QUANT = "AscendQuant"
-ASCEND_DEQUANT = "AscendDequant"
 
 
 def load_model(model) -> onnx.ModelProto:
@@ -216,14 +213,6 @@ def find_deploy_layers(ix: GraphIndex) -> list[DeployLayer]:
             quant=quant, dequant=dequant, acc=last_out,
         ))
     return layers
-
-
-def unpack_deq_scale(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint64 deq_scale -> (float32 from the low 32 bits, the high 32 bits as uint32)."""
-    u = np.asarray(packed).astype(np.uint64).reshape(-1)
-    low = (u & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    high = (u >> np.uint64(32)).astype(np.uint32)
-    return low.view(np.float32), high
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], opt: str = "disabl
         outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     s = session(model, opt)
     names = outputs or [o.name for o in s.get_outputs()]
-    return dict(zip(names, s.run(names, feeds)))  # the session (and its mapped weights) ends here
+    return dict(zip(names, s.run(names, feeds), strict=True))  # the session (and its mapped weights) ends here
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -210,7 +210,7 @@ def feeds_for(model: onnx.ModelProto, inputs) -> dict[str, np.ndarray]:
         inputs = (inputs,)
     if len(inputs) != len(names):
         raise ValueError(f"{len(inputs)} input(s) given; the model has {len(names)} graph input(s) {names}")
-    return {n: to_numpy(a) for n, a in zip(names, inputs)}
+    return {n: to_numpy(a) for n, a in zip(names, inputs, strict=True)}
 
 
 def remap_feeds(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -221,4 +221,4 @@ def remap_feeds(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> dict[st
     vals = list(feeds.values())
     if len(vals) != len(names):
         raise ValueError(f"cannot map inputs {list(feeds)} onto graph inputs {names}")
-    return dict(zip(names, vals))
+    return dict(zip(names, vals, strict=True))

@@ -24,12 +24,28 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._outcome import Outcome
 from ..errors import AmctError
-from ._graph import (
-    ASCEND_DEQUANT, ASCEND_QUANT, DeployLayer, GraphIndex, attr_value, fake_quant_layer,
-    find_deploy_layers, load_model, node_label, unpack_deq_scale, with_extra_outputs,
+from ..formats import (
+    ASCEND_DEQUANT,
+    ASCEND_QUANT,
+    DEQUANT_FLOAT16,
+    DEQUANT_FLOAT32,
+    INT8_MAX,
+    INT8_MIN,
+    LayerNames,
+    unpack_deq_scale,
 )
+from ._graph import (
+    DeployLayer,
+    GraphIndex,
+    attr_value,
+    fake_quant_layer,
+    find_deploy_layers,
+    load_model,
+    node_label,
+    with_extra_outputs,
+)
+from ._outcome import Outcome
 from ._run import explain_size_failure, feeds_for, generate_inputs, remap_feeds, run
 from .tolerances import Tolerances, as_tolerances
 
@@ -110,8 +126,8 @@ class _Rewriter:
         scale, offset = attr_value(n, "scale"), attr_value(n, "offset")
         if scale is None or offset is None:
             raise SimulationError(f"AscendQuant {lab!r} lacks attribute 'scale' or 'offset' (FORMATS §5); run preflight")
-        if not float(offset).is_integer() or not -128 <= offset <= 127:
-            raise SimulationError(f"AscendQuant {lab!r}: offset {offset!r} is not an integer in [-128, 127]")
+        if not float(offset).is_integer() or not INT8_MIN <= offset <= INT8_MAX:
+            raise SimulationError(f"AscendQuant {lab!r}: offset {offset!r} is not an integer in [{INT8_MIN}, {INT8_MAX}]")
         sqrt_mode = attr_value(n, "sqrt_mode", 0)
         mode = attr_value(n, "round_mode", b"Round")
         mode = mode.decode() if isinstance(mode, bytes) else str(mode)
@@ -127,8 +143,8 @@ class _Rewriter:
             r = self.round(self.node("Add", [v, off], base=b), mode, b, lab)
         else:  # FORMATS §3/§4 (training, fake-quant): round(x * scale) + offset
             r = self.node("Add", [self.round(v, mode, b, lab), off], base=b)
-        r = self.node("Max", [r, self.const(f"{b}.sim.qmin", np.float64(-128))], base=b)
-        r = self.node("Min", [r, self.const(f"{b}.sim.qmax", np.float64(127))], base=b)
+        r = self.node("Max", [r, self.const(f"{b}.sim.qmin", np.float64(INT8_MIN))], base=b)
+        r = self.node("Min", [r, self.const(f"{b}.sim.qmax", np.float64(INT8_MAX))], base=b)
         self.node("Cast", [r], output=n.output[0], base=b, to=TensorProto.INT8)
         self.quant_info[n.output[0]] = (lab, int(offset), n.input[0])
 
@@ -258,7 +274,7 @@ class _Rewriter:
             y = self.node("Mul", [y, d], base=lab)
         if attr_value(n, "relu_flag", 0):
             y = self.node("Relu", [y], base=lab)
-        if attr_value(n, "dtype", 0) == 1:
+        if attr_value(n, "dtype", DEQUANT_FLOAT32) == DEQUANT_FLOAT16:
             y = self.node("Cast", [y], base=lab, to=TensorProto.FLOAT16)
         self.node("Identity", [y], output=n.output[0], base=lab)
 
@@ -560,7 +576,7 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
         problems.append(f"the deploy model has {len(d_names)} outputs {d_names}, the fake-quant model {len(f_names)} {f_names}")
     if sorted(d_names) == sorted(f_names):
         d_names = list(f_names)  # same names: pair by name
-    for dn, fn in zip(d_names, f_names):
+    for dn, fn in zip(d_names, f_names, strict=False):  # unequal counts are a problem above
         if dn != fn:
             notes.append(f"output names differ: deploy {dn!r} vs fake-quant {fn!r} (paired by position)")
         d, f = douts[dn].astype(np.float64), fouts[fn].astype(np.float64)
@@ -616,8 +632,8 @@ def _device_tie_differences(x: np.ndarray, attrs) -> int:
     if sqrt_mode:
         t = t * np.float32(scale)
     t = t.astype(np.float64)
-    dev = np.clip(np.round(t + offset), -128, 127)
-    train = np.clip(np.round(t) + offset, -128, 127)
+    dev = np.clip(np.round(t + offset), INT8_MIN, INT8_MAX)
+    train = np.clip(np.round(t) + offset, INT8_MIN, INT8_MAX)
     return int(np.count_nonzero(dev != train))
 
 
@@ -680,7 +696,7 @@ def _compare_layer(sl: SimLayer, F, douts, fouts, tol: Tolerances, static: dict)
     elif d_bad:
         figure = "dequantized_output"
         message = (f"{d_bad} of {of.size} dequantized outputs differ (max rel diff {d_rel:.3g} > "
-                   f"{tol.deploy_dequant_rtol:.3g}); check the deq_scale '{sl.name}.dequant.param'")
+                   f"{tol.deploy_dequant_rtol:.3g}); check the deq_scale {LayerNames(sl.name).dequant_param!r}")
     ok = figure is None
     return DeployLayerResult(
         name=sl.name, kind=sl.kind, ok=ok, failed_figure=figure, message=message, elements=n,

@@ -16,8 +16,8 @@ import onnx
 import torch
 import torch.nn as nn
 
+from ._graph import LAYER_OPS, FakeQuantLayer, GraphIndex, fake_quant_layer, load_model, with_extra_outputs
 from ._outcome import Outcome
-from ._graph import FakeQuantLayer, GraphIndex, LAYER_OPS, fake_quant_layer, load_model, with_extra_outputs
 from ._run import explain_size_failure, feeds_for, generate_inputs, graph_inputs, run
 from .metrics import tensor_figures
 from .tolerances import Tolerances, as_tolerances
@@ -194,7 +194,7 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
         tin = tuple(torch.from_numpy(a) for a in generate_inputs(fmodel, seed=seed, dims=dims).values())
     gins = graph_inputs(fmodel)
     feeds = feeds_for(fmodel, [t.detach().cpu().numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(
-        vi.type.tensor_type.elem_type)) for t, vi in zip(tin, gins)] if len(tin) == len(gins) else list(tin))
+        vi.type.tensor_type.elem_type)) for t, vi in zip(tin, gins, strict=True)] if len(tin) == len(gins) else list(tin))
 
     # Layers are paired by name (module name = fake-quant node name). ONNX Runtime runs first, one session
     # at a time, then torch: the fake-quant weights are mapped only while a session lives, so the two
@@ -273,7 +273,7 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
         problems.append(f"the torch model returns {len(t_out)} tensor(s), the fake-quant model has {len(out_names)} "
                         f"output(s) {out_names}")
     for opt in opt_levels:
-        for t, name in zip(t_out, out_names):
+        for t, name in zip(t_out, out_names, strict=False):  # unequal counts are a problem above
             ref = t.detach().float().cpu().numpy()
             test = plain[opt][name]
             if ref.shape != test.shape:

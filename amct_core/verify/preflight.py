@@ -12,13 +12,32 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto
 
-from ._outcome import Outcome
 from ..errors import TargetError
+from ..formats import (
+    ASCEND_DEQUANT,
+    ASCEND_DEQUANT_ATTRS,
+    ASCEND_QUANT,
+    ASCEND_QUANT_ATTRS,
+    DEQUANT_FLOAT16,
+    DEQUANT_FLOAT32,
+    INT8_MAX,
+    INT8_MIN,
+    ROUND_MODES,
+    LayerNames,
+    unpack_deq_scale,
+)
 from ..targets import Target, get_target
 from ._graph import (
-    ASCEND_DEQUANT, ASCEND_QUANT, DeployLayer, GraphIndex, attr_map, attr_value, dtype_name, find_deploy_layers,
-    load_model, node_label, unpack_deq_scale,
+    DeployLayer,
+    GraphIndex,
+    attr_map,
+    attr_value,
+    dtype_name,
+    find_deploy_layers,
+    load_model,
+    node_label,
 )
+from ._outcome import Outcome
 
 ERROR, WARNING = "error", "warning"
 
@@ -45,12 +64,6 @@ SUSPICIOUS_OPS: dict[str, str] = {
 }
 
 _T = AttributeProto.AttributeType
-# name -> (type, required)
-QUANT_ATTRS = {"scale": (_T.FLOAT, True), "offset": (_T.FLOAT, True), "dst_type": (_T.STRING, True),
-               "sqrt_mode": (_T.INT, False), "round_mode": (_T.STRING, False)}
-DEQUANT_ATTRS = {"dtype": (_T.INT, True), "sqrt_mode": (_T.INT, False), "relu_flag": (_T.INT, False)}
-ROUND_MODES = ("Round", "Floor", "Ceil", "Trunc")
-INT8_RANGE = (-128, 127)
 
 
 @dataclass
@@ -197,13 +210,13 @@ class _Checker:
         if len(node.input) != 1 or len(node.output) != 1:
             self.add("ascend_quant.io", lab, f"{len(node.input)} input(s) and {len(node.output)} output(s)",
                      "one data input and one output")
-        v = self._check_attrs(node, QUANT_ATTRS, "ascend_quant")
+        v = self._check_attrs(node, ASCEND_QUANT_ATTRS, "ascend_quant")
         s = v.get("scale")
         if s is not None and not (math.isfinite(s) and s > 0):
             self.add("ascend_quant.scale", lab, f"scale = {s!r}", "a finite positive float: 1 / scale_d")
         o = v.get("offset")
-        if o is not None and not (math.isfinite(o) and float(o).is_integer() and INT8_RANGE[0] <= o <= INT8_RANGE[1]):
-            self.add("ascend_quant.offset", lab, f"offset = {o!r}", f"an integer value in {list(INT8_RANGE)} (offset_d)")
+        if o is not None and not (math.isfinite(o) and float(o).is_integer() and INT8_MIN <= o <= INT8_MAX):
+            self.add("ascend_quant.offset", lab, f"offset = {o!r}", f"an integer value in [{INT8_MIN}, {INT8_MAX}] (offset_d)")
         d = v.get("dst_type")
         if d is not None:
             d = d.decode() if isinstance(d, bytes) else d
@@ -234,10 +247,10 @@ class _Checker:
         if len(node.input) != 2 or len(node.output) != 1:
             self.add("ascend_dequant.io", lab, f"{len(node.input)} input(s) and {len(node.output)} output(s)",
                      "inputs [int32 accumulator, uint64 deq_scale] and one output")
-        v = self._check_attrs(node, DEQUANT_ATTRS, "ascend_dequant")
+        v = self._check_attrs(node, ASCEND_DEQUANT_ATTRS, "ascend_dequant")
         dt = v.get("dtype")
-        if dt is not None and dt not in (0, 1):
-            self.add("ascend_dequant.dtype", lab, f"dtype = {dt}", "0 (float32) or 1 (float16)")
+        if dt is not None and dt not in (DEQUANT_FLOAT32, DEQUANT_FLOAT16):
+            self.add("ascend_dequant.dtype", lab, f"dtype = {dt}", f"{DEQUANT_FLOAT32} (float32) or {DEQUANT_FLOAT16} (float16)")
         for k in ("sqrt_mode", "relu_flag"):
             if v.get(k) not in (None, 0, 1):
                 self.add(f"ascend_dequant.{k}", lab, f"{k} = {v[k]}", "0 or 1")
@@ -252,7 +265,7 @@ class _Checker:
         t = ix.const_tensor(pname)
         if t is None:
             self.add("deq_scale.not_constant", lab, f"deq_scale input {pname!r} is not an initializer/constant",
-                     "a UINT64 initializer '<layer>.dequant.param'")
+                     f"a UINT64 initializer {LayerNames('<layer>').dequant_param!r}")
             return
         if t.data_type != TensorProto.UINT64:
             self.add("deq_scale.dtype", pname, f"deq_scale of {lab!r} is {dtype_name(t.data_type)}",
@@ -276,9 +289,9 @@ class _Checker:
             if c_out is not None and low.size not in (1, c_out):
                 self.add("deq_scale.length", pname, f"{low.size} entries for layer {layer.name!r} with {c_out} output channels",
                          f"1 or {c_out} entries")
-        if layer is not None and layer.name and pname != f"{layer.name}.dequant.param":
+        if layer is not None and layer.name and pname != LayerNames(layer.name).dequant_param:
             self.add("deq_scale.name", pname, f"deq_scale of layer {layer.name!r} is named {pname!r}",
-                     f"'{layer.name}.dequant.param' (FORMATS §5)", WARNING)
+                     f"{LayerNames(layer.name).dequant_param!r} (FORMATS §5)", WARNING)
 
     # -- layers -----------------------------------------------------------------------------------
     def check_layer(self, layer: DeployLayer) -> None:
@@ -322,13 +335,13 @@ class _Checker:
             self.add("layer.missing_quant", lab,
                      "its data input comes from " + (f"{p.op_type} {node_label(p)!r}" if p is not None else
                                                      f"graph input {layer.node.input[0]!r}"),
-                     f"an AscendQuant node ('{layer.name}.quant') on the data input")
+                     f"an AscendQuant node ({LayerNames(layer.name).quant!r}) on the data input")
         if layer.dequant is None:
             cs = ix.consumers.get(layer.acc, [])
             what = ", ".join(f"{c.op_type} {node_label(c)!r}" for c in cs) or (
                 "a graph output" if layer.acc in ix.output_names else "nothing")
             self.add("layer.missing_dequant", lab, f"its output {layer.acc!r} goes to {what}",
-                     f"an AscendDequant node ('{layer.name}.dequant') on the output"
+                     f"an AscendDequant node ({LayerNames(layer.name).dequant!r}) on the output"
                      + (" (after the bias Add)" if layer.kind == "MatMul" else ""))
 
     def run(self) -> PreflightResult:

@@ -8,7 +8,6 @@ import html
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +81,7 @@ def build_report(*, preflight=None, parity=None, deploy=None, tolerances=None, f
     else:
         summary = "FAIL: " + failures[0]["message"]
         if len(failures) > 1:
-            summary += f" | also failed: " + "; ".join(
+            summary += " | also failed: " + "; ".join(
                 f"{f['check']}" + (f" (layer {f['layer']!r}: {f['figure']})" if f.get("layer") else "")
                 for f in failures[1:])
     return _clean({
@@ -334,14 +333,4 @@ def write_report(report: dict, out_dir, basename: str = "verify_report") -> Repo
     jp, hp = d / f"{basename}.json", d / f"{basename}.html"
     atomic_write_bytes(jp, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     atomic_write_bytes(hp, render_html(report, png, png_path.name if png_path else None).encode("utf-8"))
-    mode = 0o666 & ~_umask()
-    for p in (jp, hp, png_path):
-        if p is not None:
-            os.chmod(p, mode)  # mkstemp creates 0600; a report is meant to be read
     return ReportPaths(jp, hp, png_path)
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
