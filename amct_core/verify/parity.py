@@ -5,6 +5,10 @@ dtype). ONNX Runtime runs twice: graph optimizations off and fully on. Figures p
 per quantized layer (the layer's output, paired by module name = node name), plus a *local* figure
 per layer: the torch layer fed ONNX Runtime's own input of that layer, which isolates the layer
 whose factors are wrong from the layers downstream of it that merely inherit its error.
+
+The check reads as its steps: inputs (:class:`_InputSource`), layer pairing (:func:`_pair_layers`),
+runs (:func:`_run`: ONNX Runtime, then torch), figures (:func:`_output_parity`, :func:`_layer_parity`)
+and the verdict (:func:`_verdict`).
 """
 from __future__ import annotations
 
@@ -93,16 +97,6 @@ def _layer_badness(l: LayerParity) -> tuple:
     return (l.ok, local, l.figures["sqnr_db"])
 
 
-def _flatten_outputs(o) -> list[torch.Tensor]:
-    if isinstance(o, torch.Tensor):
-        return [o]
-    if isinstance(o, (list, tuple)):
-        return [t for x in o for t in _flatten_outputs(x)]
-    if isinstance(o, dict):
-        return [t for x in o.values() for t in _flatten_outputs(x)]
-    return []
-
-
 def make_inputs(example_inputs, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded inputs with the shape and dtype of ``example_inputs`` (float: standard normal; integer:
     uniform in the example's [min, max])."""
@@ -180,183 +174,302 @@ def check_parity(torch_model: nn.Module, fake_quant_model, inputs=None, example_
 
 def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, dims, tolerances,
                   opt_levels) -> ParityResult:
+    """inputs -> runs -> figures -> verdict."""
     tol = as_tolerances(tolerances)
     fmodel = load_model(fake_quant_model)
-    fix = GraphIndex(fmodel)
-    if isinstance(inputs, dict):
-        inputs = tuple(inputs.values())
-    if inputs is not None:
-        seq = (inputs,) if isinstance(inputs, (torch.Tensor, np.ndarray)) else tuple(inputs)
-        tin = tuple(t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t)) for t in seq)
-    elif example_inputs is not None:
-        tin = make_inputs(example_inputs, seed)
-    else:
-        tin = tuple(torch.from_numpy(a) for a in generate_inputs(fmodel, seed=seed, dims=dims).values())
-    gins = graph_inputs(fmodel)
-    feeds = feeds_for(fmodel, [t.detach().cpu().numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(
-        vi.type.tensor_type.elem_type)) for t, vi in zip(tin, gins, strict=True)] if len(tin) == len(gins) else list(tin))
-
-    # Layers are paired by name (module name = fake-quant node name). ONNX Runtime runs first, one session
-    # at a time, then torch: the fake-quant weights are mapped only while a session lives, so the two
-    # models' weights are never both resident (nothing here copies either of them).
-    node_names = {n.name for n in fmodel.graph.node if n.op_type in LAYER_OPS and n.name}
-    modules = dict(torch_model.named_modules())
-    layer_names = [n for n in modules if n and n in node_names]
+    source = _InputSource(fmodel, inputs, example_inputs, seed, dims)
+    pairing = _pair_layers(torch_model, fmodel)
     problems: list[str] = []
     notes: list[str] = []
-    candidates = {name: F for name in layer_names if (F := fake_quant_layer(fix, name)) is not None}
+    batch = source.batch()
+    values = _run(torch_model, fmodel, pairing, batch, opt_levels, source)
+    compared = _called_layers(pairing, values, notes)
+    if not compared:
+        problems.append("no quantized layer could be paired by name between the torch model and the fake-quant model "
+                        f"(fake-quant layer nodes: {sorted(pairing.node_names)[:10]})")
+    if values.returned != len(pairing.output_names):
+        problems.append(f"the torch model returns {values.returned} tensor(s), the fake-quant model has "
+                        f"{len(pairing.output_names)} output(s) {pairing.output_names}")
+    outputs = _output_parity(values, pairing, compared, opt_levels, tol, problems)
+    layers = [lp for name in compared if (lp := _layer_parity(name, compared[name], values, opt_levels, tol, problems))]
+    ok, message = _verdict(outputs, layers, problems, opt_levels)
+    return ParityResult(ok, message, outputs, layers, problems, source.describe(batch), tuple(opt_levels),
+                        _opt_levels_max_diff(values, pairing.output_names, opt_levels), notes)
 
-    # ---- ORT ---------------------------------------------------------------------------------------
-    extra = []
-    for F in candidates.values():
-        extra += [F.output] + ([F.float_input] if F.float_input else [])
-    out_names = [o.name for o in fmodel.graph.output]
-    plain, augmented = {}, {}
-    generated = inputs is None and example_inputs is None
+
+# ---- inputs ---------------------------------------------------------------------------------------
+@dataclass
+class _Batch:
+    tensors: tuple[torch.Tensor, ...]  # the torch model's arguments
+    feeds: dict[str, np.ndarray]  # the same values by graph input name, in the graph's dtypes
+
+
+class _InputSource:
+    """The inputs of a check: ``inputs`` as given; else seeded (``seed``) with the shape and dtype of
+    ``example_inputs``; else generated from the graph (``seed``, ``dims``)."""
+
+    def __init__(self, fmodel: onnx.ModelProto, inputs, example_inputs, seed: int, dims):
+        self.fmodel, self.example_inputs, self.seed, self.dims = fmodel, example_inputs, int(seed), dims
+        if isinstance(inputs, dict):
+            inputs = tuple(inputs.values())
+        self.given = None
+        if inputs is not None:
+            seq = (inputs,) if isinstance(inputs, (torch.Tensor, np.ndarray)) else tuple(inputs)
+            self.given = tuple(t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t)) for t in seq)
+        self.generated = inputs is None and example_inputs is None
+
+    def batch(self) -> _Batch:
+        if self.given is not None:
+            tensors = self.given
+        elif self.example_inputs is not None:
+            tensors = make_inputs(self.example_inputs, self.seed)
+        else:
+            tensors = tuple(torch.from_numpy(a) for a in generate_inputs(self.fmodel, seed=self.seed, dims=self.dims).values())
+        gins = graph_inputs(self.fmodel)
+        arrays = [t.detach().cpu().numpy() for t in tensors]
+        if len(arrays) == len(gins):
+            arrays = [a.astype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+                      for a, vi in zip(arrays, gins, strict=True)]
+        return _Batch(tensors, feeds_for(self.fmodel, arrays))
+
+    def explain(self):
+        """Around a run: a failure of generated inputs that their sizes explain names the --dim to pass."""
+        return explain_size_failure(self.fmodel, self.dims, self.generated)
+
+    @staticmethod
+    def describe(batch: _Batch) -> dict:
+        return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in batch.feeds.items()}
+
+
+# ---- pairing --------------------------------------------------------------------------------------
+@dataclass
+class _Pairing:
+    """The quantized layers both models have, paired by name (torch module name = fake-quant node name)."""
+
+    modules: dict[str, nn.Module]
+    layers: dict[str, FakeQuantLayer]  # in the torch model's module order
+    node_names: set[str]
+    keeps_bn: set[str]  # layers whose ONNX output feeds a BatchNormalization: no BatchNorm was folded into them
+    output_names: list[str]
+
+
+def _pair_layers(torch_model: nn.Module, fmodel: onnx.ModelProto) -> _Pairing:
+    fix = GraphIndex(fmodel)
+    node_names = {n.name for n in fmodel.graph.node if n.op_type in LAYER_OPS and n.name}
+    modules = dict(torch_model.named_modules())
+    layers = {name: F for name in modules if name and name in node_names
+              if (F := fake_quant_layer(fix, name)) is not None}
+    keeps_bn = {name for name, F in layers.items()
+                if any(c.op_type == "BatchNormalization" for c in fix.consumers.get(F.output, []))}
+    return _Pairing(modules, layers, node_names, keeps_bn, [o.name for o in fmodel.graph.output])
+
+
+def _called_layers(pairing: _Pairing, values: _Values, notes: list[str]) -> dict[str, FakeQuantLayer]:
+    """The paired layers the torch forward called (the others cannot be compared; a note says so)."""
+    compared = {}
+    for name, F in pairing.layers.items():
+        calls = values.calls.get(name, 0)
+        if calls == 0:
+            notes.append(f"torch module {name!r} was not called in the forward pass; its fake-quant layer is not compared")
+            continue
+        if calls > 1:
+            notes.append(f"torch module {name!r} was called {calls} times; its first call is compared")
+        compared[name] = F
+    return compared
+
+
+# ---- runs -----------------------------------------------------------------------------------------
+@dataclass
+class _Values:
+    """What the runs produced: ONNX Runtime's values per optimization level (graph outputs, layer outputs
+    and layer inputs by tensor name) and torch's (graph outputs by the fake-quant model's output names; per
+    layer its output, or the output of the BatchNorm folded into it at export, and its local output)."""
+
+    onnx: dict[str, dict[str, np.ndarray]]
+    torch_outputs: dict[str, np.ndarray]
+    layer: dict[str, np.ndarray] = field(default_factory=dict)
+    local: dict[str, np.ndarray] = field(default_factory=dict)
+    folded_bn: dict[str, str] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    returned: int = 0  # how many tensors the torch model returned
+
+
+def _run(torch_model, fmodel, pairing: _Pairing, batch: _Batch, opt_levels, source: _InputSource) -> _Values:
+    """ONNX Runtime first, one session at a time, then torch: the fake-quant weights are mapped only while a
+    session lives, so the two models' weights are never both resident (nothing here copies either of them),
+    and torch's local figures need ONNX Runtime's layer inputs."""
+    layers = list(pairing.layers.values())
+    onnx_values = _onnx_values(fmodel, batch.feeds, layers, pairing.output_names, opt_levels, source)
+    layer_inputs = {F.name: onnx_values[opt_levels[0]][F.float_input] for F in layers if F.float_input}
+    return _torch_values(torch_model, batch, pairing, layer_inputs, source, onnx_values)
+
+
+def _onnx_values(fmodel, feeds: dict, layers: list[FakeQuantLayer], output_names: list[str], opt_levels,
+                 source: _InputSource) -> dict[str, dict[str, np.ndarray]]:
+    """Per optimization level: the graph outputs, each layer's output and float input. Layer tensors are
+    read by adding them as graph outputs of an in-memory copy of the graph."""
+    extra = [t for F in layers for t in (F.output, F.float_input) if t]
+    augmented = with_extra_outputs(fmodel, extra)
+    values = {}
     for opt in opt_levels:
-        with explain_size_failure(fmodel, dims, generated):
-            augmented[opt] = run(with_extra_outputs(fmodel, extra), feeds, opt)
-            # without graph optimizations extra outputs change no kernel, so the graph outputs are the same
-            # values; with them, fusions could differ, so the model is run as it is as well
-            plain[opt] = {n: augmented[opt][n] for n in out_names} if opt == "disabled" else run(fmodel, feeds, opt)
+        with source.explain():
+            values[opt] = run(augmented, feeds, opt)
+            if opt != "disabled":
+                # without graph optimizations extra outputs change no kernel, so the graph outputs are the
+                # same values; with them, fusions could differ, so the model is run as it is as well
+                values[opt].update(run(fmodel, feeds, opt, output_names))
+    return values
 
-    # ---- torch, with hooks on the quantized layers ----------------------------------------------------
-    # Hooks keep copies: a later in-place op (nn.ReLU(inplace=True), ``out += identity``) would
-    # otherwise change the tensor a hook saw. The BatchNorm that follows a layer is recognised while
-    # the layer's own output object is alive (weak reference: no extra copy kept for the match).
-    seen_out: dict[str, list] = {}
-    live_out: dict[str, weakref.ref] = {}
+
+def _torch_values(torch_model, batch: _Batch, pairing: _Pairing, layer_inputs: dict[str, np.ndarray],
+                  source: _InputSource, onnx_values: dict) -> _Values:
+    """The torch forward with hooks on the paired layers. Each layer's hook copies its output (a later
+    in-place op - ``nn.ReLU(inplace=True)``, ``out += identity`` - would change the tensor) and runs the
+    layer on ONNX Runtime's input of it (``layer_inputs``): the local output. A BatchNorm that follows a
+    layer is recognised while the layer's own output object is alive (weak reference, no copy)."""
+    v = _Values(onnx_values, {})
+    live: dict[str, weakref.ref] = {}
     bn_after: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
-    handles = []
+    modules = pairing.modules
 
     def layer_hook(name):
         def fn(mod, args, out):
-            seen_out.setdefault(name, []).append(out.detach().clone())
-            live_out.setdefault(name, weakref.ref(out))
+            v.calls[name] = v.calls.get(name, 0) + 1
+            if v.calls[name] > 1:
+                return
+            v.layer[name] = out.detach().clone()
+            live[name] = weakref.ref(out)
+            x = layer_inputs.get(name)
+            if x is not None:
+                p = next(iter(mod.parameters()), None)
+                xt = torch.from_numpy(np.array(x))
+                # forward(), not __call__: the hooks must not see the local run
+                v.local[name] = mod.forward(xt.to(p.dtype) if p is not None else xt).detach()
         return fn
 
     def bn_hook(name):
         def fn(mod, args, out):
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            for lname, ref in live_out.items():
+            for lname, ref in live.items():
                 if ref() is args[0] and lname not in bn_after:
                     bn_after[lname] = (mod, name, out.detach().clone())
                     break
         return fn
 
-    for name in layer_names:
-        handles.append(modules[name].register_forward_hook(layer_hook(name)))
-    for name, m in modules.items():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            handles.append(m.register_forward_hook(bn_hook(name)))
+    handles = [modules[n].register_forward_hook(layer_hook(n)) for n in pairing.layers]
+    handles += [m.register_forward_hook(bn_hook(n)) for n, m in modules.items()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
-        with explain_size_failure(fmodel, dims, generated):
-            t_out = _flatten_outputs(torch_model(*tin))
+        with source.explain():
+            flat = _flatten_outputs(torch_model(*batch.tensors))
     finally:
         for h in handles:
             h.remove()
-    flayers: dict[str, FakeQuantLayer] = {}
-    for name in layer_names:
-        if name not in seen_out:
-            notes.append(f"torch module {name!r} was not called in the forward pass; its fake-quant layer is not compared")
-        elif name in candidates:
-            flayers[name] = candidates[name]
-    if not flayers:
-        problems.append("no quantized layer could be paired by name between the torch model and the fake-quant model "
-                        f"(fake-quant layer nodes: {sorted(node_names)[:10]})")
+    v.returned = len(flat)
+    v.torch_outputs = {name: t.detach().float().cpu().numpy()
+                       for t, name in zip(flat, pairing.output_names, strict=False)}
+    for name, (bn, bn_name, y) in bn_after.items():
+        if name in pairing.keeps_bn:
+            continue
+        v.layer[name], v.folded_bn[name] = y, bn_name  # the BatchNorm folded into this layer at export
+        if name in v.local:
+            v.local[name] = bn(v.local[name])
+    v.layer = {n: t.float().cpu().numpy() for n, t in v.layer.items()}
+    v.local = {n: t.float().cpu().numpy() for n, t in v.local.items()}
+    return v
 
-    # ---- outputs -----------------------------------------------------------------------------------
-    step_of = {F.output: F for F in flayers.values()}
-    outputs: list[OutputParity] = []
-    if len(t_out) != len(out_names):
-        problems.append(f"the torch model returns {len(t_out)} tensor(s), the fake-quant model has {len(out_names)} "
-                        f"output(s) {out_names}")
+
+def _flatten_outputs(o) -> list[torch.Tensor]:
+    if isinstance(o, torch.Tensor):
+        return [o]
+    if isinstance(o, (list, tuple)):
+        return [t for x in o for t in _flatten_outputs(x)]
+    if isinstance(o, dict):
+        return [t for x in o.values() for t in _flatten_outputs(x)]
+    return []
+
+
+# ---- figures --------------------------------------------------------------------------------------
+def _output_parity(v: _Values, pairing: _Pairing, compared: dict[str, FakeQuantLayer], opt_levels,
+                   tol: Tolerances, problems: list[str]) -> list[OutputParity]:
+    made_by = {F.output: F for F in compared.values()}  # outputs made by a quantized layer have steps
+    outputs = []
     for opt in opt_levels:
-        for t, name in zip(t_out, out_names, strict=False):  # unequal counts are a problem above
-            ref = t.detach().float().cpu().numpy()
-            test = plain[opt][name]
+        for name in pairing.output_names:
+            ref, test = v.torch_outputs.get(name), v.onnx[opt].get(name)
+            if ref is None or test is None:
+                continue
             if ref.shape != test.shape:
                 problems.append(f"output {name!r}: torch shape {list(ref.shape)} vs ONNX Runtime {list(test.shape)}")
                 continue
-            F = step_of.get(name)
+            F = made_by.get(name)
             figs = tensor_figures(ref, test, step=None if F is None else F.deq_scale,
                                   channel_axis=_channel_axis(F.kind) if F else 1)
             failed = _check(figs, tol, "output")
             outputs.append(OutputParity(name, opt, figs, not failed, failed))
-    opt_diff = {}
-    if len(opt_levels) > 1:
-        a, b = opt_levels[0], opt_levels[1]
-        for name in out_names:
-            opt_diff[name] = float(np.max(np.abs(plain[a][name].astype(np.float64) - plain[b][name].astype(np.float64)))) \
-                if plain[a][name].size else 0.0
+    return outputs
 
-    # ---- layers ------------------------------------------------------------------------------------
-    layers: list[LayerParity] = []
-    for name, F in flayers.items():
-        outs = seen_out[name]
-        t_layer = outs[0]
-        if len(outs) > 1:
-            notes.append(f"torch module {name!r} was called {len(outs)} times; its first call is compared")
-        bn_mod, bn_name = None, None
-        consumers = fix.consumers.get(F.output, [])
-        if not any(c.op_type == "BatchNormalization" for c in consumers) and name in bn_after:
-            bn_mod, bn_name, t_layer = bn_after[name]  # the BatchNorm folded into this layer at export
-        ref = t_layer.detach().float().cpu().numpy()
-        axis = _channel_axis(F.kind)
-        test = augmented[opt_levels[0]][F.output]
-        if ref.shape != test.shape:
-            problems.append(f"layer {name!r}: torch output shape {list(ref.shape)} vs ONNX Runtime {list(test.shape)}")
-            continue
-        figs = tensor_figures(ref, test, step=F.deq_scale, channel_axis=axis)
-        figs_all = None
-        if len(opt_levels) > 1 and F.output in augmented[opt_levels[1]]:
-            figs_all = tensor_figures(ref, augmented[opt_levels[1]][F.output], step=F.deq_scale, channel_axis=axis)
-        local = None
-        if F.float_input and F.float_input in augmented[opt_levels[0]]:
-            mod = modules[name]
-            p = next(iter(mod.parameters()), None)
-            x = torch.from_numpy(np.array(augmented[opt_levels[0]][F.float_input]))
-            if p is not None:
-                x = x.to(p.dtype)
-            y = mod(x)
-            if bn_mod is not None:
-                y = bn_mod(y)
-            local = tensor_figures(y.detach().float().cpu().numpy(), test, step=F.deq_scale, channel_axis=axis)
-        # local figures first: they point at this layer's own factors, not at inherited error
-        failed = _check(local, tol, "local") if local is not None else []
-        failed += _check(figs, tol, "layer")
-        if figs_all is not None:
-            failed += [f"{f} (ONNX Runtime optimizations on)" for f in _check(figs_all, tol, "layer")]
-        layers.append(LayerParity(name, F.kind, figs, figs_all, local, bn_name, not failed, failed))
 
+def _layer_parity(name: str, F: FakeQuantLayer, v: _Values, opt_levels, tol: Tolerances,
+                  problems: list[str]) -> LayerParity | None:
+    ref, test = v.layer[name], v.onnx[opt_levels[0]][F.output]
+    if ref.shape != test.shape:
+        problems.append(f"layer {name!r}: torch output shape {list(ref.shape)} vs ONNX Runtime {list(test.shape)}")
+        return None
+    axis = _channel_axis(F.kind)
+    figs = tensor_figures(ref, test, step=F.deq_scale, channel_axis=axis)
+    figs_all = None
+    if len(opt_levels) > 1 and F.output in v.onnx[opt_levels[1]]:
+        figs_all = tensor_figures(ref, v.onnx[opt_levels[1]][F.output], step=F.deq_scale, channel_axis=axis)
+    local = None
+    if name in v.local:
+        local = tensor_figures(v.local[name], test, step=F.deq_scale, channel_axis=axis)
+    # local figures first: they point at this layer's own factors, not at inherited error
+    failed = _check(local, tol, "local") if local is not None else []
+    failed += _check(figs, tol, "layer")
+    if figs_all is not None:
+        failed += [f"{f} (ONNX Runtime optimizations on)" for f in _check(figs_all, tol, "layer")]
+    return LayerParity(name, F.kind, figs, figs_all, local, v.folded_bn.get(name), not failed, failed)
+
+
+def _opt_levels_max_diff(v: _Values, output_names: list[str], opt_levels) -> dict:
+    """Per graph output: the largest difference between ONNX Runtime's two optimization levels."""
+    if len(opt_levels) < 2:
+        return {}
+    a, b = (v.onnx[opt_levels[0]], v.onnx[opt_levels[1]])
+    return {name: float(np.max(np.abs(a[name].astype(np.float64) - b[name].astype(np.float64)))) if a[name].size else 0.0
+            for name in output_names if name in a and name in b}
+
+
+# ---- verdict --------------------------------------------------------------------------------------
+def _verdict(outputs: list[OutputParity], layers: list[LayerParity], problems: list[str], opt_levels) -> tuple[bool, str]:
     bad_layers = sorted([l for l in layers if not l.ok], key=_layer_badness)
     bad_outputs = [o for o in outputs if not o.ok]
-    ok = not bad_layers and not bad_outputs and not problems
-    if ok:
+    if not bad_layers and not bad_outputs and not problems:
         msg = (f"parity passed: {len(outputs)} output check(s) over ONNX Runtime optimization levels "
                f"{list(opt_levels)}, {len(layers)} layer(s)")
         if layers:
             # the worst layer is the first of LAYER_ORDER, as in every table and chart of the report
-            w = sorted(layers, key=_layer_badness)[0]
+            w = min(layers, key=_layer_badness)
             msg += (f"; worst layer {w.name!r}: {'local ' if w.local else ''}SQNR "
                     f"{(w.local or w.figures)['sqnr_db']:.1f} dB")
             e2e = min(layers, key=lambda l: l.figures["sqnr_db"])
             msg += f"; lowest end-to-end layer SQNR {e2e.figures['sqnr_db']:.1f} dB ({e2e.name!r})"
-    elif bad_layers:
+        return True, msg
+    if bad_layers:
         w = bad_layers[0]
         msg = f"parity FAILED: worst layer {w.name!r}: {w.failed[0]}"
         if len(bad_layers) > 1:
             msg += f" ({len(bad_layers) - 1} more failing layer(s): {[l.name for l in bad_layers[1:4]]})"
         if bad_outputs:
             msg += f"; output {bad_outputs[0].name!r} ({bad_outputs[0].opt_level}): {bad_outputs[0].failed[0]}"
-    elif bad_outputs:
+        return False, msg
+    if bad_outputs:
         o = bad_outputs[0]
-        worst = sorted(layers, key=_layer_badness)[0] if layers else None
         msg = f"parity FAILED: output {o.name!r} (ONNX Runtime optimizations {o.opt_level}): {o.failed[0]}"
-        if worst is not None:
+        if layers:
+            worst = min(layers, key=_layer_badness)
             msg += f"; worst layer {worst.name!r} SQNR {worst.figures['sqnr_db']:.1f} dB"
-    else:
-        msg = "parity FAILED: " + problems[0]
-    inputs_desc = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
-    return ParityResult(ok, msg, outputs, layers, problems, inputs_desc, tuple(opt_levels), opt_diff, notes)
+        return False, msg
+    return False, "parity FAILED: " + problems[0]
