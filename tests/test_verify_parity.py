@@ -137,3 +137,24 @@ def test_torch_model_state_is_left_alone():
     e.model.eval()
     after = e.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- the weights parity fake-quantizes ----------------------------------------------------------------
+def test_each_layer_fake_quantizes_its_weight_once_per_forward(monkeypatch):
+    from amct_core.quant.modules import QuantLinear
+
+    e = bm.export("mlp")
+    calls: dict[str, int] = {}
+    names = {m: n for n, m in e.model.named_modules()}
+    real = QuantLinear._fake_quant_weight
+
+    def counted(self):
+        calls[names[self]] = calls.get(names[self], 0) + 1
+        return real(self)
+
+    monkeypatch.setattr(QuantLinear, "_fake_quant_weight", counted)
+    r = check_parity(e.model, e.fake_quant, example_inputs=e.example)
+    assert r.ok
+    # one forward; the local check reuses the weight its layer's forward quantized
+    assert calls == {"fc1": 1, "fc2": 1, "fc3": 1}
+    assert all("weight_memo" not in m.__dict__ for m in e.model.modules())

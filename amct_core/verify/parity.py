@@ -325,7 +325,9 @@ def _torch_values(torch_model, batch: _Batch, pairing: _Pairing, layer_inputs: d
                   source: _InputSource, onnx_values: dict) -> _Values:
     """The torch forward with hooks on the paired layers. Each layer's hook copies its output (a later
     in-place op - ``nn.ReLU(inplace=True)``, ``out += identity`` - would change the tensor) and runs the
-    layer on ONNX Runtime's input of it (``layer_inputs``): the local output. A BatchNorm that follows a
+    layer on ONNX Runtime's input of it (``layer_inputs``): the local output. The local run reuses the
+    weight the forward just fake-quantized (the QAT modules' ``weight_memo``, dropped right after), so
+    each weight is fake-quantized once and no more than one is held at a time. A BatchNorm that follows a
     layer is recognised while the layer's own output object is alive (weak reference, no copy)."""
     v = _Values(onnx_values, {})
     live: dict[str, weakref.ref] = {}
@@ -345,6 +347,7 @@ def _torch_values(torch_model, batch: _Batch, pairing: _Pairing, layer_inputs: d
                 xt = torch.from_numpy(np.array(x))
                 # forward(), not __call__: the hooks must not see the local run
                 v.local[name] = mod.forward(xt.to(p.dtype) if p is not None else xt).detach()
+            _release_memo(mod)
         return fn
 
     def bn_hook(name):
@@ -361,7 +364,7 @@ def _torch_values(torch_model, batch: _Batch, pairing: _Pairing, layer_inputs: d
     handles += [m.register_forward_hook(bn_hook(n)) for n, m in modules.items()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
-        with source.explain():
+        with _weight_memo([modules[n] for n in pairing.layers]), source.explain():
             flat = _flatten_outputs(torch_model(*batch.tensors))
     finally:
         for h in handles:
@@ -378,6 +381,34 @@ def _torch_values(torch_model, batch: _Batch, pairing: _Pairing, layer_inputs: d
     v.layer = {n: t.float().cpu().numpy() for n, t in v.layer.items()}
     v.local = {n: t.float().cpu().numpy() for n, t in v.local.items()}
     return v
+
+
+class _weight_memo:
+    """While the forward runs, each QAT module of ``modules`` keeps the weight it fake-quantized until its
+    hook has run the local check and releases it (the module's own ``weight_memo`` as it was is restored)."""
+
+    _UNSET = object()
+
+    def __init__(self, modules):
+        self.modules = [m for m in modules if hasattr(m, "weight_memo")]
+
+    def __enter__(self):
+        self.saved = [m.__dict__.get("weight_memo", self._UNSET) for m in self.modules]
+        for m in self.modules:
+            m.weight_memo = {}
+        return self
+
+    def __exit__(self, *exc):
+        for m, old in zip(self.modules, self.saved, strict=True):
+            if old is self._UNSET:
+                m.__dict__.pop("weight_memo", None)
+            else:
+                m.weight_memo = old
+
+
+def _release_memo(mod: nn.Module) -> None:
+    if isinstance(mod.__dict__.get("weight_memo"), dict):
+        mod.weight_memo = None  # the memoized weight is freed; a second call quantizes afresh
 
 
 def _flatten_outputs(o) -> list[torch.Tensor]:
