@@ -1,5 +1,5 @@
 """How far two correct computations of an exported model lie apart, and over how many values an output
-figure must be computed before it can decide a verdict.
+figure must be computed before it can decide a verdict (docs/VERIFY.md, "End-to-end figures").
 
 The model of ``--model`` (bench.models) is wrapped and exported as ``bench.export`` does it (the QAT
 student straight from ``create_distill_model``, calibrated on the example input). Then:

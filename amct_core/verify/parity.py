@@ -6,9 +6,13 @@ per quantized layer (the layer's output, paired by module name = node name), plu
 per layer: the torch layer fed ONNX Runtime's own input of that layer, which isolates the layer
 whose factors are wrong from the layers downstream of it that merely inherit its error.
 
+Every figure is computed over at least ``Tolerances.figure_min_values`` values: an output or layer
+with fewer per batch (two logits of a batch of one) is compared on further input batches as well and
+its figures pool them, so that no verdict rests on an SQNR over a handful of numbers.
+
 The check reads as its steps: inputs (:class:`_InputSource`), layer pairing (:func:`_pair_layers`),
-runs (:func:`_run`: ONNX Runtime, then torch), figures (:func:`_output_parity`, :func:`_layer_parity`)
-and the verdict (:func:`_verdict`).
+runs (:func:`_run_batches`: ONNX Runtime, then torch), figures (:func:`_output_parity`,
+:func:`_layer_parity`) and the verdict (:func:`_verdict`).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch.nn as nn
 
 from ._graph import LAYER_OPS, FakeQuantLayer, GraphIndex, fake_quant_layer, load_model, with_extra_outputs
 from ._outcome import Outcome
-from ._run import explain_size_failure, feeds_for, generate_inputs, graph_inputs, run
+from ._run import explain_size_failure, feeds_for, generate_inputs, graph_inputs, run_batches
 from .metrics import tensor_figures
 from .tolerances import Tolerances, as_tolerances
 
@@ -67,6 +71,7 @@ class ParityResult(Outcome):
     opt_levels: tuple
     ort_opt_levels_max_diff: dict
     notes: list[str] = field(default_factory=list)  # information that does not fail the check
+    batches: int = 1  # input batches run: batch 0 for every figure, the others for the pooled ones (figure_min_values)
 
     def layers_sorted(self) -> list[LayerParity]:
         return sorted(self.layers, key=_layer_badness)
@@ -79,7 +84,7 @@ class ParityResult(Outcome):
     def to_dict(self) -> dict:
         return {
             "ok": self.ok, "message": self.message, "problems": list(self.problems), "notes": list(self.notes),
-            "inputs": self.inputs,
+            "inputs": self.inputs, "batches": self.batches,
             "opt_levels": list(self.opt_levels), "ort_opt_levels_max_diff": self.ort_opt_levels_max_diff,
             "outputs": [o.to_dict() for o in self.outputs],
             "layer_order": LAYER_ORDER,
@@ -160,6 +165,8 @@ def check_parity(torch_model: nn.Module, fake_quant_model, inputs=None, example_
     ``inputs``: tensors (one, or a tuple in the model's argument order) used as they are; else seeded
     inputs shaped like ``example_inputs``; else seeded inputs from the ONNX graph's input shapes, whose
     symbolic dimensions take ``dims[name]``, else the export's size recorded in the file, else 1.
+    An output or layer with fewer than ``tolerances.figure_min_values`` values per batch is also
+    compared on further batches (:class:`_InputSource`) and its figures pool them.
     ``tolerances``: :class:`Tolerances` or a dict of its fields. Returns a :class:`ParityResult`.
     The torch model runs in eval mode; its train/eval flags and its state are left as they were.
     """
@@ -181,20 +188,26 @@ def _check_parity(torch_model, fake_quant_model, inputs, example_inputs, seed, d
     pairing = _pair_layers(torch_model, fmodel)
     problems: list[str] = []
     notes: list[str] = []
-    batch = source.batch()
-    values = _run(torch_model, fmodel, pairing, batch, opt_levels, source)
-    compared = _called_layers(pairing, values, notes)
+    first = source.batch(0)
+    values = [_run_batches(torch_model, fmodel, pairing, [first], list(pairing.layers), pairing.output_names,
+                           opt_levels, source)[0]]
+    compared = _called_layers(pairing, values[0], notes)
     if not compared:
         problems.append("no quantized layer could be paired by name between the torch model and the fake-quant model "
                         f"(fake-quant layer nodes: {sorted(pairing.node_names)[:10]})")
-    if values.returned != len(pairing.output_names):
-        problems.append(f"the torch model returns {values.returned} tensor(s), the fake-quant model has "
+    if values[0].returned != len(pairing.output_names):
+        problems.append(f"the torch model returns {values[0].returned} tensor(s), the fake-quant model has "
                         f"{len(pairing.output_names)} output(s) {pairing.output_names}")
+    pool = _PoolPlan.of(values[0], compared, pairing, tol.figure_min_values)
+    if pool.batches > 1:
+        extra = [source.batch(k) for k in range(1, pool.batches)]
+        values += _run_batches(torch_model, fmodel, pairing, extra, pool.layers, pool.outputs, opt_levels, source)
+        notes.append(pool.note(source))
     outputs = _output_parity(values, pairing, compared, opt_levels, tol, problems)
     layers = [lp for name in compared if (lp := _layer_parity(name, compared[name], values, opt_levels, tol, problems))]
     ok, message = _verdict(outputs, layers, problems, opt_levels)
-    return ParityResult(ok, message, outputs, layers, problems, source.describe(batch), tuple(opt_levels),
-                        _opt_levels_max_diff(values, pairing.output_names, opt_levels), notes)
+    return ParityResult(ok, message, outputs, layers, problems, source.describe(first), tuple(opt_levels),
+                        _opt_levels_max_diff(values, pairing.output_names, opt_levels), notes, batches=len(values))
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -205,8 +218,11 @@ class _Batch:
 
 
 class _InputSource:
-    """The inputs of a check: ``inputs`` as given; else seeded (``seed``) with the shape and dtype of
-    ``example_inputs``; else generated from the graph (``seed``, ``dims``)."""
+    """The input batches of a check. Batch 0: ``inputs`` as given; else seeded (``seed``) with the shape
+    and dtype of ``example_inputs``; else generated from the graph (``seed``, ``dims``). Batch k >= 1,
+    run only for figures that need more values: given inputs with each input's values shuffled
+    (seed + k: same shape, dtype and values, so images stay images in range, token ids stay ids);
+    otherwise batch 0's recipe with seed + k."""
 
     def __init__(self, fmodel: onnx.ModelProto, inputs, example_inputs, seed: int, dims):
         self.fmodel, self.example_inputs, self.seed, self.dims = fmodel, example_inputs, int(seed), dims
@@ -217,14 +233,16 @@ class _InputSource:
             seq = (inputs,) if isinstance(inputs, (torch.Tensor, np.ndarray)) else tuple(inputs)
             self.given = tuple(t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t)) for t in seq)
         self.generated = inputs is None and example_inputs is None
+        self.kind = "given" if self.given is not None else "example" if example_inputs is not None else "graph"
 
-    def batch(self) -> _Batch:
+    def batch(self, k: int) -> _Batch:
+        seed = self.seed + k
         if self.given is not None:
-            tensors = self.given
+            tensors = self.given if k == 0 else tuple(_shuffled(t, seed) for t in self.given)
         elif self.example_inputs is not None:
-            tensors = make_inputs(self.example_inputs, self.seed)
+            tensors = make_inputs(self.example_inputs, seed)
         else:
-            tensors = tuple(torch.from_numpy(a) for a in generate_inputs(self.fmodel, seed=self.seed, dims=self.dims).values())
+            tensors = tuple(torch.from_numpy(a) for a in generate_inputs(self.fmodel, seed=seed, dims=self.dims).values())
         gins = graph_inputs(self.fmodel)
         arrays = [t.detach().cpu().numpy() for t in tensors]
         if len(arrays) == len(gins):
@@ -236,9 +254,24 @@ class _InputSource:
         """Around a run: a failure of generated inputs that their sizes explain names the --dim to pass."""
         return explain_size_failure(self.fmodel, self.dims, self.generated)
 
+    def recipe(self, first: int, last: int) -> str:
+        """How batches ``first`` to ``last`` (>= 1) are made, for the report."""
+        seeds = f"seed {self.seed + first}" if first == last else f"seeds {self.seed + first}-{self.seed + last}"
+        if self.kind == "given":
+            return f"the given inputs with each input's values shuffled ({seeds})"
+        if self.kind == "example":
+            return f"seeded like example_inputs ({seeds})"
+        return f"generated from the graph ({seeds})"
+
     @staticmethod
     def describe(batch: _Batch) -> dict:
         return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in batch.feeds.items()}
+
+
+def _shuffled(t: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    flat = t.reshape(-1)
+    return flat[torch.randperm(flat.numel(), generator=g)].reshape(t.shape)
 
 
 # ---- pairing --------------------------------------------------------------------------------------
@@ -264,11 +297,11 @@ def _pair_layers(torch_model: nn.Module, fmodel: onnx.ModelProto) -> _Pairing:
     return _Pairing(modules, layers, node_names, keeps_bn, [o.name for o in fmodel.graph.output])
 
 
-def _called_layers(pairing: _Pairing, values: _Values, notes: list[str]) -> dict[str, FakeQuantLayer]:
+def _called_layers(pairing: _Pairing, first: _BatchValues, notes: list[str]) -> dict[str, FakeQuantLayer]:
     """The paired layers the torch forward called (the others cannot be compared; a note says so)."""
     compared = {}
     for name, F in pairing.layers.items():
-        calls = values.calls.get(name, 0)
+        calls = first.calls.get(name, 0)
         if calls == 0:
             notes.append(f"torch module {name!r} was not called in the forward pass; its fake-quant layer is not compared")
             continue
@@ -280,9 +313,9 @@ def _called_layers(pairing: _Pairing, values: _Values, notes: list[str]) -> dict
 
 # ---- runs -----------------------------------------------------------------------------------------
 @dataclass
-class _Values:
-    """What the runs produced: ONNX Runtime's values per optimization level (graph outputs, layer outputs
-    and layer inputs by tensor name) and torch's (graph outputs by the fake-quant model's output names; per
+class _BatchValues:
+    """One input batch's values: ONNX Runtime's per optimization level (graph outputs, layer outputs and
+    layer inputs by tensor name) and torch's (graph outputs by the fake-quant model's output names; per
     layer its output, or the output of the BatchNorm folded into it at export, and its local output)."""
 
     onnx: dict[str, dict[str, np.ndarray]]
@@ -294,42 +327,51 @@ class _Values:
     returned: int = 0  # how many tensors the torch model returned
 
 
-def _run(torch_model, fmodel, pairing: _Pairing, batch: _Batch, opt_levels, source: _InputSource) -> _Values:
+def _run_batches(torch_model, fmodel, pairing: _Pairing, batches: list[_Batch], layer_names: list[str],
+                 output_names: list[str], opt_levels, source: _InputSource) -> list[_BatchValues]:
     """ONNX Runtime first, one session at a time, then torch: the fake-quant weights are mapped only while a
-    session lives, so the two models' weights are never both resident (nothing here copies either of them),
-    and torch's local figures need ONNX Runtime's layer inputs."""
-    layers = list(pairing.layers.values())
-    onnx_values = _onnx_values(fmodel, batch.feeds, layers, pairing.output_names, opt_levels, source)
-    layer_inputs = {F.name: onnx_values[opt_levels[0]][F.float_input] for F in layers if F.float_input}
-    return _torch_values(torch_model, batch, pairing, layer_inputs, source, onnx_values)
+    session lives, and torch's local figures need ONNX Runtime's layer inputs."""
+    layers = [pairing.layers[n] for n in layer_names]
+    onnx_values = _onnx_values(fmodel, [b.feeds for b in batches], layers, output_names, opt_levels, source)
+    out = []
+    for batch, ov in zip(batches, onnx_values, strict=True):
+        layer_inputs = {F.name: ov[opt_levels[0]][F.float_input] for F in layers if F.float_input}
+        out.append(_torch_values(torch_model, batch, pairing, layer_names, layer_inputs, output_names, source, ov))
+    return out
 
 
-def _onnx_values(fmodel, feeds: dict, layers: list[FakeQuantLayer], output_names: list[str], opt_levels,
-                 source: _InputSource) -> dict[str, dict[str, np.ndarray]]:
-    """Per optimization level: the graph outputs, each layer's output and float input. Layer tensors are
-    read by adding them as graph outputs of an in-memory copy of the graph."""
+def _onnx_values(fmodel, feeds: list[dict], layers: list[FakeQuantLayer], output_names: list[str], opt_levels,
+                 source: _InputSource) -> list[dict[str, dict[str, np.ndarray]]]:
+    """Per batch, per optimization level: the graph outputs ``output_names``, each layer's output and float
+    input. Layer tensors are read by adding them as graph outputs of an in-memory copy of the graph; each
+    session runs every batch before the next one opens."""
     extra = [t for F in layers for t in (F.output, F.float_input) if t]
     augmented = with_extra_outputs(fmodel, extra)
-    values = {}
+    values: list[dict] = [{} for _ in feeds]
     for opt in opt_levels:
+        # without graph optimizations extra outputs change no kernel, so the graph outputs are the same
+        # values; with them, fusions could differ, so the model is run as it is as well
+        together = opt == "disabled"
         with source.explain():
-            values[opt] = run(augmented, feeds, opt)
-            if opt != "disabled":
-                # without graph optimizations extra outputs change no kernel, so the graph outputs are the
-                # same values; with them, fusions could differ, so the model is run as it is as well
-                values[opt].update(run(fmodel, feeds, opt, output_names))
+            got = run_batches(augmented, [(f, extra + (output_names if together else [])) for f in feeds], opt)
+            if not together and output_names:
+                plain = run_batches(fmodel, [(f, output_names) for f in feeds], opt)
+                got = [{**g, **p} for g, p in zip(got, plain, strict=True)]
+        for v, g in zip(values, got, strict=True):
+            v[opt] = g
     return values
 
 
-def _torch_values(torch_model, batch: _Batch, pairing: _Pairing, layer_inputs: dict[str, np.ndarray],
-                  source: _InputSource, onnx_values: dict) -> _Values:
-    """The torch forward with hooks on the paired layers. Each layer's hook copies its output (a later
-    in-place op - ``nn.ReLU(inplace=True)``, ``out += identity`` - would change the tensor) and runs the
-    layer on ONNX Runtime's input of it (``layer_inputs``): the local output. The local run reuses the
+def _torch_values(torch_model, batch: _Batch, pairing: _Pairing, layer_names: list[str],
+                  layer_inputs: dict[str, np.ndarray], output_names: list[str], source: _InputSource,
+                  onnx_values: dict) -> _BatchValues:
+    """The torch forward with hooks on the layers ``layer_names``. Each layer's hook copies its output (a
+    later in-place op - ``nn.ReLU(inplace=True)``, ``out += identity`` - would change the tensor) and runs
+    the layer on ONNX Runtime's input of it (``layer_inputs``): the local output. The local run reuses the
     weight the forward just fake-quantized (the QAT modules' ``weight_memo``, dropped right after), so
     each weight is fake-quantized once and no more than one is held at a time. A BatchNorm that follows a
     layer is recognised while the layer's own output object is alive (weak reference, no copy)."""
-    v = _Values(onnx_values, {})
+    v = _BatchValues(onnx_values, {})
     live: dict[str, weakref.ref] = {}
     bn_after: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
     modules = pairing.modules
@@ -360,18 +402,18 @@ def _torch_values(torch_model, batch: _Batch, pairing: _Pairing, layer_inputs: d
                     break
         return fn
 
-    handles = [modules[n].register_forward_hook(layer_hook(n)) for n in pairing.layers]
+    handles = [modules[n].register_forward_hook(layer_hook(n)) for n in layer_names]
     handles += [m.register_forward_hook(bn_hook(n)) for n, m in modules.items()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
-        with _weight_memo([modules[n] for n in pairing.layers]), source.explain():
+        with _weight_memo([modules[n] for n in layer_names]), source.explain():
             flat = _flatten_outputs(torch_model(*batch.tensors))
     finally:
         for h in handles:
             h.remove()
     v.returned = len(flat)
     v.torch_outputs = {name: t.detach().float().cpu().numpy()
-                       for t, name in zip(flat, pairing.output_names, strict=False)}
+                       for t, name in zip(flat, pairing.output_names, strict=False) if name in output_names}
     for name, (bn, bn_name, y) in bn_after.items():
         if name in pairing.keeps_bn:
             continue
@@ -421,56 +463,118 @@ def _flatten_outputs(o) -> list[torch.Tensor]:
     return []
 
 
+# ---- pooling --------------------------------------------------------------------------------------
+@dataclass
+class _PoolPlan:
+    """Which outputs and layers have fewer values per batch than ``figure_min_values``, and how many
+    batches give each of them at least that many."""
+
+    outputs: list[str]
+    layers: list[str]
+    batches: int
+    min_values: int
+    per_batch: int  # the fewest values of any of them in one batch
+
+    @classmethod
+    def of(cls, first: _BatchValues, compared: dict[str, FakeQuantLayer], pairing: _Pairing,
+           min_values: int) -> _PoolPlan:
+        min_values = max(1, int(min_values))
+        sizes = {("output", n): a.size for n, a in first.torch_outputs.items()}
+        sizes.update({("layer", n): first.layer[n].size for n in compared if n in first.layer})
+        thin = {k: s for k, s in sizes.items() if 0 < s < min_values}
+        if not thin:
+            return cls([], [], 1, min_values, 0)
+        fewest = min(thin.values())
+        return cls([n for kind, n in thin if kind == "output"], [n for kind, n in thin if kind == "layer"],
+                   -(-min_values // fewest), min_values, fewest)
+
+    def note(self, source: _InputSource) -> str:
+        what = [f"output {n!r}" for n in self.outputs] + [f"layer {n!r}" for n in self.layers]
+        return (f"fewer than {self.min_values} values per batch (as few as {self.per_batch}): {', '.join(what)}; "
+                f"their figures pool {self.batches} input batches: batch 0 and, as batches 1-{self.batches - 1}, "
+                f"{source.recipe(1, self.batches - 1)}")
+
+
+def _pooled(arrays: list[np.ndarray]) -> np.ndarray:
+    """Batches side by side: along the batch axis (axis 0) of tensors of rank >= 2, stacked otherwise."""
+    if len(arrays) == 1:
+        return arrays[0]
+    return np.concatenate(arrays) if arrays[0].ndim >= 2 else np.stack(arrays)
+
+
+def _figures(refs: list[np.ndarray], tests: list[np.ndarray], step, channel_axis: int) -> dict:
+    figs = tensor_figures(_pooled(refs), _pooled(tests), step=step, channel_axis=channel_axis)
+    figs.update(shape=list(np.shape(refs[0])), batches=len(refs))
+    return figs
+
+
+def _pairs(values: list[_BatchValues], ref_of, test_of) -> tuple[list, list]:
+    """(torch, ONNX Runtime) arrays of the batches that have both."""
+    refs, tests = [], []
+    for v in values:
+        r, t = ref_of(v), test_of(v)
+        if r is not None and t is not None:
+            refs.append(r)
+            tests.append(t)
+    return refs, tests
+
+
 # ---- figures --------------------------------------------------------------------------------------
-def _output_parity(v: _Values, pairing: _Pairing, compared: dict[str, FakeQuantLayer], opt_levels,
+def _output_parity(values: list[_BatchValues], pairing: _Pairing, compared: dict[str, FakeQuantLayer], opt_levels,
                    tol: Tolerances, problems: list[str]) -> list[OutputParity]:
     made_by = {F.output: F for F in compared.values()}  # outputs made by a quantized layer have steps
     outputs = []
     for opt in opt_levels:
         for name in pairing.output_names:
-            ref, test = v.torch_outputs.get(name), v.onnx[opt].get(name)
-            if ref is None or test is None:
+            refs, tests = _pairs(values, lambda v, n=name: v.torch_outputs.get(n),
+                                 lambda v, n=name, o=opt: v.onnx[o].get(n))
+            if not refs:
                 continue
-            if ref.shape != test.shape:
-                problems.append(f"output {name!r}: torch shape {list(ref.shape)} vs ONNX Runtime {list(test.shape)}")
+            if refs[0].shape != tests[0].shape:
+                problems.append(f"output {name!r}: torch shape {list(refs[0].shape)} vs ONNX Runtime {list(tests[0].shape)}")
                 continue
             F = made_by.get(name)
-            figs = tensor_figures(ref, test, step=None if F is None else F.deq_scale,
-                                  channel_axis=_channel_axis(F.kind) if F else 1)
+            figs = _figures(refs, tests, None if F is None else F.deq_scale, _channel_axis(F.kind) if F else 1)
             failed = _check(figs, tol, "output")
             outputs.append(OutputParity(name, opt, figs, not failed, failed))
     return outputs
 
 
-def _layer_parity(name: str, F: FakeQuantLayer, v: _Values, opt_levels, tol: Tolerances,
+def _layer_parity(name: str, F: FakeQuantLayer, values: list[_BatchValues], opt_levels, tol: Tolerances,
                   problems: list[str]) -> LayerParity | None:
-    ref, test = v.layer[name], v.onnx[opt_levels[0]][F.output]
+    first = values[0]
+    ref, test = first.layer[name], first.onnx[opt_levels[0]][F.output]
     if ref.shape != test.shape:
         problems.append(f"layer {name!r}: torch output shape {list(ref.shape)} vs ONNX Runtime {list(test.shape)}")
         return None
-    axis = _channel_axis(F.kind)
-    figs = tensor_figures(ref, test, step=F.deq_scale, channel_axis=axis)
-    figs_all = None
-    if len(opt_levels) > 1 and F.output in v.onnx[opt_levels[1]]:
-        figs_all = tensor_figures(ref, v.onnx[opt_levels[1]][F.output], step=F.deq_scale, channel_axis=axis)
-    local = None
-    if name in v.local:
-        local = tensor_figures(v.local[name], test, step=F.deq_scale, channel_axis=axis)
+
+    def figures(ref_of, opt):
+        refs, tests = _pairs(values, ref_of, lambda v: v.onnx[opt].get(F.output))
+        return _figures(refs, tests, F.deq_scale, _channel_axis(F.kind)) if refs else None
+
+    figs = figures(lambda v: v.layer.get(name), opt_levels[0])
+    figs_all = figures(lambda v: v.layer.get(name), opt_levels[1]) if len(opt_levels) > 1 else None
+    local = figures(lambda v: v.local.get(name), opt_levels[0])
     # local figures first: they point at this layer's own factors, not at inherited error
     failed = _check(local, tol, "local") if local is not None else []
     failed += _check(figs, tol, "layer")
     if figs_all is not None:
         failed += [f"{f} (ONNX Runtime optimizations on)" for f in _check(figs_all, tol, "layer")]
-    return LayerParity(name, F.kind, figs, figs_all, local, v.folded_bn.get(name), not failed, failed)
+    return LayerParity(name, F.kind, figs, figs_all, local, first.folded_bn.get(name), not failed, failed)
 
 
-def _opt_levels_max_diff(v: _Values, output_names: list[str], opt_levels) -> dict:
+def _opt_levels_max_diff(values: list[_BatchValues], output_names: list[str], opt_levels) -> dict:
     """Per graph output: the largest difference between ONNX Runtime's two optimization levels."""
     if len(opt_levels) < 2:
         return {}
-    a, b = (v.onnx[opt_levels[0]], v.onnx[opt_levels[1]])
-    return {name: float(np.max(np.abs(a[name].astype(np.float64) - b[name].astype(np.float64)))) if a[name].size else 0.0
-            for name in output_names if name in a and name in b}
+    a, b = opt_levels[0], opt_levels[1]
+    diff = {}
+    for name in output_names:
+        xs, ys = _pairs(values, lambda v, n=name: v.onnx[a].get(n), lambda v, n=name: v.onnx[b].get(n))
+        if xs:
+            x, y = _pooled(xs).astype(np.float64), _pooled(ys).astype(np.float64)
+            diff[name] = float(np.max(np.abs(x - y))) if x.size else 0.0
+    return diff
 
 
 # ---- verdict --------------------------------------------------------------------------------------
