@@ -342,18 +342,22 @@ def _run_batches(torch_model, fmodel, pairing: _Pairing, batches: list[_Batch], 
 
 def _onnx_values(fmodel, feeds: list[dict], layers: list[FakeQuantLayer], output_names: list[str], opt_levels,
                  source: _InputSource) -> list[dict[str, dict[str, np.ndarray]]]:
-    """Per batch, per optimization level: the graph outputs ``output_names``, each layer's output and float
-    input. Layer tensors are read by adding them as graph outputs of an in-memory copy of the graph; each
-    session runs every batch before the next one opens."""
-    extra = [t for F in layers for t in (F.output, F.float_input) if t]
-    augmented = with_extra_outputs(fmodel, extra)
+    """Per batch, per optimization level: the graph outputs ``output_names``, each layer's output and, at
+    the first level (the local figures' inputs), each layer's float input. Layer tensors are read by
+    adding them as graph outputs of an in-memory copy of the graph; each session runs every batch before
+    the next one opens."""
+    layer_outputs = [F.output for F in layers]
+    layer_inputs = [F.float_input for F in layers if F.float_input]
     values: list[dict] = [{} for _ in feeds]
-    for opt in opt_levels:
-        # without graph optimizations extra outputs change no kernel, so the graph outputs are the same
-        # values; with them, fusions could differ, so the model is run as it is as well
-        together = opt == "disabled"
+    for i, opt in enumerate(opt_levels):
+        extra = layer_outputs + (layer_inputs if i == 0 else [])
+        model = with_extra_outputs(fmodel, extra)
+        # Without graph optimizations extra outputs change no kernel, so the graph outputs are read from the
+        # same run; with them, fusions could differ, so they come from the model as it is (one run when
+        # nothing was added: the layers' outputs are graph outputs already).
+        together = opt == "disabled" or len(model.graph.output) == len(fmodel.graph.output)
         with source.explain():
-            got = run_batches(augmented, [(f, extra + (output_names if together else [])) for f in feeds], opt)
+            got = run_batches(model, [(f, extra + (output_names if together else [])) for f in feeds], opt)
             if not together and output_names:
                 plain = run_batches(fmodel, [(f, output_names) for f in feeds], opt)
                 got = [{**g, **p} for g, p in zip(got, plain, strict=True)]
