@@ -142,7 +142,7 @@ def test_torch_model_state_is_left_alone():
 
 
 # ---- figures over enough values ---------------------------------------------------------------------
-@pytest.mark.parametrize("min_values,batches", [(1, 1), (14, 1), (15, 2), (28, 2), (29, 3)])
+@pytest.mark.parametrize("min_values,batches", [(None, 1), (1, 1), (14, 1), (15, 2), (28, 2), (29, 3)])
 def test_an_output_with_fewer_values_than_the_minimum_pools_as_many_batches_as_it_needs(min_values, batches):
     e = bm.export("mlp")  # output [2, 7]: 14 values per batch
     r = check_parity(e.model, e.fake_quant, example_inputs=e.example, tolerances={"figure_min_values": min_values})

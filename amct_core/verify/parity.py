@@ -482,7 +482,7 @@ class _PoolPlan:
     @classmethod
     def of(cls, first: _BatchValues, compared: dict[str, FakeQuantLayer], pairing: _Pairing,
            min_values: int) -> _PoolPlan:
-        min_values = max(1, int(min_values))
+        min_values = max(1, int(min_values or 1))  # None: every figure over one batch, as given
         sizes = {("output", n): a.size for n, a in first.torch_outputs.items()}
         sizes.update({("layer", n): first.layer[n].size for n in compared if n in first.layer})
         thin = {k: s for k, s in sizes.items() if 0 < s < min_values}
