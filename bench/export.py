@@ -184,7 +184,8 @@ def verify_figures(report: dict) -> dict:
     steps = [v["max_error_steps"] for v in local if v.get("max_error_steps") is not None]
     return {
         "outputs": [{"name": o["name"], "opt_level": o["opt_level"], "sqnr_db": o["figures"].get("sqnr_db"),
-                     "cosine": o["figures"].get("cosine"), "argmax_agreement": o["figures"].get("argmax_agreement")}
+                     "cosine": o["figures"].get("cosine"), "argmax_agreement": o["figures"].get("argmax_agreement"),
+                     "batches": o["figures"].get("batches", 1)}
                     for o in par.get("outputs", [])],
         "layers": len(par.get("layers", [])),
         "min_local_sqnr_db": min((v["sqnr_db"] for v in local), default=None),
@@ -205,9 +206,10 @@ def check_files(qat, x, prefix: Path, weight_bytes: int) -> dict:
 
     fq, dep = Path(f"{prefix}_fake_quant_model.onnx"), Path(f"{prefix}_deploy_model.onnx")
     if weight_bytes < VERIFY_MAX_WEIGHT_BYTES:
+        t0 = time.perf_counter()
         report, _ = verify(deploy=dep, fake_quant=fq, torch_model=qat, inputs=(x,))
         return {"checks": "verify", "passed": report["verdict"] == "pass", "summary": report["summary"],
-                "figures": verify_figures(report)}
+                "seconds": time.perf_counter() - t0, "figures": verify_figures(report)}
     p = preflight(dep)
     try:
         onnx.checker.check_model(str(fq), full_check=True)
@@ -409,8 +411,15 @@ def print_table(model_name: str, med: dict, first: dict, repeats: int, threads: 
     checks = [r["check"] for r in runs_ours if "check" in r] if runs_ours else []
     if checks:
         passed = sum(c["passed"] for c in checks)
+        took = [c["seconds"] for c in checks if "seconds" in c]
         print(f"files of save_distill_model: {checks[0]['checks']} passed on {passed}/{len(checks)} run(s)"
+              + (f" ({statistics.median(took):.1f} s each, median)" if took else "")
               + ("" if passed == len(checks) else f"; first failure: {next(c for c in checks if not c['passed'])['summary']}"))
+        f = checks[0].get("figures")
+        if f:
+            print("verify's output figures (first run): " + "; ".join(
+                f"{o['name']} (ONNX Runtime {o['opt_level']}): SQNR {o['sqnr_db']:.1f} dB over {o['batches']} input "
+                f"batch(es)" for o in f["outputs"]))
     if "ort_calibrate_s" in med.get("ort", {}):
         print(f"(ORT calibration that made the fixed scales, not in the ORT row: {med['ort']['ort_calibrate_s']:.2f} s)")
 

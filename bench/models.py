@@ -110,6 +110,14 @@ def bert_base():
     return Encoder().eval(), torch.randint(0, 30522, (1, 128))
 
 
+def deep_encoder():
+    """BERT-base's structure at test size (12 post-LN layers, d=64, 74 quantized layers, sequence 16,
+    two logits): as deep as bert_base and as sensitive to rounding, exported in a second."""
+    torch.manual_seed(0)
+    m = Encoder(vocab=1000, d=64, layers=12, heads=4, ff=256, max_len=64, classes=2).eval()
+    return m, torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -178,12 +186,15 @@ def tiny():
 
 
 def by_name(name: str):
-    """``resnet50``, ``bert_base``, ``large``, ``tiny`` or ``tx<d>`` (the sweep architecture at width d)."""
+    """``resnet50``, ``bert_base``, ``large``, ``tiny``, ``deep_encoder`` or ``tx<d>`` (the sweep architecture
+    at width d)."""
     if name.startswith("tx") and name[2:].isdigit():
         return transformer_w(int(name[2:]))
-    fn = {"resnet50": resnet50, "bert_base": bert_base, "large": large, "tiny": tiny}.get(name)
+    fn = {"resnet50": resnet50, "bert_base": bert_base, "large": large, "tiny": tiny,
+          "deep_encoder": deep_encoder}.get(name)
     if fn is None:
-        raise SystemExit(f"unknown model {name!r}: use resnet50, bert_base, large, tiny or tx<width> (e.g. tx1024)")
+        raise SystemExit(f"unknown model {name!r}: use resnet50, bert_base, large, tiny, deep_encoder or tx<width> "
+                         "(e.g. tx1024)")
     return fn()
 
 

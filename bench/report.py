@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -47,14 +48,19 @@ def export_table(res: dict) -> str:
     if checks:
         passed = sum(c["passed"] for c in checks)
         line = f"Files of save_distill_model, checked after each run ({checks[0]['checks']}): {passed}/{len(checks)} passed"
+        took = [c["seconds"] for c in checks if "seconds" in c]
+        if took:
+            line += f" ({statistics.median(took):.1f} s each, median)"
         failed = [c for c in checks if not c["passed"]]
         lines += ["", line + (f"; {failed[0]['summary']}" if failed else ".")]
-        f = failed[0].get("figures") if failed else None
+        f = (failed[0] if failed else checks[0]).get("figures")
         if f:
             outs = ", ".join(f"{o['name']} ({o['opt_level']}): SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}"
                              + (f", arg-max agreement {o['argmax_agreement']:.2f}" if o.get("argmax_agreement") is not None
-                                else "") for o in f["outputs"])
-            lines += ["", f"Figures of that run: outputs {outs}; {f['layers']} layers, worst local SQNR "
+                                else "")
+                             + (f", over {o['batches']} input batches" if o.get("batches", 1) > 1 else "")
+                             for o in f["outputs"])
+            lines += ["", f"Figures of {'that' if failed else 'the first'} run: outputs {outs}; {f['layers']} layers, worst local SQNR "
                           f"{f['min_local_sqnr_db']:.1f} dB, worst local error {f['max_local_error_steps']:.2f} steps; "
                           f"preflight {'passed' if f['preflight_ok'] else 'failed'}, deploy simulation "
                           f"{'passed' if f['deploy_simulation_ok'] else 'failed'}."]

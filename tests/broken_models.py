@@ -42,16 +42,16 @@ def _export_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def export(name: str, opset: int | None = None, target: str | None = None) -> Export:
-    """Distill-wrap ``tests.models.build(name)`` (calibrated on its example input) and export it with
-    ``save_distill_model``. Cached per process."""
+def export(name: str, opset: int | None = None, target: str | None = None, batch: int = 2) -> Export:
+    """Distill-wrap ``tests.models.build(name)`` (calibrated on its example input of ``batch``) and export
+    it with ``save_distill_model``. Cached per process."""
     from amct_core import create_distill_config, create_distill_model, save_distill_model
 
     torch.manual_seed(0)
-    d = _export_dir() / f"{name}_{opset}_{target}"
+    d = _export_dir() / f"{name}_{opset}_{target}_{batch}"
     d.mkdir(parents=True, exist_ok=True)
     m = models.build(name)
-    x = models.example_inputs(name)
+    x = models.example_inputs(name, batch)
     cfg = d / "distill.json"
     create_distill_config(str(cfg), m, (x,))
     q = create_distill_model(str(cfg), m, (x,)).eval()
@@ -252,6 +252,28 @@ def opset_version(deploy: onnx.ModelProto, version: int) -> onnx.ModelProto:
 def perturb_fake_quant(fake_quant: onnx.ModelProto, initializer: str, factor: float) -> onnx.ModelProto:
     m = copy(fake_quant)
     set_array(m, initializer, (get_array(m, initializer) * np.float32(factor)).astype(np.float32))
+    return m
+
+
+def flip_fake_quant_weight(fake_quant: onnx.ModelProto, layer: str) -> onnx.ModelProto:
+    """Negate the int8 weight of ``layer`` with the largest magnitude (the fake-quant model keeps the
+    weight grid as float32 integers): one sign bit wrong."""
+    m = copy(fake_quant)
+    name = node(m, layer).input[1]
+    w = get_array(m, name).copy()
+    i = int(np.argmax(np.abs(w)))
+    w.reshape(-1)[i] = -w.reshape(-1)[i]
+    set_array(m, name, w)
+    return m
+
+
+def shift_fake_quant_bias(fake_quant: onnx.ModelProto, layer: str, delta: float = 1000.0) -> onnx.ModelProto:
+    """Move the first int32 bias value of ``layer`` (kept as float32 integers) by ``delta`` accumulator steps."""
+    m = copy(fake_quant)
+    name = _bias_name(m, layer)
+    b = get_array(m, name).copy()
+    b.reshape(-1)[0] += np.float32(delta)
+    set_array(m, name, b)
     return m
 
 

@@ -147,14 +147,24 @@ def build_wide(d: int = 4096, ff: int = 16896, blocks: int = 4) -> nn.Module:
     return m.eval()
 
 
+def deep_encoder() -> nn.Module:
+    """BERT-base's structure at test size (bench.models.deep_encoder): 12 post-LN layers, token ids in, two logits."""
+    from bench.models import deep_encoder
+
+    return deep_encoder()[0]
+
+
 def example_inputs(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
+    if name == "deep":
+        return torch.randint(0, 1000, (batch, 16), generator=g)  # token ids
     shapes = {"cnn": (batch, 3, 16, 16), "mlp": (batch, 20), "encoder": (batch, 8, 32), "two": (batch, 3, 8, 8),
               "unet": (batch, 3, 32, 32)}
     return torch.randn(*shapes[name], generator=g)
 
 
-MODELS = {"cnn": SmallCNN, "mlp": MLP, "encoder": EncoderBlock, "two": TwoOutputs, "unet": TinyUNet}
+MODELS = {"cnn": SmallCNN, "mlp": MLP, "encoder": EncoderBlock, "two": TwoOutputs, "unet": TinyUNet,
+          "deep": deep_encoder}
 
 
 def build(name: str) -> nn.Module:

@@ -162,3 +162,13 @@ def test_large_bench_measures_verify_and_the_flow_against_the_export(prefect_api
         assert _positive(steps[step]["seconds"]) and _positive(steps[step]["peak_rss_mb"])
     assert steps["verify"]["verdict"] == steps["verify+parity"]["verdict"] == "pass"
     assert steps["flow"]["completed"] and set(steps["flow"]["stages"]) == set(large.FLOW_STAGES)
+
+
+def test_parity_noise_bench_prints_both_tables(capsys):
+    from bench import parity_noise
+
+    assert parity_noise.main(["--model", "deep_encoder", "--batches", "4", "--draws", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "1. Where the difference comes from" in text and "2. One batch vs pooled batches" in text
+    assert "| torch vs ONNX Runtime, optimizations off (parity) |" in text
+    assert "| torch vs ORT off | 2 | 4 |" in text

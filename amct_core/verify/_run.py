@@ -48,6 +48,18 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], opt: str = "disabl
     return dict(zip(names, s.run(names, feeds), strict=True))  # the session (and its mapped weights) ends here
 
 
+def run_batches(model: onnx.ModelProto, requests: Sequence[tuple[dict[str, np.ndarray], Sequence[str]]],
+                opt: str = "disabled") -> list[dict[str, np.ndarray]]:
+    """Run ``model`` on several batches in one session: each request is a batch's feeds and the outputs
+    wanted from it (none: the batch is not run, and its result is an empty dict)."""
+    s = session(model, opt)
+    out = []
+    for feeds, names in requests:
+        names = list(dict.fromkeys(names))
+        out.append(dict(zip(names, s.run(names, feeds), strict=True)) if names else {})
+    return out  # the session (and its mapped weights) ends here
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]

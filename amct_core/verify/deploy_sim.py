@@ -37,6 +37,7 @@ from ..formats import (
 )
 from ._graph import (
     DeployLayer,
+    FakeQuantLayer,
     GraphIndex,
     attr_value,
     fake_quant_layer,
@@ -529,6 +530,19 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
     dix, fix = GraphIndex(dmodel), GraphIndex(fmodel)
     problems: list[str] = []
     notes: list[str] = []
+    pairs = _pair_deploy_layers(sim, fix, problems)
+    with explain_size_failure(fmodel, dims, generated=inputs is None):
+        douts, fouts = _run_deploy_pair(sim, fmodel, pairs, feeds)
+    layers = _layer_results(dix, fix, pairs, douts, fouts, tol)
+    outputs = _output_results(sim, fmodel, douts, fouts, tol, problems, notes)
+    ok, msg = _deploy_verdict(layers, outputs, problems, tol)
+    inputs_desc = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
+    return DeployCheckResult(ok, msg, layers, outputs, problems, sim.opset, inputs_desc, notes)
+
+
+def _pair_deploy_layers(sim: Simulation, fix: GraphIndex,
+                        problems: list[str]) -> list[tuple[SimLayer, FakeQuantLayer]]:
+    """Each simulated layer with the fake-quant layer of the same node name (FORMATS §4/§5)."""
     pairs = []
     for sl in sim.layers:
         F = fake_quant_layer(fix, sl.name)
@@ -537,45 +551,61 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
                             "(both files name the quantized node after its module, FORMATS §4/§5)")
             continue
         pairs.append((sl, F))
-    dlayers = {L.name: L for L in find_deploy_layers(dix)}
-    sim_extra = []
+    return pairs
+
+
+def _run_deploy_pair(sim: Simulation, fmodel: onnx.ModelProto, pairs, feeds) -> tuple[dict, dict]:
+    """The simulation and the fake-quant model on the same feeds, one session after the other, each with
+    every paired layer's tensors as extra outputs: (simulation values, fake-quant values) by tensor name."""
+    sim_extra, types = [], {}
     for sl, _ in pairs:
         sim_extra += [sl.quant_input, sl.quant_output, sl.acc, sl.output] + ([sl.abs_acc] if sl.abs_acc else [])
-    types = {}
-    for sl, _ in pairs:
         types[sl.quant_output] = TensorProto.INT8
         types[sl.acc] = TensorProto.INT32
         if sl.abs_acc:
             types[sl.abs_acc] = TensorProto.INT32
     sim_model = with_extra_outputs(sim.model, sim_extra, types)
-    fq_extra = []
-    for _, F in pairs:
-        fq_extra += [F.grid_input, F.acc, F.output] + ([F.float_input] if F.float_input else [])
-    with explain_size_failure(fmodel, dims, generated=inputs is None):
-        douts = run(sim_model, remap_feeds(feeds, sim_model), "disabled")
-        fouts = run(with_extra_outputs(fmodel, fq_extra), feeds, "disabled")
+    fq_extra = [t for _, F in pairs for t in [F.grid_input, F.acc, F.output] + ([F.float_input] if F.float_input else [])]
+    douts = run(sim_model, remap_feeds(feeds, sim_model), "disabled")
+    fouts = run(with_extra_outputs(fmodel, fq_extra), feeds, "disabled")
+    return douts, fouts
 
-    layer_results = []
+
+def _layer_results(dix: GraphIndex, fix: GraphIndex, pairs, douts, fouts, tol: Tolerances) -> list[DeployLayerResult]:
+    """Per paired layer, in graph order: the figures of the run (:func:`_compare_layer`), the stored values
+    (:func:`_static_verdict`), the device's rounding ties, and whether its input already differs."""
+    dlayers = {L.name: L for L in find_deploy_layers(dix)}
+    results = []
     for k, (sl, F) in enumerate(pairs):
         r = _compare_layer(sl, F, douts, fouts, tol, _static_compare(dix, dlayers[sl.name], fix, F))
         r.order = k
         _static_verdict(r, tol)
-        r.device_tie_differences = _device_tie_differences(douts[sl.quant_input], sim_quant_attrs(dmodel, sl.quant))
+        r.device_tie_differences = _device_tie_differences(douts[sl.quant_input], sim_quant_attrs(dix.model, sl.quant))
         if F.float_input is not None:
-            a, b = douts[sl.quant_input].astype(np.float64), fouts[F.float_input].astype(np.float64)
-            if a.shape == b.shape and a.size:
-                scale = float(np.max(np.abs(b))) or 1.0
-                r.input_max_rel_diff = float(np.max(np.abs(a - b))) / scale
-                r.inherited = (not r.ok) and r.input_max_rel_diff > 1e-6
-        layer_results.append(r)
+            r.input_max_rel_diff = _input_max_rel_diff(douts[sl.quant_input], fouts[F.float_input])
+            r.inherited = (not r.ok) and r.input_max_rel_diff is not None and r.input_max_rel_diff > 1e-6
+        results.append(r)
+    return results
 
-    out_results = []
+
+def _input_max_rel_diff(deploy_input: np.ndarray, fake_quant_input: np.ndarray) -> float | None:
+    """Max |difference| of a layer's float input in the two runs, relative to max |input| (None: not comparable)."""
+    a, b = deploy_input.astype(np.float64), fake_quant_input.astype(np.float64)
+    if a.shape != b.shape or not a.size:
+        return None
+    return float(np.max(np.abs(a - b))) / (float(np.max(np.abs(b))) or 1.0)
+
+
+def _output_results(sim: Simulation, fmodel, douts, fouts, tol: Tolerances, problems: list[str],
+                    notes: list[str]) -> list[DeployOutputResult]:
+    """Graph outputs, paired by name when both files use the same names, else by position."""
     d_names = [o.name for o in sim.model.graph.output]
     f_names = [o.name for o in fmodel.graph.output]
     if len(d_names) != len(f_names):
         problems.append(f"the deploy model has {len(d_names)} outputs {d_names}, the fake-quant model {len(f_names)} {f_names}")
     if sorted(d_names) == sorted(f_names):
         d_names = list(f_names)  # same names: pair by name
+    results = []
     for dn, fn in zip(d_names, f_names, strict=False):  # unequal counts are a problem above
         if dn != fn:
             notes.append(f"output names differ: deploy {dn!r} vs fake-quant {fn!r} (paired by position)")
@@ -586,33 +616,35 @@ def compare_deploy(deploy_model, fake_quant_model, inputs=None, *, seed: int = 0
         ref = float(np.max(np.abs(f))) if f.size else 0.0
         diff = float(np.max(np.abs(d - f))) if f.size else 0.0
         allowed = tol.deploy_output_rtol * ref + tol.deploy_output_atol
-        out_results.append(DeployOutputResult(fn, diff <= allowed, diff, ref, allowed, diff == 0.0))
+        results.append(DeployOutputResult(fn, diff <= allowed, diff, ref, allowed, diff == 0.0))
+    return results
 
-    failing = [r for r in layer_results if not r.ok]
-    bad_out = [o for o in out_results if not o.ok]
-    ok = not failing and not bad_out and not problems
-    ties = sum(r.device_tie_differences for r in layer_results)
-    if ok:
-        msg = (f"deploy simulation matches the fake-quant model: {len(layer_results)} layer(s), accumulators "
-               f"{'identical' if all(r.acc_max_abs_diff == 0 for r in layer_results) else 'within float32 summation bounds'}, "
-               f"{len(out_results)} output(s) within rtol {tol.deploy_output_rtol:g}")
+
+def _deploy_verdict(layers: list[DeployLayerResult], outputs: list[DeployOutputResult], problems: list[str],
+                    tol: Tolerances) -> tuple[bool, str]:
+    failing = [r for r in layers if not r.ok]
+    bad_out = [o for o in outputs if not o.ok]
+    if not failing and not bad_out and not problems:
+        msg = (f"deploy simulation matches the fake-quant model: {len(layers)} layer(s), accumulators "
+               f"{'identical' if all(r.acc_max_abs_diff == 0 for r in layers) else 'within float32 summation bounds'}, "
+               f"{len(outputs)} output(s) within rtol {tol.deploy_output_rtol:g}")
+        ties = sum(r.device_tie_differences for r in layers)
         if ties:
             msg += (f"; note: {ties} int8 input(s) sit on an exact rounding tie where the device's AscendQuant "
                     "(round(x*scale+offset)) differs by 1 from training (round(x*scale)+offset)")
-    elif failing:
-        w = sorted(failing, key=_deploy_badness)[0]
+        return True, msg
+    if failing:
+        w = min(failing, key=_deploy_badness)
         msg = f"deploy simulation FAILED: worst layer {w.name!r}: {w.message}"
         if len(failing) > 1:
             inh = sum(1 for r in failing if r.inherited)
             msg += f" (and {len(failing) - 1} more failing layer(s), {inh} of them downstream of a failure)"
-    elif bad_out:
+        return False, msg
+    if bad_out:
         o = bad_out[0]
-        msg = (f"deploy simulation FAILED: output {o.name!r} differs by {o.max_abs_diff:.6g} "
-               f"(allowed {o.allowed:.6g}, max|ref| {o.ref_max_abs:.6g})")
-    else:
-        msg = "deploy simulation FAILED: " + problems[0]
-    inputs_desc = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
-    return DeployCheckResult(ok, msg, layer_results, out_results, problems, sim.opset, inputs_desc, notes)
+        return False, (f"deploy simulation FAILED: output {o.name!r} differs by {o.max_abs_diff:.6g} "
+                       f"(allowed {o.allowed:.6g}, max|ref| {o.ref_max_abs:.6g})")
+    return False, "deploy simulation FAILED: " + problems[0]
 
 
 def sim_quant_attrs(model: onnx.ModelProto, quant_name: str) -> tuple[float, int, int, str]:
@@ -637,76 +669,97 @@ def _device_tie_differences(x: np.ndarray, attrs) -> int:
     return int(np.count_nonzero(dev != train))
 
 
+# ---- one layer's figures --------------------------------------------------------------------------
 def _compare_layer(sl: SimLayer, F, douts, fouts, tol: Tolerances, static: dict) -> DeployLayerResult:
+    """The layer's three figures in the order data flows through it; the first that disagrees names it."""
+    grid_mis, grid_size = _grid_mismatches(sl, F, douts, fouts)
+    acc_d, acc_f = douts[sl.acc].astype(np.int64), fouts[F.acc].astype(np.float64)
+    if acc_d.shape != acc_f.shape:
+        return _shape_mismatch(sl, acc_d, acc_f, grid_mis, static)
+    acc = _accumulator_figures(sl, acc_d, acc_f, douts)
+    deq = _dequant_figures(sl, douts[sl.output], fouts[F.output], acc["allowed"], tol)
+    n = int(acc_f.size)
+    figure, message = None, "matches"
+    if grid_mis:
+        figure = "input_grid"
+        message = (f"{grid_mis} of {grid_size} int8 input values differ from the fake-quant grid (AscendQuant "
+                   f"{sl.quant!r} scale/offset vs the fake-quant chain)")
+    elif acc["bad"]:
+        diff, allowed = acc["diff"], acc["allowed"]
+        idx = np.unravel_index(int(np.argmax(diff - allowed)), diff.shape)
+        figure = "int32_accumulator"
+        message = (f"{acc['bad']} of {n} int32 accumulators differ from the fake-quant pre-dequant output "
+                   f"(max |diff| {diff.max():.0f}; first worst at {list(map(int, idx))}: deploy {int(acc_d[idx])} vs "
+                   f"fake-quant {acc_f[idx]:.0f}); check the int8 weight and the int32 bias")
+    elif deq["bad"]:
+        figure = "dequantized_output"
+        message = (f"{deq['bad']} of {deq['size']} dequantized outputs differ (max rel diff {deq['max_rel']:.3g} > "
+                   f"{tol.deploy_dequant_rtol:.3g}); check the deq_scale {LayerNames(sl.name).dequant_param!r}")
+    diff = acc["diff"]
+    return DeployLayerResult(
+        name=sl.name, kind=sl.kind, ok=figure is None, failed_figure=figure, message=message, elements=n,
+        input_grid_mismatches=grid_mis, acc_mismatches=acc["bad"],
+        acc_exact_fraction=float(np.mean(diff == 0)) if n else 1.0,
+        acc_max_abs_diff=float(diff.max(initial=0.0)), acc_max_abs=float(np.abs(acc_d).max(initial=0)),
+        acc_allowed_slack=float(acc["allowed"].max(initial=0.0)), acc_int32_overflow_risk=acc["overflow"],
+        acc_abs_sum_max=acc["abs_sum_max"],
+        dequant_max_abs_diff=deq["max_abs"], dequant_max_rel_diff=deq["max_rel"], dequant_violations=deq["bad"],
+        static=static,
+    )
+
+
+def _grid_mismatches(sl: SimLayer, F, douts, fouts) -> tuple[int, int]:
+    """(int8 inputs - offset that differ from the fake-quant grid, grid size); every value when shapes differ."""
     q = douts[sl.quant_output].astype(np.int64) - sl.offset
     grid = fouts[F.grid_input].astype(np.float64)
-    grid_mis = int(np.count_nonzero(q != grid)) if q.shape == grid.shape else int(grid.size or 1)
-    acc_d = douts[sl.acc].astype(np.int64)
-    acc_f = fouts[F.acc].astype(np.float64)
-    n = int(acc_f.size)
-    if acc_d.shape != acc_f.shape:
-        nan = float("nan")
-        return DeployLayerResult(
-            name=sl.name, kind=sl.kind, ok=False, failed_figure="accumulator_shape",
-            message=f"int32 accumulator shape {list(acc_d.shape)} vs fake-quant pre-dequant shape {list(acc_f.shape)}",
-            elements=n, input_grid_mismatches=grid_mis, acc_mismatches=n, acc_exact_fraction=0.0,
-            acc_max_abs_diff=nan, acc_max_abs=nan, acc_allowed_slack=0.0, acc_int32_overflow_risk=False,
-            acc_abs_sum_max=nan, dequant_max_abs_diff=nan, dequant_max_rel_diff=nan, dequant_violations=n,
-            static=static)
+    mismatches = int(np.count_nonzero(q != grid)) if q.shape == grid.shape else int(grid.size or 1)
+    return mismatches, int(grid.size)
+
+
+def _accumulator_figures(sl: SimLayer, acc_d: np.ndarray, acc_f: np.ndarray, douts) -> dict:
+    """|deploy - fake-quant| per accumulator and the slack allowed: 0 where float32 holds every partial sum
+    (S = sum |x - offset| |w| + |bias| <= 2^24), else ceil(gamma_n S) (FORMATS §5 summation bound)."""
     diff = np.abs(acc_d.astype(np.float64) - acc_f)
     if sl.abs_acc is not None:
         S = douts[sl.abs_acc].astype(np.float64)
         gamma = sl.n_terms * U32 / (1 - sl.n_terms * U32)
         allowed = np.where(S <= F32_EXACT, 0.0, np.ceil(gamma * S))
-        overflow = bool(np.any(S > 2.0 ** 31 - 1))
-        s_max = float(S.max(initial=0.0))
+        overflow, s_max = bool(np.any(S > 2.0 ** 31 - 1)), float(S.max(initial=0.0))
     else:
-        allowed = np.zeros_like(diff)
-        overflow = False
-        s_max = float("nan")
-    acc_bad = int(np.count_nonzero(diff > allowed))
-    # dequantized outputs
-    od = douts[sl.output].astype(np.float64)
-    of = fouts[F.output].astype(np.float64)
+        allowed, overflow, s_max = np.zeros_like(diff), False, float("nan")
+    return {"diff": diff, "allowed": allowed, "bad": int(np.count_nonzero(diff > allowed)), "overflow": overflow,
+            "abs_sum_max": s_max}
+
+
+def _dequant_figures(sl: SimLayer, deploy_out: np.ndarray, fq_out: np.ndarray, acc_allowed: np.ndarray,
+                     tol: Tolerances) -> dict:
+    """Dequantized outputs: |deploy - fake-quant| <= deploy_dequant_rtol |fake-quant| + deq_scale x the
+    accumulator's slack."""
+    od, of = deploy_out.astype(np.float64), fq_out.astype(np.float64)
+    if od.shape != of.shape:
+        return {"bad": int(of.size or 1), "max_abs": float("nan"), "max_rel": float("nan"), "size": int(of.size)}
     deq = sl.deq_scale.astype(np.float64)
     if deq.size > 1:
         shape = [1] * od.ndim
         shape[sl.channel_axis] = deq.size
         deq = deq.reshape(shape)
-    if od.shape == of.shape:
-        ddiff = np.abs(od - of)
-        d_allowed = tol.deploy_dequant_rtol * np.abs(of) + deq * allowed + 1e-30
-        d_bad = int(np.count_nonzero(ddiff > d_allowed))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(of != 0, ddiff / np.abs(of), np.where(ddiff == 0, 0.0, np.inf))
-        d_max, d_rel = float(ddiff.max(initial=0.0)), float(rel.max(initial=0.0))
-    else:
-        d_bad, d_max, d_rel = int(of.size or 1), float("nan"), float("nan")
-    figure, message = None, "matches"
-    if grid_mis:
-        figure = "input_grid"
-        message = (f"{grid_mis} of {grid.size} int8 input values differ from the fake-quant grid (AscendQuant "
-                   f"{sl.quant!r} scale/offset vs the fake-quant chain)")
-    elif acc_bad:
-        idx = np.unravel_index(int(np.argmax(diff - allowed)), diff.shape)
-        figure = "int32_accumulator"
-        message = (f"{acc_bad} of {n} int32 accumulators differ from the fake-quant pre-dequant output "
-                   f"(max |diff| {diff.max():.0f}; first worst at {list(map(int, idx))}: deploy {int(acc_d[idx])} vs "
-                   f"fake-quant {acc_f[idx]:.0f}); check the int8 weight and the int32 bias")
-    elif d_bad:
-        figure = "dequantized_output"
-        message = (f"{d_bad} of {of.size} dequantized outputs differ (max rel diff {d_rel:.3g} > "
-                   f"{tol.deploy_dequant_rtol:.3g}); check the deq_scale {LayerNames(sl.name).dequant_param!r}")
-    ok = figure is None
+    ddiff = np.abs(od - of)
+    d_allowed = tol.deploy_dequant_rtol * np.abs(of) + deq * acc_allowed + 1e-30
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(of != 0, ddiff / np.abs(of), np.where(ddiff == 0, 0.0, np.inf))
+    return {"bad": int(np.count_nonzero(ddiff > d_allowed)), "max_abs": float(ddiff.max(initial=0.0)),
+            "max_rel": float(rel.max(initial=0.0)), "size": int(of.size)}
+
+
+def _shape_mismatch(sl: SimLayer, acc_d, acc_f, grid_mis: int, static: dict) -> DeployLayerResult:
+    n, nan = int(acc_f.size), float("nan")
     return DeployLayerResult(
-        name=sl.name, kind=sl.kind, ok=ok, failed_figure=figure, message=message, elements=n,
-        input_grid_mismatches=grid_mis, acc_mismatches=acc_bad,
-        acc_exact_fraction=float(np.mean(diff == 0)) if n else 1.0,
-        acc_max_abs_diff=float(diff.max(initial=0.0)), acc_max_abs=float(np.abs(acc_d).max(initial=0)),
-        acc_allowed_slack=float(allowed.max(initial=0.0)), acc_int32_overflow_risk=overflow,
-        acc_abs_sum_max=s_max,
-        dequant_max_abs_diff=d_max, dequant_max_rel_diff=d_rel, dequant_violations=d_bad, static=static,
-    )
+        name=sl.name, kind=sl.kind, ok=False, failed_figure="accumulator_shape",
+        message=f"int32 accumulator shape {list(acc_d.shape)} vs fake-quant pre-dequant shape {list(acc_f.shape)}",
+        elements=n, input_grid_mismatches=grid_mis, acc_mismatches=n, acc_exact_fraction=0.0,
+        acc_max_abs_diff=nan, acc_max_abs=nan, acc_allowed_slack=0.0, acc_int32_overflow_risk=False,
+        acc_abs_sum_max=nan, dequant_max_abs_diff=nan, dequant_max_rel_diff=nan, dequant_violations=n,
+        static=static)
 
 
 def simulate_deploy(deploy_model, inputs=None, *, seed: int = 0, dims=None, accumulators: bool = False,

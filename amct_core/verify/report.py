@@ -218,12 +218,14 @@ def _layer_figures_note(tol: dict) -> str:
         "layer, so they measure this layer's factors alone; the verdict uses them (local SQNR &ge; "
         f"{_fmt(tol.get('layer_local_sqnr_min_db'))} dB; local max error &le; {_fmt(tol.get('layer_local_max_steps'))} "
         f"steps or &le; {_fmt(tol.get('layer_local_max_rel'))} of the layer's max |output|). <b>End-to-end</b> "
-        "figures compare the layer outputs for the same model inputs: torch and ONNX Runtime add in a different "
-        "float32 order, so an activation on a rounding boundary can quantize one int8 step apart, which moves an "
-        "output by its weight, up to 127 steps, and such flips add up downstream. An end-to-end max error of "
+        "figures compare the layer outputs for the same model inputs: the file rounds each bias to the "
+        "accumulator's step (torch keeps it in float) and torch and ONNX Runtime add in a different float32 order, "
+        "so an activation on a rounding boundary can quantize one int8 step apart, which moves an output by its "
+        "weight, up to 127 steps, and such flips add up downstream. An end-to-end max error of "
         "about 127 steps is one flipped input element, not an error of the export; only the end-to-end SQNR "
         f"(&ge; {_fmt(tol.get('layer_sqnr_min_db'))} dB) and cosine (&ge; {_fmt(tol.get('layer_cosine_min'))}) are "
-        "checked.</p>")
+        f"checked. An output or layer with fewer than {_fmt(tol.get('figure_min_values'))} values per input batch "
+        "is compared on as many batches as give it that many, and its figures pool them.</p>")
 
 
 def render_html(report: dict, png: bytes | None, png_name: str | None) -> str:
@@ -267,9 +269,10 @@ def render_html(report: dict, png: bytes | None, png_name: str | None) -> str:
             parts.append("<ul>" + "".join(f"<li>note: {e(p)}</li>" for p in par["notes"]) + "</ul>")
         parts.append("<h3>Per output</h3>")
         parts.append(_table(
-            ["output", "ORT optimizations", "max abs error", "max error [output steps]", "cosine", "SQNR [dB]",
-             "arg-max agreement", "failed"],
-            [[f"<code>{e(o['name'])}</code>", e(o["opt_level"]), _fmt(o["figures"]["max_abs_error"]),
+            ["output", "ORT optimizations", "input batches", "max abs error", "max error [output steps]", "cosine",
+             "SQNR [dB]", "arg-max agreement", "failed"],
+            [[f"<code>{e(o['name'])}</code>", e(o["opt_level"]), _fmt(o["figures"].get("batches", 1)),
+              _fmt(o["figures"]["max_abs_error"]),
               _fmt(o["figures"]["max_error_steps"]), _fmt(o["figures"]["cosine"], 6), _fmt(o["figures"]["sqnr_db"], 2),
               _fmt(o["figures"]["argmax_agreement"]), e("; ".join(o["failed"]))] for o in par["outputs"]],
             [o["ok"] for o in par["outputs"]]))
