@@ -50,16 +50,16 @@ def _int32_bias_copy(qat):
     """A copy of the QAT model whose biases are the file's: rounded to int32 accumulator steps."""
     import torch
 
-    from amct_core.quant import arith
+    from amct_core import formats
     from amct_core.quant.modules import is_quant_module
 
     q = copy.deepcopy(qat)
     with torch.no_grad():
-        for m in q.modules():
+        for name, m in q.named_modules():
             if is_quant_module(m) and m.bias is not None:
-                f = m.quant_factors(with_weights=False)
-                deq = arith.deq_scale(f.scale_d, f.scale_w).astype(np.float64)
-                m.bias.copy_(torch.from_numpy((arith.quantize_bias(f.bias, deq) * deq).astype(np.float32)))
+                f = m.quant_factors()
+                deq = formats.deq_scale(f.scale_d, f.scale_w).astype(np.float64)
+                m.bias.copy_(torch.from_numpy((formats.quantize_bias(f.bias, deq, name) * deq).astype(np.float32)))
     return q
 
 
