@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
+import functools
 import json
 import logging
 import os
@@ -275,10 +276,10 @@ def part_ratio(repeats: int, n_batches: int, hw: int, kind: str = "resnet50", va
     _variant(variants[0], teacher, copy.deepcopy(student), cfg, data)
     for _ in range(repeats):
         m = copy.deepcopy(teacher)
-        ft.append(timed(lambda: finetune_epoch(m, data)))
+        ft.append(timed(functools.partial(finetune_epoch, m, data)))
         for v in variants:
             s = copy.deepcopy(student)
-            runs[v].append(timed(lambda: _variant(v, teacher, s, cfg, data)))
+            runs[v].append(timed(functools.partial(_variant, v, teacher, s, cfg, data)))
     med_ft = statistics.median(ft)
     res = {"model": kind, "groups": n_groups, "batches": n_batches, "hw": hw, "finetune_s": ft,
            "variants": {v: {"seconds": r, "ratio": statistics.median(r) / med_ft,
@@ -306,7 +307,7 @@ def part_sweep(repeats: int, depths: list[int], hw: int, width: int = 16) -> dic
         for d in depths:
             teacher, data, cfg, student = setups[d]
             s = copy.deepcopy(student)
-            runs[d].append(timed(lambda: run_distill(teacher, s, cfg, data)))
+            runs[d].append(timed(functools.partial(run_distill, teacher, s, cfg, data)))
     med = {d: statistics.median(v) for d, v in runs.items()}
     per_block = {d: med[d] / d for d in depths}
     spread = max(per_block.values()) / min(per_block.values())

@@ -34,11 +34,7 @@ import numpy as np
 
 
 def _export(model, x, d: str):
-    from amct_core import (
-        create_distill_config,
-        create_distill_model,
-        save_distill_model,
-    )
+    from amct_core import create_distill_config, create_distill_model, save_distill_model
 
     create_distill_config(f"{d}/cfg.json", model, x)
     qat = create_distill_model(f"{d}/cfg.json", model, x).eval()
@@ -87,12 +83,7 @@ def _torch_values(model, x, layers: list[str]) -> dict[str, np.ndarray]:
 
 def where_from(qat, x, fq_path: str) -> None:
     from amct_core.quant.modules import is_quant_module
-    from amct_core.verify._graph import (
-        GraphIndex,
-        fake_quant_layer,
-        load_model,
-        with_extra_outputs,
-    )
+    from amct_core.verify._graph import GraphIndex, fake_quant_layer, load_model, with_extra_outputs
     from amct_core.verify._run import run
     from amct_core.verify.metrics import sqnr_db
 

@@ -71,7 +71,7 @@ def pass_cprofile(qat, x, d, top: int) -> dict:
     st = pstats.Stats(pr)
     own_by_area: dict[str, float] = {}
     rows = []
-    for (fn, line, func), (cc, nc, tt, ct, _) in st.stats.items():
+    for (fn, line, func), (_cc, nc, tt, ct, _) in st.stats.items():
         a = _area(fn)
         own_by_area[a] = own_by_area.get(a, 0.0) + tt
         rows.append({"function": f"{Path(fn).name}:{line}({func})", "file": fn, "area": a, "calls": nc,
