@@ -12,7 +12,8 @@ class Tolerances:
     #: values: an output or layer with fewer per input batch is also compared on further seeded
     #: batches, and its figures pool them. An SQNR over the two logits of one batch is no verdict: on a
     #: correct BERT-base file it spreads from 1 dB to 53 dB with the batch (docs/VERIFY.md)
-    figure_min_values: int = 32
+    #: (None: one batch, as 1)
+    figure_min_values: int | None = 32
     #: per graph output: minimum cosine similarity
     output_cosine_min: float = 0.995
     #: per graph output: minimum SQNR in dB
