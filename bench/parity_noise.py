@@ -82,24 +82,22 @@ def _torch_values(model, x, layers: list[str]) -> dict[str, np.ndarray]:
 
 
 def where_from(qat, x, fq_path: str) -> None:
+    import onnx
+
     from amct_core.quant.modules import is_quant_module
-    from amct_core.verify._graph import GraphIndex, fake_quant_layer, load_model, with_extra_outputs
-    from amct_core.verify._run import run
+    from amct_core.verify import run_with_layer_outputs
     from amct_core.verify.metrics import sqnr_db
 
-    fm = load_model(fq_path)
-    fix = GraphIndex(fm)
+    fm = onnx.load(fq_path)
     names = [n for n, m in qat.named_modules() if is_quant_module(m)]
     n = len(names)
     picked = [names[i] for i in sorted({0, 3, 5, n // 2 - 1, n - 3, n - 2, n - 1}) if 0 <= i < n]
-    tensor = {name: fake_quant_layer(fix, name).output for name in picked}
     out_name = fm.graph.output[0].name
-    aug = with_extra_outputs(fm, list(tensor.values()))
     feeds = {fm.graph.input[0].name: x.numpy()}
 
     def onnx_values(opt):
-        got = run(aug, feeds, opt)
-        return {"output": got[out_name].astype(np.float64), **{k: got[t].astype(np.float64) for k, t in tensor.items()}}
+        got = run_with_layer_outputs(fm, feeds, picked, opt)
+        return {"output": got[out_name].astype(np.float64), **{k: got[k].astype(np.float64) for k in picked}}
 
     ort_off, ort_all = onnx_values("disabled"), onnx_values("all")
     t32 = _torch_values(qat, x, picked)
@@ -120,25 +118,25 @@ def where_from(qat, x, fq_path: str) -> None:
 
 
 def pooled(qat, x, fq_path: str, batches: int, draws: int, min_db: float) -> None:
+    import onnx
     import torch
 
-    from amct_core.verify._graph import load_model
-    from amct_core.verify._run import session
-    from amct_core.verify.parity import make_inputs
+    from amct_core.verify import make_inputs, run_with_layer_outputs
 
-    fm = load_model(fq_path)
-    s_off, s_all = session(fm, "disabled"), session(fm, "all")
-    iname = fm.graph.input[0].name
+    fm = onnx.load(fq_path)
+    iname, oname = fm.graph.input[0].name, fm.graph.output[0].name
+    xs = [make_inputs(x, seed=k)[0] for k in range(batches)]
+    feeds = [{iname: xk.numpy()} for xk in xs]
     energy = {"torch vs ORT off": [], "ORT off vs on": []}
     signal = {"torch vs ORT off": [], "ORT off vs on": []}
     t0 = time.perf_counter()
     per_value = 0
-    for k in range(batches):
-        xk = make_inputs(x, seed=k)[0]
+    ort_off, ort_all = run_with_layer_outputs(fm, feeds, (), "disabled"), run_with_layer_outputs(fm, feeds, (), "all")
+    for k, xk in enumerate(xs):
         with torch.no_grad():
             t = qat(xk).double().numpy()
-        a = s_off.run(None, {iname: xk.numpy()})[0].astype(np.float64)
-        b = s_all.run(None, {iname: xk.numpy()})[0].astype(np.float64)
+        a = ort_off[k][oname].astype(np.float64)
+        b = ort_all[k][oname].astype(np.float64)
         per_value = t.size
         for key, (ref, test) in {"torch vs ORT off": (t, a), "ORT off vs on": (a, b)}.items():
             signal[key].append(float(np.sum(ref ** 2)))

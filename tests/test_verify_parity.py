@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -252,3 +253,29 @@ def test_each_layer_fake_quantizes_its_weight_once_per_forward(monkeypatch):
     # one forward per batch; the local check reuses the weight its layer's forward quantized
     assert calls == {"fc1": r.batches, "fc2": r.batches, "fc3": r.batches}
     assert all("weight_memo" not in m.__dict__ for m in e.model.modules())
+
+
+def test_run_with_layer_outputs_gives_each_layers_output_as_the_torch_module_computes_it():
+    from amct_core.verify import run_with_layer_outputs
+
+    e = bm.export("mlp")
+    model = e.model.eval()
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach().numpy().copy()))
+             for n, m in model.named_modules() if n in ("fc1", "fc2")]
+    with torch.no_grad():
+        y = model(e.example).numpy()
+    for h in hooks:
+        h.remove()
+    fm = onnx.load(e.fake_quant)
+    feeds = {fm.graph.input[0].name: e.example.numpy()}
+    got = run_with_layer_outputs(fm, feeds, ["fc1", "fc2"])
+    assert set(got) == {fm.graph.output[0].name, "fc1", "fc2"}
+    for name in ("fc1", "fc2"):
+        assert got[name].shape == seen[name].shape
+        np.testing.assert_allclose(got[name], seen[name], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[fm.graph.output[0].name], y, rtol=1e-4, atol=1e-4)
+    both = run_with_layer_outputs(fm, [feeds, feeds], ["fc1"], "all")
+    assert len(both) == 2 and np.array_equal(both[0]["fc1"], both[1]["fc1"])
+    with pytest.raises(ValueError, match="no quantized layer 'nope'"):
+        run_with_layer_outputs(fm, feeds, ["nope"])

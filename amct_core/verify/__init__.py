@@ -8,6 +8,7 @@
 * :func:`preflight` — FORMATS §5/§6 checks of any deploy model, without ATC.
 * :func:`build_report` / :func:`write_report` — versioned JSON, a self-contained HTML page, a PNG chart.
 * :func:`verify` — all of the above on files, as ``python -m amct_core.verify`` does.
+* :func:`run_with_layer_outputs` — the fake-quant model in ONNX Runtime with the quantized layers' outputs, as parity sees them (diagnosis).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ._run import InputSizeError
 from .deploy_sim import DeployCheckResult, SimulationError, build_simulation, compare_deploy, simulate_deploy
-from .parity import ParityResult, check_parity, make_inputs
+from .parity import ParityResult, check_parity, make_inputs, run_with_layer_outputs
 from .preflight import Finding, PreflightResult, preflight
 from .report import REPORT_SCHEMA, REPORT_VERSION, ReportPaths, build_report, write_report
 from .tolerances import Tolerances
@@ -86,7 +87,7 @@ def _torch_inputs(inputs):
 
 __all__ = [
     "check_parity", "compare_deploy", "simulate_deploy", "build_simulation", "preflight", "verify",
-    "build_report", "write_report", "make_inputs", "Tolerances", "ParityResult", "DeployCheckResult",
+    "build_report", "write_report", "make_inputs", "run_with_layer_outputs", "Tolerances", "ParityResult", "DeployCheckResult",
     "PreflightResult", "Finding", "SimulationError", "InputSizeError", "ReportPaths", "REPORT_SCHEMA",
     "REPORT_VERSION",
 ]

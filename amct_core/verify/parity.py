@@ -102,6 +102,29 @@ def _layer_badness(l: LayerParity) -> tuple:
     return (l.ok, local, l.figures["sqnr_db"])
 
 
+def run_with_layer_outputs(fake_quant_model, feeds, layers=(), opt_level: str = "disabled"):
+    """Run the fake-quant model in ONNX Runtime as parity runs it (one thread; ``opt_level`` "disabled" or
+    "all") and return its graph outputs by name plus, by layer name, the output of each of ``layers``
+    (quantized layers, named after their torch modules): the values parity compares, for a diagnosis
+    of where a difference comes from. ``feeds``: one batch (a dict by graph input name) or a list of
+    batches run in one session (then a list of results)."""
+    fmodel = load_model(fake_quant_model)
+    ix = GraphIndex(fmodel)
+    tensors = {}
+    for name in layers:
+        layer = fake_quant_layer(ix, name)
+        if layer is None:
+            raise ValueError(f"no quantized layer {name!r} in the fake-quant model (its Conv/Gemm/MatMul nodes are "
+                             "named after the torch modules)")
+        tensors[name] = layer.output
+    outs = [o.name for o in fmodel.graph.output]
+    batches = [feeds] if isinstance(feeds, dict) else list(feeds)
+    model = with_extra_outputs(fmodel, list(tensors.values())) if tensors else fmodel
+    got = run_batches(model, [(b, outs + list(tensors.values())) for b in batches], opt_level)
+    res = [{**{o: g[o] for o in outs}, **{name: g[t] for name, t in tensors.items()}} for g in got]
+    return res[0] if isinstance(feeds, dict) else res
+
+
 def make_inputs(example_inputs, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded inputs with the shape and dtype of ``example_inputs`` (float: standard normal; integer:
     uniform in the example's [min, max])."""
