@@ -93,7 +93,7 @@ def test_models_sizes():
     a, _ = models.transformer_w(64, layers=1)
     b, _ = models.transformer_w(64, layers=1)
     # the seeded fill is deterministic (the calibration of every exporter sees the same weights)
-    assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
+    assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_zoo_bench_times_both_exporters_and_verifies_every_file(tmp_path, capsys):

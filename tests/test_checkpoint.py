@@ -9,12 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from amct_core.checkpoint import (
-    LoadError,
-    load_distilled_model,
-    read_state_dict,
-    resolve_callable,
-)
+from amct_core.checkpoint import LoadError, load_distilled_model, read_state_dict, resolve_callable
 from amct_core.quant.modules import is_quant_module
 from tests import models
 

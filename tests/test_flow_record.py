@@ -46,7 +46,6 @@ def test_given_record_is_validated_and_used(model_record, cnn_checkpoint):
 
 def test_record_missing_a_layer_fails_naming_record_file_and_layer(model_record, cnn_checkpoint):
     from amct_core.record import read_record, write_record
-
     from flows.distill_export import distill_export
 
     record, d = model_record

@@ -9,12 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from amct_core.onnx.mapped import (
-    MappedModelError,
-    open_model,
-    runtime_model,
-    tensor_array,
-)
+from amct_core.onnx.mapped import MappedModelError, open_model, runtime_model, tensor_array
 from amct_core.verify._run import run
 from tests import broken_models as bm
 

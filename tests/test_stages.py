@@ -3,7 +3,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-import torch
 
 from amct_core import ExportError, RecordError, save_distill_model
 from amct_core.record import read_record, write_record

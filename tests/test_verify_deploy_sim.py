@@ -121,7 +121,7 @@ def test_ascend_quant_rounds_half_to_even_and_clips(offset):
     np.testing.assert_array_equal(acc_t.reshape(-1), expected_t.astype(np.int64))
     assert (np.count_nonzero(expected != expected_t) > 0) == (offset % 2 == 1)
     if offset == 0:  # ties written out by hand: x*scale = 0.5, 1.5, 2.5, -1.5, -2.5 round to even
-        got = dict(zip(xs.tolist(), acc.reshape(-1).tolist()))
+        got = dict(zip(xs.tolist(), acc.reshape(-1).tolist(), strict=True))
         assert [got[0.125], got[0.375], got[0.625], got[-0.375], got[-0.625]] == [0, 2, 2, -2, -2]
         assert got[100.0] == 127 and got[-100.0] == -128
 

@@ -268,8 +268,8 @@ def test_cli_prints_one_line_naming_the_dimensions_and_exits_1(unet, tmp_path, c
 
 def test_the_flow_stages_and_parity_task_check_a_seed_form_export_at_its_size(tmp_path):
     from tasks.export import deploy_build, fake_quant_build, trace
-    from tasks.specs import GraphSpec, ModelSpec
     from tasks.parity import parity
+    from tasks.specs import GraphSpec, ModelSpec
 
     qat = models.make_qat("unet", tmp_path)
     torch.save(qat.state_dict(), tmp_path / "unet.pt")

@@ -44,7 +44,7 @@ class Zoo:
     def __init__(self, root: Path):
         self.root = root
 
-    @functools.cache
+    @functools.cache  # noqa: B019 - one Zoo per test session: the cache lives as long as it does
     def student(self, name: str, state: str) -> tuple[torch.nn.Module, Path]:
         """The QAT student of zoo model ``name``: calibrated on a tiny loader, or distilled on it with
         amct_core's distill() (which starts from that same calibration)."""
@@ -62,7 +62,7 @@ class Zoo:
             distill(teacher, student, cfg, loader, epochs=1, lr=1e-3)
         return student.eval(), cfg
 
-    @functools.cache
+    @functools.cache  # noqa: B019 - one Zoo per test session: the cache lives as long as it does
     def export(self, name: str, state: str, target: str, opset: int) -> Exported:
         z = ZOO[name]
         student, cfg = self.student(name, state)
@@ -80,7 +80,7 @@ def zoo(tmp_path_factory) -> Zoo:
 
 def _feeds(name: str) -> dict[str, np.ndarray]:
     z = ZOO[name]
-    return {n: t.numpy() for n, t in zip(z.input_names, z.inputs(OTHER_BATCH, 7))}
+    return {n: t.numpy() for n, t in zip(z.input_names, z.inputs(OTHER_BATCH, 7), strict=True)}
 
 
 def _assert_sorted(model: onnx.ModelProto) -> None:
@@ -142,7 +142,7 @@ def test_fake_quant_model_runs_at_another_batch_with_optimizations_off_and_all(z
         so.graph_optimization_level = level
         so.intra_op_num_threads = 1
         outs.append(ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, _feeds(name)))
-    for off, full in zip(*outs):
+    for off, full in zip(*outs, strict=True):
         assert off.shape[0] == OTHER_BATCH and np.isfinite(off).all()
         np.testing.assert_allclose(full, off, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(off).max())))
 

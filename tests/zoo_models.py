@@ -90,7 +90,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         cin, stages = stem, []
-        for i, (n, w) in enumerate(zip(blocks, widths)):
+        for i, (n, w) in enumerate(zip(blocks, widths, strict=True)):
             stage = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
