@@ -340,10 +340,10 @@ def cmd_validate_record(a: argparse.Namespace) -> int:
                             a.target, source=f"record file {a.record_file!r}")
             how = ("syntax and values only; give --model, --checkpoint and --input-shape to check it against the "
                    "model's layers and biases too")
-    except AmctError as e:
+    except AmctError as e:  # the record file: missing, a directory, unreadable, not UTF-8, unparsable, invalid
         print(f"INVALID: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except ValueError as e:  # ParameterError and friends
+    except (ValueError, OSError) as e:  # ParameterError and friends; a model's file that cannot be read
         print(f"amct-export: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"OK: {a.record_file}: {len(records)} layer record(s) valid for target {a.target or 'A2'}: {how}")

@@ -231,6 +231,8 @@ class ExportPlan:
         _tolerances(p["parity_tolerances"])
         if out["distill_config"]:
             _distill_config(out["distill_config"])
+        if out["record_file"]:
+            _record_file(out["record_file"])
 
         # ---- the model: it imports, and runs on the example input(s)
         import_callable(p["model"], "model")
@@ -371,6 +373,14 @@ def _distill_config(path: str) -> None:
     from amct_core.distill import load_distill_config
 
     _library("distill_config", load_distill_config, path)
+
+
+def _record_file(path: str) -> None:
+    """A given record file must read as records (UTF-8, the text format, at least one layer record); whether
+    they fit the model is the record stage's check, against the traced graph."""
+    from amct_core.record import read_record
+
+    _library("record_file", read_record, path)
 
 
 def _int_axes(axes):

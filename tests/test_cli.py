@@ -178,6 +178,29 @@ def test_validate_record_against_the_model_names_missing_layers(mlp_export, tmp_
     assert "fc2" in capsys.readouterr().err
 
 
+def test_validate_record_of_a_non_utf8_file_exits_invalid_naming_the_file_and_the_byte(mlp_export, tmp_path, capsys):
+    data = (mlp_export / "mlp_record.txt").read_bytes()
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(data[:5] + b"\x80" + data[5:])
+    assert cli.main(["validate-record", str(bad)]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.startswith(f"INVALID: record file {str(bad)!r}: byte 5 (line 1, column 6)") and "not UTF-8" in err
+
+
+def test_validate_record_of_a_directory_prints_one_line_naming_it_and_exits_invalid(tmp_path, capsys):
+    assert cli.main(["validate-record", str(tmp_path)]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err == f"INVALID: record file {str(tmp_path)!r} is a directory; give the path of the record file\n"
+
+
+@pytest.mark.parametrize("text", ["", " \n\n", "# a comment\n"], ids=["empty", "whitespace", "comment"])
+def test_validate_record_alone_refuses_a_file_with_no_layer_record(tmp_path, capsys, text):
+    rec = tmp_path / "r.txt"
+    rec.write_text(text)
+    assert cli.main(["validate-record", str(rec)]) == cli.EXIT_INVALID
+    assert "holds no layer record" in capsys.readouterr().err
+
+
 def test_inspect_deploy_and_fake_quant(mlp_export, capsys):
     assert cli.main(["inspect", str(mlp_export / "mlp_deploy_model.onnx"), "--json"]) == cli.EXIT_OK
     facts = json.loads(capsys.readouterr().out)

@@ -205,6 +205,15 @@ def test_each_bad_parameter_is_named(params, key, value, words, tmp_path):
     assert e.parameter == key and words in str(e), str(e)
 
 
+@pytest.mark.parametrize("content, words", [(b"record {\n  key: \"fc\x80\"\n}\n", "byte 19 (line 2, column 11)"),
+                                            (b"# nothing\n", "holds no layer record")], ids=["non-utf8", "no-layer"])
+def test_a_record_file_that_does_not_read_as_records_is_named_before_the_flow_starts(params, tmp_path, content, words):
+    rec = tmp_path / "given_record.txt"
+    rec.write_bytes(content)
+    e = _error({**params, "record_file": str(rec)})
+    assert e.parameter == "record_file" and words in str(e) and "given_record.txt" in str(e), str(e)
+
+
 def test_a_distill_config_with_a_bad_value_is_named_with_its_key(params, tmp_path):
     cfg = tmp_path / "distill.json"
     cfg.write_text('{"batch_num": 0, "conv1": {"quant_enable": true}}')

@@ -169,3 +169,49 @@ def test_garbage_is_a_parse_error_naming_the_file(tmp_path):
 
 def test_message_class_uses_the_real_field_spelling():
     assert ScaleOffsetRecord.DESCRIPTOR.fields_by_name["record"].message_type.name == "MapFiledEntry"
+
+
+def test_a_non_utf8_byte_is_a_record_error_naming_the_file_the_byte_offset_and_the_line(tmp_path):
+    p = tmp_path / "latin1.txt"
+    data = SPEC_EXAMPLE.encode().replace(b"layer1.0.conv1", b"layer1.0.conv\x80")
+    p.write_bytes(data)
+    offset = data.index(b"\x80")
+    with pytest.raises(RecordError, match=rf"latin1.txt'.*byte {offset} \(line 2, column 22\).*not UTF-8"):
+        rec.read_record(p)
+
+
+def test_a_directory_given_as_the_record_file_is_a_record_error_naming_it(tmp_path):
+    with pytest.raises(RecordError, match=rf"record file '{tmp_path}' is a directory"):
+        rec.read_record(tmp_path)
+
+
+def test_a_missing_record_file_is_a_record_error_naming_it(tmp_path):
+    with pytest.raises(RecordError, match=r"record file '.*nope.txt' does not exist"):
+        rec.read_record(tmp_path / "nope.txt")
+
+
+def test_an_unreadable_record_file_is_a_record_error_naming_it(tmp_path, monkeypatch):
+    p = tmp_path / "r.txt"
+    p.write_text(SPEC_EXAMPLE)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod does not stop root, who runs CI
+    with pytest.raises(RecordError, match=r"record file '.*r.txt' cannot be read: permission denied"):
+        rec.read_record(p)
+
+
+@pytest.mark.parametrize("text", ["", "  \n\t\n", "# only a comment\n# and another\n"],
+                         ids=["empty", "whitespace", "comments"])
+def test_a_record_file_with_no_layer_record_is_invalid(tmp_path, text):
+    p = tmp_path / "r.txt"
+    p.write_text(text)
+    with pytest.raises(RecordError, match=r"r.txt' holds no layer record"):
+        rec.read_record(p)
+
+
+def test_validating_no_records_is_an_error_even_for_a_model_with_no_layers():
+    with pytest.raises(RecordError, match="no layer record"):
+        rec.validate_record({}, {})
+

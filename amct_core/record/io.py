@@ -23,8 +23,9 @@ from ..formats import (
 from ..targets import Target, get_target
 from .schema import ScaleOffsetRecord
 
-__all__ = ["DEFAULT_RECORD_FILE", "LayerInfo", "LayerRecord", "format_record", "parse_record", "read_record",
-           "record_message", "records_from_message", "validate_record", "write_record"]
+__all__ = ["DEFAULT_RECORD_FILE", "LayerInfo", "LayerRecord", "decode_record", "format_record", "parse_record",
+           "read_record", "read_record_bytes", "record_message", "records_from_message", "validate_record",
+           "write_record"]
 
 
 @dataclass
@@ -77,10 +78,48 @@ def format_record(records: dict[str, LayerRecord]) -> str:
 
 
 def parse_record(text: str, source: str = "<record>") -> ScaleOffsetRecord:
+    """The record's text (protobuf text format) as a message; anything unparsable is a RecordError naming
+    ``source`` (a syntax error with its line and column)."""
     try:
         return text_format.Parse(text, ScaleOffsetRecord())
     except text_format.ParseError as e:
-        raise RecordError(f"record file {source}: not a valid ScaleOffsetRecord in text format: {e}") from None
+        raise RecordError(f"record file {source}: not a valid ScaleOffsetRecord in text format: {_short(e)}") from None
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    """An error's message cut to ``limit`` characters (a parse error quotes its whole line)."""
+    text = str(e)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def decode_record(data: bytes, source: str = "<record>") -> str:
+    """A record file's bytes as text: UTF-8 (protobuf's text format), else a RecordError naming ``source`` and
+    the first bad byte's offset, line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecordError(f"record file {source}: byte {e.start} (line {line}, column {column}) is "
+                          f"{data[e.start:e.start + 1]!r}, which is not UTF-8 text ({e.reason}); a record file is "
+                          "protobuf text format in UTF-8") from None
+
+
+def read_record_bytes(path) -> bytes:
+    """The bytes of the record file at ``path``; a missing, unreadable or non-file path is a RecordError
+    naming it."""
+    p = Path(path)
+    name = repr(str(p))
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise RecordError(f"record file {name} does not exist") from None
+    except IsADirectoryError:
+        raise RecordError(f"record file {name} is a directory; give the path of the record file") from None
+    except PermissionError:
+        raise RecordError(f"record file {name} cannot be read: permission denied") from None
+    except OSError as e:
+        raise RecordError(f"record file {name} cannot be read: {e.strerror or e}") from None
 
 
 def records_from_message(msg: ScaleOffsetRecord, source: str = "<record>") -> dict[str, LayerRecord]:
@@ -109,16 +148,19 @@ def records_from_message(msg: ScaleOffsetRecord, source: str = "<record>") -> di
         out[e.key].offset_w = list(v.offset_w)  # keep as read (validation checks the length)
     if problems:
         raise RecordError(f"record file {source}:\n  " + "\n  ".join(problems))
+    if not out:
+        raise RecordError(f"record file {source} holds no layer record (empty, or only whitespace and comments); a "
+                          "record file has one 'record { key: \"<layer>\" value { ... } }' per quantized layer")
     return out
 
 
 def read_record(path) -> dict[str, LayerRecord]:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise RecordError(f"record file {str(p)!r} does not exist") from None
-    return records_from_message(parse_record(text, repr(str(p))), repr(str(p)))
+    """The records of the record file at ``path``. Every way it can be wrong - missing, a directory,
+    unreadable, not UTF-8, not the text format, no layer record, a duplicate or empty key, a missing
+    field - is a RecordError naming the file (then the byte, line or layer)."""
+    source = repr(str(Path(path)))
+    data = read_record_bytes(path)
+    return records_from_message(parse_record(decode_record(data, source), source), source)
 
 
 def _scale_ok(s: float) -> bool:
@@ -130,6 +172,8 @@ def validate_record(records: dict[str, LayerRecord], layers: dict[str, LayerInfo
     """Check every rule of FORMATS.md section 2; raise one RecordError listing every failure by layer and field."""
     tgt = target if isinstance(target, Target) else get_target(target)
     problems: list[str] = []
+    if not records:
+        problems.append("no layer record: a record has one entry per quantized layer")
     missing = [n for n in layers if n not in records]
     unknown = [n for n in records if n not in layers]
     if missing or unknown:
