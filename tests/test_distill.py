@@ -162,6 +162,28 @@ def test_calibration_uses_batch_num_batches(tmp_path):
     assert float(student.conv1.clip_max.detach()) == pytest.approx(max(float(x.max()) for x in seen))
 
 
+
+def test_calibration_on_a_batch_holding_nan_names_the_layer(tmp_path):
+    teacher = cnn_teacher()
+    data = cnn_data(n=3)
+    data[1][0][0, 0, 2, 2] = float("nan")
+    cfg, student = make_student(tmp_path, teacher, data[0][0], simple="batch_num: 3\n")
+    with pytest.raises(DistillError, match=r"non-finite activation range for layer\(s\) \['conv1 \(clip_min = nan"):
+        calibrate_distill_model(student, cfg, data)
+
+
+def test_calibrate_on_a_batch_holding_inf_names_the_layer(tmp_path):
+    from amct_core.distill import calibrate
+
+    teacher = cnn_teacher()
+    data = cnn_data(n=2)
+    cfg, student = make_student(tmp_path, teacher, data[0][0])
+    x = data[1][0].clone()
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(DistillError, match=r"layer\(s\) \['conv1 \(clip_min = .*, clip_max = inf\)'"):
+        calibrate(student, [(data[0][0],), (x,)])
+
+
 # ---- batches of any structure -------------------------------------------------------------------
 
 

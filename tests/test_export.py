@@ -357,6 +357,68 @@ def test_record_that_fails_validation(outputs_with_old_content):
     _assert_untouched(tmp_path, paths)
 
 
+def _set(module, tensor: str, index, value) -> None:
+    with torch.no_grad():
+        getattr(module, tensor)[index] = value
+
+
+def _refused_with_one_bad_value(outputs_with_old_content, name, layer, tensor, index, value, match) -> None:
+    """Export test model ``name`` with one value of ``layer.tensor`` set to ``value``: an ExportError matching
+    ``match``, and the earlier outputs untouched."""
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat(name, tmp_path)
+    _set(qat.get_submodule(layer), tensor, index, value)
+    with pytest.raises(ExportError, match=match):
+        _save(qat, tmp_path, models.example_inputs(name))
+    _assert_untouched(tmp_path, paths)
+
+
+@pytest.mark.parametrize("layer, tensor, index, value, match", [
+    ("fc1", "weight", (3, 0), float("nan"), r"layer 'fc1': weight: 1 non-finite value, the first nan at \[3, 0\]"),
+    ("fc2", "weight", (0, 5), float("-inf"), r"layer 'fc2': weight: 1 non-finite value, the first -inf at \[0, 5\]"),
+    ("fc1", "bias", (2,), float("inf"), r"layer 'fc1': bias: 1 non-finite value, the first inf at \[2\]"),
+    ("fc3", "clip_max", (), float("nan"), r"layer 'fc3': clip_max = nan \(activation range\)"),
+    ("fc1", "clip_min", (), float("-inf"), r"layer 'fc1': clip_min = -inf \(activation range\)"),
+], ids=["nan-weight", "inf-weight", "inf-bias", "nan-clip_max", "inf-clip_min"])
+def test_a_non_finite_weight_bias_or_activation_range_names_the_layer_and_nothing_is_written(
+        outputs_with_old_content, layer, tensor, index, value, match):
+    _refused_with_one_bad_value(outputs_with_old_content, "mlp", layer, tensor, index, value, match)
+
+
+def test_every_non_finite_tensor_is_listed_in_one_error(outputs_with_old_content):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    _set(qat.fc1, "weight", (0, 0), float("nan"))
+    _set(qat.fc3, "clip_max", (), float("inf"))
+    with pytest.raises(ExportError) as e:
+        _save(qat, tmp_path, models.example_inputs("mlp"))
+    assert "layer 'fc1': weight" in str(e.value) and "layer 'fc3': clip_max = inf" in str(e.value)
+    _assert_untouched(tmp_path, paths)
+
+
+@pytest.mark.parametrize("tensor, index, value, match", [
+    ("running_var", (4,), float("nan"), r"layer 'bn1' \(BatchNorm2d\): running_var: 1 non-finite value, the first nan at \[4\]"),
+    ("running_mean", (0,), float("inf"), r"layer 'bn1' \(BatchNorm2d\): running_mean: .* inf at \[0\]"),
+    ("weight", (1,), float("nan"), r"layer 'bn1' \(BatchNorm2d\): weight: .* nan at \[1\]"),
+    ("bias", (2,), float("-inf"), r"layer 'bn1' \(BatchNorm2d\): bias: .* -inf at \[2\]"),
+    ("running_var", (3,), -0.5, r"layer 'bn1' \(BatchNorm2d\): running_var is negative \(-0.5 at \[3\]\)"),
+], ids=["nan-var", "inf-mean", "nan-gamma", "inf-beta", "negative-var"])
+def test_a_non_finite_batchnorm_statistic_names_the_batchnorm_and_nothing_is_written(
+        outputs_with_old_content, tensor, index, value, match):
+    _refused_with_one_bad_value(outputs_with_old_content, "cnn", "bn1", tensor, index, value, match)
+
+
+def test_a_batchnorm_fold_that_overflows_float32_names_the_layer_and_nothing_is_written(outputs_with_old_content):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("cnn", tmp_path)
+    _set(qat.bn1, "weight", (5,), 3e38)  # finite, but 3e38 / sqrt(var + eps) is beyond float32
+    _set(qat.bn1, "running_var", (5,), 0.0)
+    with pytest.raises(ExportError, match=r"layer 'conv1': folding BatchNormalization .* non-finite "
+                                          r"gamma / sqrt\(var \+ epsilon\) \(inf at channel 5"):
+        _save(qat, tmp_path, models.example_inputs("cnn"))
+    _assert_untouched(tmp_path, paths)
+
+
 @pytest.mark.parametrize("bad,match", [
     (torch.randn(2, 21), "does not fit the model"),
     ("not a tensor", "must be a torch.Tensor"),

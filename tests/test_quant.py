@@ -1,4 +1,6 @@
 """The training arithmetic of FORMATS §3 and the QAT modules (format facts: tests/test_formats.py)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -37,6 +39,20 @@ def test_weight_scale_per_channel_and_per_tensor():
     w = torch.tensor([[1.0, -2.0], [0.5, 0.25], [0.0, 0.0]])
     assert arith.weight_scale(w, True).tolist() == pytest.approx([2 / 127, 0.5 / 127, 1.0])
     assert arith.weight_scale(w, False).tolist() == pytest.approx([2 / 127])
+
+
+def test_weight_scale_keeps_a_nan_or_infinite_channel_non_finite():
+    w = torch.tensor([[1.0, float("nan")], [0.5, 0.25], [float("inf"), 0.0], [0.0, 0.0]])
+    scale = arith.weight_scale(w, True)
+    assert math.isnan(scale[0]) and scale[2] == float("inf")  # not 1, which would hide them
+    assert scale[1].item() == pytest.approx(0.5 / 127) and scale[3].item() == 1.0
+
+
+def test_calibration_keeps_a_nan_seen_in_an_earlier_batch():
+    m = QuantLinear(nn.Linear(2, 2))
+    m.observe(torch.tensor([[float("nan"), 1.0]]))
+    m.observe(torch.tensor([[0.5, 2.0]]))  # Python's max(2.0, nan) would give 2.0
+    assert math.isnan(float(m.clip_max.detach())) and math.isnan(float(m.clip_min.detach()))
 
 
 def test_qat_conv_factors_come_from_parameters_not_last_forward():

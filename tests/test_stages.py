@@ -3,6 +3,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 
 from amct_core import ExportError, RecordError, save_distill_model
 from amct_core.record import read_record, write_record
@@ -117,3 +118,12 @@ def test_a_record_that_does_not_fit_the_traced_model_is_not_published(tmp_path):
     with pytest.raises(RecordError, match="fc2"):
         publish_record_file(tmp_path / "partial.txt", res.traced_path, tmp_path / "out" / "m_record.txt")
     assert not (tmp_path / "out").exists()
+
+
+def test_tracing_a_model_with_a_nan_weight_names_the_layer_and_writes_nothing(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    with torch.no_grad():
+        qat.fc2.weight[1, 2] = float("nan")
+    with pytest.raises(ExportError, match=r"layer 'fc2': weight: 1 non-finite value, the first nan at \[1, 2\]"):
+        trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "st" / "traced.onnx", tmp_path / "st" / "r.txt")
+    assert not (tmp_path / "st").exists() or not list((tmp_path / "st").iterdir())

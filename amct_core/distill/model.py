@@ -38,7 +38,8 @@ def wrap_layers(model: nn.Module, config: DistillConfig) -> nn.Module:
 def calibrate(model: nn.Module, batches, max_batches: int | None = None) -> int:
     """Widen every QAT layer's activation range over ``batches`` (iterable of input tuples). Returns the count.
 
-    Runs in eval mode under no_grad; the model's train/eval flags are restored afterwards.
+    Runs in eval mode under no_grad; the model's train/eval flags are restored afterwards. A layer whose input
+    held a NaN or an infinity gets no range: DistillError names it.
     """
     qmods = [m for m in model.modules() if is_quant_module(m)]
     n = 0
@@ -54,6 +55,9 @@ def calibrate(model: nn.Module, batches, max_batches: int | None = None) -> int:
         finally:
             for m in qmods:
                 m.calibrating = False
+    from .train import _refuse_nonfinite_ranges  # train imports this module
+
+    _refuse_nonfinite_ranges(model)
     return n
 
 

@@ -20,11 +20,12 @@ import onnx
 import onnx_ir as ir
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._modes import eval_mode
 from ..errors import ExportError
 from ..formats import TRACE_DOMAIN
-from ..quant.modules import LayerFactors, QuantConv2d, is_quant_module
+from ..quant.modules import LayerFactors, QuantConv2d, describe_nonfinite, is_quant_module
 from ..record import LayerRecord
 from . import metadata
 from .layers import find_layers
@@ -77,6 +78,31 @@ def _source(module, f: LayerFactors) -> LayerSource:
     return LayerSource(module.weight, np.asarray(f.scale_w, np.float32), f.bias, conv)
 
 
+def check_finite_parameters(model: nn.Module) -> None:
+    """Raise ExportError listing every layer, and which of its tensors, that is not finite: a quantized layer's
+    weight, bias or activation range (``clip_min`` / ``clip_max``), a BatchNorm's weight, bias, running mean or
+    running variance (and a negative running variance). A NaN or an infinity there makes both models wrong
+    in different ways (no int8 grid holds it), so nothing may be exported from them."""
+    problems = []
+    for name, m in model.named_modules():
+        if is_quant_module(m):
+            problems += [f"layer {name!r}: {b}" for b in m.nonfinite_parameters()]
+        elif isinstance(m, _BatchNorm):
+            for t in ("weight", "bias", "running_mean", "running_var"):
+                value = getattr(m, t, None)
+                d = describe_nonfinite(value) if isinstance(value, torch.Tensor) else None
+                if d is not None:
+                    problems.append(f"layer {name!r} ({type(m).__name__}): {t}: {d}")
+            var = getattr(m, "running_var", None)
+            if isinstance(var, torch.Tensor) and bool((var < 0).any()):
+                first = [int(i) for i in torch.nonzero(var < 0)[0]]
+                problems.append(f"layer {name!r} ({type(m).__name__}): running_var is negative "
+                                f"({float(var[tuple(first)])} at {first})")
+    if problems:
+        raise ExportError("the model has non-finite parameters (NaN or infinity), which no int8 model can hold; "
+                          "nothing was written:\n  " + "\n  ".join(problems))
+
+
 def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_names=None,
                       dynamic_axes=None, opset: int = 11) -> TracedModel:
     """Trace ``model`` (with QAT layers) into a float ONNX graph plus the records of its quantized layers.
@@ -90,12 +116,12 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
             f"{MAX_TRACER_OPSET}; pick an opset <= {MAX_TRACER_OPSET}"
         )
     modules = {n: m for n, m in model.named_modules() if is_quant_module(m)}
-    factors: dict[str, LayerFactors] = {}
     for n, m in modules.items():
-        try:
-            factors[n] = m.quant_factors()
-        except RuntimeError as e:
-            raise ExportError(f"layer {n!r}: {e}") from None
+        if not bool(m.act_initialized):
+            raise ExportError(f"layer {n!r}: activation range is not initialised: calibrate the model (distill(), "
+                              "or one forward pass in train or eval mode) before exporting")
+    check_finite_parameters(model)
+    factors = {n: m.quant_factors() for n, m in modules.items()}
     with _export_mode(model), torch.no_grad():
         try:
             proto = _run_tracer(model, inputs, input_names, output_names, dynamic_axes, opset)

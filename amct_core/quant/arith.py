@@ -47,7 +47,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
 def weight_scale(w: torch.Tensor, channel_wise: bool) -> torch.Tensor:
     """Symmetric weight scale ``max|w| / 127``, per output channel (axis 0) or per tensor.
 
-    Shape ``[C_out]`` or ``[1]``. An all-zero channel gets scale 1 (its weights quantize to 0 anyway).
+    Shape ``[C_out]`` or ``[1]``. An all-zero channel gets scale 1 (its weights quantize to 0 anyway); a
+    channel holding a NaN or an infinity keeps a NaN or infinite scale, so the export refuses it.
     """
     w = w.detach()
     if channel_wise:
@@ -55,7 +56,7 @@ def weight_scale(w: torch.Tensor, channel_wise: bool) -> torch.Tensor:
     else:
         amax = w.abs().amax().reshape(1)
     scale = amax / INT8_MAX
-    return torch.where(amax > 0, scale, torch.ones_like(scale))
+    return torch.where(amax == 0, torch.ones_like(scale), scale)
 
 
 def quantize_weight_ste(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ forward pass and reads no state cached by one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,40 @@ import torch.nn.functional as F
 
 from ..formats import PLACEHOLDER_OP, TRACE_DOMAIN
 from . import arith
+
+
+def _widen(pick, a: float, b: float) -> float:
+    """``pick(a, b)``, but a NaN on either side stays NaN (Python's min and max drop it when it comes second),
+    so a NaN seen in any calibration batch is not forgotten and the calibration can refuse it."""
+    return math.nan if math.isnan(a) or math.isnan(b) else pick(a, b)
+
+
+def nonfinite_ranges(model: nn.Module) -> list[str]:
+    """The quantized layers of ``model`` whose activation range is not finite: ``["fc1 (clip_min = 0.0,
+    clip_max = nan)"]``."""
+    out = []
+    for n, m in model.named_modules():
+        if is_quant_module(m):
+            lo, hi = float(m.clip_min.detach()), float(m.clip_max.detach())
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                out.append(f"{n} (clip_min = {lo}, clip_max = {hi})")
+    return out
+
+
+def describe_nonfinite(t: torch.Tensor) -> str | None:
+    """None when every value of ``t`` is finite; else how many are not and where the first is
+    (``'2 non-finite values, the first nan at [3, 0, 1, 1]'``, or ``'nan'`` for a scalar)."""
+    t = t.detach()
+    if not t.is_floating_point():
+        return None
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    if t.dim() == 0:
+        return f"{float(t)}"
+    first = [int(i) for i in torch.nonzero(bad)[0]]
+    count = int(bad.sum())
+    return f"{count} non-finite value{'s' if count > 1 else ''}, the first {float(t[tuple(first)])} at {first}"
 
 
 @dataclass
@@ -48,10 +83,10 @@ class _QuantBase(nn.Module):
         lo = float(x.detach().min())
         hi = float(x.detach().max())
         if bool(self.act_initialized):
-            lo = min(lo, float(self.clip_min))
-            hi = max(hi, float(self.clip_max))
-        self.clip_min.fill_(min(lo, 0.0))
-        self.clip_max.fill_(max(hi, 0.0))
+            lo = _widen(min, lo, float(self.clip_min))
+            hi = _widen(max, hi, float(self.clip_max))
+        self.clip_min.fill_(_widen(min, lo, 0.0))
+        self.clip_max.fill_(_widen(max, hi, 0.0))
         self.act_initialized.fill_(True)
 
     def act_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +128,24 @@ class _QuantBase(nn.Module):
         scale = self.weight_scale()
         q = arith.quantize_weight_ste(self.weight, scale)
         return q * scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
+
+    @torch.no_grad()
+    def nonfinite_parameters(self) -> list[str]:
+        """What a quantization needs finite and is not: ``'weight: 1 non-finite value, the first nan at
+        [3, 0, 1, 1]'``, ``'clip_max = inf'``, ... (empty when all is finite). The weight is scanned only when
+        its scale (one max per channel) is not finite."""
+        bad = []
+        for name in ("clip_min", "clip_max"):
+            d = describe_nonfinite(getattr(self, name))
+            if d is not None:
+                bad.append(f"{name} = {d} (activation range)")
+        if not bool(torch.isfinite(self.weight_scale()).all()):
+            bad.append(f"weight: {describe_nonfinite(self.weight)}")
+        if self.bias is not None:
+            d = describe_nonfinite(self.bias)
+            if d is not None:
+                bad.append(f"bias: {d}")
+        return bad
 
     @torch.no_grad()
     def quant_factors(self) -> LayerFactors:

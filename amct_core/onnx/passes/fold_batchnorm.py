@@ -11,6 +11,8 @@ whose four parameters are initializers (and whose bias, if any, is an initialize
   folded scale, FORMATS §3), so the grid stays the integers the module trained with;
 * bias ``b' = (b - mean) * k + beta`` (``b = 0`` for a Conv without bias, which gets one:
   ``<layer>.bias``);
+* a non-finite ``k`` or ``b'`` (a NaN or infinite statistic, a negative variance, an overflow) is an
+  :class:`~amct_core.errors.ExportError` naming the layer and the BatchNormalization, nothing rewritten;
 * the Conv takes over the BatchNormalization's output (its name when it is a graph output, its type
   and shape), the BatchNormalization goes, and so do its parameters when nothing else reads them.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ...errors import ExportError
 from ...formats import LayerNames
 from ..weights import QuantizedWeight
 
@@ -47,12 +50,21 @@ def _foldable_conv(bn: ir.Node) -> ir.Node | None:
 def _fold(graph: ir.Graph, conv: ir.Node, bn: ir.Node) -> None:
     gamma, beta, mean, var = (p.const_value.numpy().astype(np.float32) for p in bn.inputs[1:])
     eps = np.float32(bn.attributes.get_float("epsilon", DEFAULT_EPSILON))
-    k = (gamma / np.sqrt(var + eps)).astype(np.float32)
+    with np.errstate(all="ignore"):  # a non-finite result is refused below, naming the layer
+        k = (gamma / np.sqrt(var + eps)).astype(np.float32)
+        b = conv.inputs[2] if len(conv.inputs) > 2 else None
+        bias = b.const_value.numpy().astype(np.float32) if b is not None else np.zeros_like(k)
+        folded_bias = ((bias - mean) * k + beta).astype(np.float32)
+    for what, values in (("gamma / sqrt(var + epsilon)", k), ("the folded bias", folded_bias)):
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise ExportError(f"layer {conv.name!r}: folding BatchNormalization {bn.name!r} gives a non-finite "
+                              f"{what} ({values[bad[0]]} at channel {int(bad[0])}, {bad.size} channel(s)); its "
+                              "statistics (running_var, weight, bias, running_mean) must be finite, the variance "
+                              "non-negative")
     w = conv.inputs[1]
     w.const_value = w.const_value.folded(k)
-    b = conv.inputs[2] if len(conv.inputs) > 2 else None
-    bias = b.const_value.numpy().astype(np.float32) if b is not None else np.zeros_like(k)
-    folded = ir.Tensor(((bias - mean) * k + beta).astype(np.float32))
+    folded = ir.Tensor(folded_bias)
     if b is not None:
         b.const_value = folded
     else:
