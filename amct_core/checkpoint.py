@@ -52,6 +52,9 @@ class LoadError(AmctError, ValueError):
         self.what = what
         super().__init__(message)
 
+    def __reduce__(self):  # pickled by process and Dask workers: rebuilt from both arguments, not args alone
+        return type(self), (self.what, str(self))
+
 
 def resolve_callable(ref: str) -> Callable:
     """``package.module:callable`` (or ``path/to/file.py:callable``) -> the callable. Imports the module
@@ -91,28 +94,66 @@ def resolve_callable(ref: str) -> Callable:
     return obj
 
 
-def _is_safetensors(path: Path) -> bool:
-    """The safetensors layout: an 8-byte little-endian header size, then a JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+SAFETENSORS_SUFFIX = ".safetensors"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+PICKLE_MAGIC = b"\x80"  # a pickle of protocol 2 or later: torch.save's legacy format
+
+
+def _kind(path: Path, head: bytes, size: int) -> str:
+    """``"safetensors"``, ``"torch"`` or ``"unknown"``: by the file's first bytes, not its name."""
+    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "safetensors" if path.suffix.lower() == SAFETENSORS_SUFFIX else "unknown"
+
+
+def _check_safetensors_header(name: str, head: bytes, size: int) -> None:
+    """A safetensors file is an 8-byte little-endian header length N, then N bytes of JSON, then the data."""
+    layout = "(an 8-byte header length, a JSON header, then the tensors' bytes)"
+    if size < 8:
+        raise LoadError("checkpoint", f"checkpoint {name} holds {size} bytes, too few for a safetensors file {layout}: "
+                                      "empty or cut short")
+    n = int.from_bytes(head[:8], "little")
+    if n > size - 8:
+        raise LoadError("checkpoint", f"checkpoint {name} is not a readable safetensors file {layout}: its header length "
+                                      f"says {n} bytes, but only {size - 8} follow (cut short, or not a safetensors "
+                                      "file)")
+    if head[8:9] != b"{":
+        raise LoadError("checkpoint", f"checkpoint {name} is not a readable safetensors file {layout}: no JSON header "
+                                      "after the header length")
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint, memory-mapped, never executing code from it.
 
     safetensors (recognised by its layout, whatever the suffix), else ``torch.load(weights_only=True,
-    mmap=True)``. A nested state_dict is unwrapped; entries that are not tensors are dropped."""
+    mmap=True)``. A nested state_dict is unwrapped; entries that are not tensors are dropped. Every way the
+    file can be wrong (missing, a directory, unreadable, empty, cut short, garbage, a pickle named
+    ``.safetensors``) is a LoadError('checkpoint', ...) naming the file."""
     p = Path(path)
+    name = repr(str(p))
     if not p.is_file():
-        raise LoadError("checkpoint", f"{str(p)!r} does not exist or is not a file")
-    if _is_safetensors(p):
+        raise LoadError("checkpoint", f"checkpoint {name} does not exist or is not a file")
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise LoadError("checkpoint", f"checkpoint {name} cannot be read: {e.strerror or e}") from None
+    kind = _kind(p, head, size)
+    if kind == "torch" and p.suffix.lower() == SAFETENSORS_SUFFIX:
+        raise LoadError("checkpoint", f"checkpoint {name} is named {SAFETENSORS_SUFFIX} but holds a torch.save file "
+                                      "(zip or pickle): save it with safetensors.torch.save_file, or name it .pt")
+    if kind == "safetensors":
+        _check_safetensors_header(name, head, size)
         from safetensors.torch import load_file
 
         try:
             return load_file(str(p))
         except Exception as e:  # noqa: BLE001 - safetensors' own errors say what is wrong
-            raise LoadError("checkpoint", f"{str(p)!r} is not a readable safetensors file: {type(e).__name__}: {e}") from None
+            raise LoadError("checkpoint", f"checkpoint {name} is not a readable safetensors file: "
+                                          f"{type(e).__name__}: {e}") from None
     try:
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
@@ -124,7 +165,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         first = str(e).splitlines()[0] if str(e) else ""
         raise LoadError(
             "checkpoint",
-            f"{str(p)!r} cannot be loaded safely (torch.load weights_only=True): {type(e).__name__}: {first}. "
+            f"checkpoint {name} cannot be loaded safely (torch.load weights_only=True): {type(e).__name__}: {first}. "
             f"Save it with torch.save(model.state_dict(), path) or as .safetensors",
         ) from None
     for key in NESTED_STATE_KEYS:
@@ -132,7 +173,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise LoadError("checkpoint", f"{str(p)!r} holds a {type(obj).__name__}, not a state_dict (name -> tensor)")
+        raise LoadError("checkpoint", f"checkpoint {name} holds a {type(obj).__name__}, not a state_dict "
+                                      "(name -> tensor)")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -251,7 +293,8 @@ def load_distilled_model(model, checkpoint, distill_config=None, example_inputs=
         except AmctError as e:
             if isinstance(e, LoadError):
                 raise
-            raise LoadError("distill_config", f"{cfg_name}: {e}") from None
+            message = str(e) if cfg_name in str(e) else f"{cfg_name}: {e}"  # the file named once
+            raise LoadError("distill_config", message) from None
     state = read_state_dict(checkpoint)
     load_state_into(wrapped, state, source=repr(str(checkpoint)),
                     against=f"model {_describe(model)} wrapped by distill config {cfg_name}")

@@ -18,7 +18,11 @@ class ParameterError(ValueError):
 
     def __init__(self, parameter: str, message: str):
         self.parameter = parameter
+        self.message = message
         super().__init__(f"parameter {parameter!r}: {message}")
+
+    def __reduce__(self):  # a task's error crosses processes pickled: rebuilt from both arguments
+        return type(self), (self.parameter, self.message)
 
     @classmethod
     def of(cls, parameter: str, error: Exception) -> "ParameterError":

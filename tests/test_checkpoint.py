@@ -75,6 +75,51 @@ def test_a_missing_checkpoint_is_named(tmp_path):
     assert e.value.what == "checkpoint"
 
 
+
+def _safetensors_bytes() -> bytes:
+    from safetensors.torch import save
+
+    return save({"a.weight": torch.arange(6, dtype=torch.float32)})
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: _safetensors_bytes()[:-5], "not a readable safetensors file"),
+    (lambda: b"", "holds 0 bytes, too few for a safetensors file"),
+    (lambda: b"\x00garbage, not a checkpoint" * 4, "header length says"),
+    (lambda: (2**63).to_bytes(8, "little") + b'{"a": 1}', "header length says 9223372036854775808 bytes, but only 8 follow"),
+    (lambda: _safetensors_bytes()[:20], "header length says"),
+    (lambda: b"{}" + _safetensors_bytes(), "header length says"),
+], ids=["truncated", "empty", "garbage", "absurd-header-length", "cut-in-the-header", "shifted"])
+def test_a_malformed_safetensors_checkpoint_is_a_load_error_naming_the_file(tmp_path, make, words):
+    f = tmp_path / "student.safetensors"
+    f.write_bytes(make())
+    with pytest.raises(LoadError) as e:
+        read_state_dict(f)
+    assert e.value.what == "checkpoint"
+    assert str(e.value).startswith(f"checkpoint {str(f)!r}") and words in str(e.value), str(e.value)
+
+
+def test_a_torch_save_file_named_safetensors_is_refused_naming_both_formats(tmp_path):
+    f = tmp_path / "student.safetensors"
+    torch.save({"a.weight": torch.ones(2)}, f)
+    with pytest.raises(LoadError, match=r"student.safetensors' is named .safetensors but holds a torch.save file") as e:
+        read_state_dict(f)
+    assert e.value.what == "checkpoint"
+
+
+def test_a_directory_given_as_the_checkpoint_is_named(tmp_path):
+    with pytest.raises(LoadError, match=rf"checkpoint '{tmp_path}' does not exist or is not a file") as e:
+        read_state_dict(tmp_path)
+    assert e.value.what == "checkpoint"
+
+
+def test_a_load_error_survives_pickling_with_its_parameter_and_message():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(LoadError("checkpoint", "checkpoint 'x.pt' is cut short")))
+    assert type(e) is LoadError and e.what == "checkpoint" and str(e) == "checkpoint 'x.pt' is cut short"
+
+
 # ---- the model -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
@@ -216,6 +261,14 @@ def test_a_bad_distill_config_is_blamed_on_the_distill_config(mlp, tmp_path):
     with pytest.raises(LoadError, match="bad.json.*fc1.quant_enable") as e:
         _load(d / "mlp.pt", tmp_path / "bad.json")
     assert e.value.what == "distill_config"
+
+
+def test_a_bad_distill_config_names_its_file_once(mlp, tmp_path):
+    _, _, d = mlp
+    (tmp_path / "bad.json").write_text('{"batch_num": 0}')
+    with pytest.raises(LoadError) as e:
+        _load(d / "mlp.pt", tmp_path / "bad.json")
+    assert str(e.value).count("bad.json") == 1, str(e.value)
 
 
 def test_a_failing_model_callable_is_blamed_on_its_arguments(mlp):

@@ -250,6 +250,23 @@ def test_run_exports_and_bad_target_exits_2(prefect_api, cnn_checkpoint, tmp_pat
     assert "--soc_version=Ascend950" in manifest["atc_command"]
 
 
+@pytest.mark.integration
+def test_run_on_a_truncated_safetensors_checkpoint_exits_2_naming_the_checkpoint(prefect_api, cnn_checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    from amct_core.checkpoint import read_state_dict
+
+    ck = tmp_path / "student.safetensors"
+    save_file(read_state_dict(cnn_checkpoint.checkpoint), str(ck))
+    ck.write_bytes(ck.read_bytes()[:-100])
+    args = ["run", "--checkpoint", str(ck), "--model", "tests.models:build", "--model-kwargs", '{"name": "cnn"}',
+            "--distill-config", cnn_checkpoint.distill_config, "--input-shape", "1,3,16,16", "--output-dir",
+            str(tmp_path / "out"), "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    r = _cli(args, prefect_api, tmp_path)
+    assert r.returncode == cli.EXIT_USAGE, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"parameter 'checkpoint': checkpoint {str(ck)!r} is not a readable safetensors file" in r.stderr
+
+
 @pytest.fixture(scope="module")
 def embedded(cnn_checkpoint, tmp_path_factory):
     """`amct-export run` with no PREFECT_API_URL and no MLFLOW_TRACKING_URI, in an empty working directory."""

@@ -219,3 +219,11 @@ def test_a_distill_config_with_a_bad_value_is_named_with_its_key(params, tmp_pat
     cfg.write_text('{"batch_num": 0, "conv1": {"quant_enable": true}}')
     e = _error({**params, "distill_config": str(cfg)})
     assert e.parameter == "distill_config" and "key 'batch_num' must be a positive integer" in str(e), str(e)
+
+
+def test_a_parameter_error_survives_pickling_with_its_parameter_and_message():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ParameterError("checkpoint", "'x.safetensors' is cut short")))
+    assert type(e) is ParameterError and e.parameter == "checkpoint"
+    assert str(e) == "parameter 'checkpoint': 'x.safetensors' is cut short"
