@@ -1,4 +1,4 @@
-"""Rules for the export's arguments that need neither torch nor ONNX: graph names and output directories.
+"""Rules for the export's arguments that need neither torch nor ONNX: graph names, paths and output directories.
 
 ``save_distill_model`` and the stages apply them, and so does the pipeline's parameter check before it
 starts anything (it can refuse a bad name or directory without loading torch). Each raises ExportError
@@ -10,6 +10,43 @@ import os
 from pathlib import Path
 
 from .errors import ExportError
+
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs, APFS)
+# A writer derives file names from an output's name: its temporary file ``.<name>.<8 random>.tmp``, its external
+# data file ``<name>.<8 hex>.data``. An output's name leaves them this many bytes below NAME_MAX.
+DERIVED_NAME_BYTES = 16
+OUTPUT_NAME_MAX = NAME_MAX - DERIVED_NAME_BYTES
+
+
+def check_path(path, what: str) -> None:
+    """Raise ExportError naming ``what`` when ``path`` holds a NUL byte or a component longer than NAME_MAX
+    bytes: no file system takes either, and the OS error would come late and name a temporary file."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "\x00" in text:
+        raise ExportError(f"{what} {text!r} holds a NUL byte (\\x00), which no file path may contain")
+    for part in Path(text).parts:
+        n = len(os.fsencode(part))
+        if n > NAME_MAX:
+            raise ExportError(f"{what}: the path component {_cut(part)!r} has {n} bytes; a file or directory name "
+                              f"may have at most {NAME_MAX}")
+
+
+def check_output_file(path, what: str) -> None:
+    """:func:`check_path`, and the file's own name at most OUTPUT_NAME_MAX bytes (its writer's temporary and
+    data files add up to DERIVED_NAME_BYTES). ``path`` is the file as written, suffixes included."""
+    check_path(path, what)
+    name = Path(os.fspath(path)).name
+    n = len(os.fsencode(name))
+    if n > OUTPUT_NAME_MAX:
+        raise ExportError(f"{what}: the output file name {_cut(name)!r} has {n} bytes; an output file name may have "
+                          f"at most {OUTPUT_NAME_MAX} (the file system's {NAME_MAX}, less {DERIVED_NAME_BYTES} for its "
+                          "temporary and external-data files): give a shorter name")
+
+
+def _cut(text: str, keep: int = 24) -> str:
+    return text if len(text) <= 2 * keep + 3 else f"{text[:keep]}...{text[-keep:]}"
 
 
 def check_names(names, what: str, count: int | None = None, counted: str = "tensors") -> list[str] | None:

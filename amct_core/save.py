@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ._io import temp_path_for
 from ._modes import as_input_tuple
-from .arguments import check_names, check_output_dir
+from .arguments import check_names, check_output_dir, check_output_file, check_path
 from .errors import ConfigError, ExportError
 from .formats import DEFAULT_RECORD_FILE, DEPLOY_MODEL, FAKE_QUANT_MODEL, dynamic_axis_name, output_file
 from .onnx.build import build_deploy, build_fake_quant
@@ -51,10 +51,19 @@ def output_paths(save_path, record_file=None) -> OutputPaths:
     """Where save_distill_model writes, from ``save_path`` (directory + name prefix) and ``record_file``."""
     if not isinstance(save_path, (str, Path)) or not str(save_path):
         raise ExportError(f"save_path must be a non-empty path string like './out/model', got {save_path!r}")
+    check_path(save_path, "save_path")
+    if record_file is not None:
+        if not isinstance(record_file, (str, Path)) or not str(record_file):
+            raise ExportError(f"record_file must be a non-empty path string or None, got {record_file!r}")
+        check_path(record_file, "record_file")
     rec = Path(record_file) if record_file is not None else Path(DEFAULT_RECORD_FILE)
     if rec.is_dir():
         raise ExportError(f"record_file {str(rec)!r} is a directory; give a file path")
-    return OutputPaths(output_file(save_path, FAKE_QUANT_MODEL), output_file(save_path, DEPLOY_MODEL), rec)
+    paths = OutputPaths(output_file(save_path, FAKE_QUANT_MODEL), output_file(save_path, DEPLOY_MODEL), rec)
+    check_output_file(paths.fake_quant, "save_path")
+    check_output_file(paths.deploy, "save_path")
+    check_output_file(paths.record, "record_file")
+    return paths
 
 
 def normalize_dynamic_axes(dynamic_axes, known_names: list[str], ranks: dict[str, int] | None = None) -> dict | None:

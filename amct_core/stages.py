@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ._io import atomic_write_bytes
-from .arguments import check_output_dir
+from .arguments import check_output_dir, check_output_file, check_path
 from .errors import ExportError
 from .onnx import metadata
 from .onnx.build import build_deploy, build_fake_quant
@@ -60,6 +60,8 @@ def _get_meta(model: ir.Model, key: str, path) -> str:
 def trace_to_file(model, input_data, traced_path, record_path, input_names=None, output_names=None,
                   dynamic_axes=None, target=None, opset_version=None) -> TraceResult:
     """Trace the QAT model to a float ONNX file and write the record file of its factors."""
+    check_output_file(traced_path, "traced_path")
+    check_output_file(record_path, "record_path")
     traced_path, record_path = Path(traced_path), Path(record_path)
     check_output_dir(traced_path.parent, "traced_path")
     check_output_dir(record_path.parent, "record_path")
@@ -82,12 +84,14 @@ def trace_to_file(model, input_data, traced_path, record_path, input_names=None,
 
 def load_traced(traced_path) -> TracedFile:
     """Read a traced model written by :func:`trace_to_file` (large tensors stay in their files)."""
+    check_path(traced_path, "traced_path")
     model = ir.load(str(traced_path))
     return TracedFile(model, json.loads(_get_meta(model, metadata.QUANT_LAYERS, traced_path)),
                       _get_meta(model, metadata.TARGET, traced_path), int(_get_meta(model, metadata.OPSET, traced_path)))
 
 
 def _validated_records(record_path, traced: TracedFile, target: Target) -> dict[str, LayerRecord]:
+    check_path(record_path, "record_path")
     records = read_record(record_path)
     validate_record(records, layer_infos(traced.model, traced.layers), target,
                     source=f"record file {str(record_path)!r}")
@@ -97,6 +101,7 @@ def _validated_records(record_path, traced: TracedFile, target: Target) -> dict[
 def publish_record_file(model_record_path, traced_path, out_path, target=None) -> dict:
     """Validate the model's own record file (written by :func:`trace_to_file`) against the traced model and
     write it to ``out_path`` (a temporary file renamed into place). Returns the records."""
+    check_output_file(out_path, "out_path")
     out_path = Path(out_path)
     check_output_dir(out_path.parent, "out_path")
     records = validate_record_file(model_record_path, traced_path, target)
@@ -109,6 +114,7 @@ def validate_record_file(record_path, traced_path, target=None) -> dict[str, Lay
 
 
 def _build_file(kind, traced_path, record_path, out_path, target=None) -> str:
+    check_output_file(out_path, "out_path")
     out_path = Path(out_path)
     check_output_dir(out_path.parent, "out_path")
     traced = load_traced(traced_path)

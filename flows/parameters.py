@@ -302,23 +302,35 @@ def _checkpoint(ck) -> str:
 
 
 def _file_prefix(name) -> str:
+    from amct_core.arguments import check_output_file, check_path
+
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
         raise ParameterError("name", f"must be a file-name prefix without '/', got {name!r}")
+    _library("name", check_path, name, "name")
+    files = ExportFiles("", name)
+    for f in (files.fake_quant, files.deploy, files.record, files.traced, files.model_record):  # the longest counts
+        _library("name", check_output_file, Path(f).name, "name")
     return name
 
 
 def _output_dir(directory) -> str:
-    from amct_core.arguments import check_output_dir
+    from amct_core.arguments import check_output_dir, check_path
 
     if not isinstance(directory, str) or not directory:
         raise ParameterError("output_dir", f"must be a directory path, got {directory!r}")
+    _library("output_dir", check_path, directory, "output_dir")
     _library("output_dir", check_output_dir, directory, "output_dir")
     return str(Path(directory).resolve())
 
 
 def _existing_file(parameter: str, value, hint: str) -> str | None:
+    from amct_core.arguments import check_path
+
     if not value:
         return None
+    if not isinstance(value, str):
+        raise ParameterError(parameter, f"must be a file path, got {value!r}")
+    _library(parameter, check_path, value, parameter)
     f = Path(value)
     if not f.is_file():
         raise ParameterError(parameter, f"{str(f)!r} does not exist{hint}")

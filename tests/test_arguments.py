@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from amct_core.arguments import check_names, check_output_dir
+from amct_core.arguments import NAME_MAX, OUTPUT_NAME_MAX, check_names, check_output_dir, check_output_file, check_path
 from amct_core.errors import ExportError
 from amct_core.save import normalize_dynamic_axes
 from amct_core.verify.tolerances import Tolerances
@@ -25,6 +25,28 @@ def test_names_are_returned_as_a_list():
 def test_bad_names_are_refused_naming_the_argument(names, words):
     with pytest.raises(ExportError, match=words):
         check_names(names, "input_names", 2, "inputs")
+
+
+def test_a_path_with_a_nul_byte_is_refused_naming_the_argument():
+    with pytest.raises(ExportError, match=r"^save_path 'out/a\\x00b' holds a NUL byte"):
+        check_path("out/a\x00b", "save_path")
+
+
+def test_a_path_component_over_the_file_system_limit_is_refused_naming_the_argument():
+    check_path("out/" + "d" * NAME_MAX + "/m", "save_path")
+    with pytest.raises(ExportError, match=rf"^save_path: the path component .* has {NAME_MAX + 1} bytes"):
+        check_path("out/" + "d" * (NAME_MAX + 1) + "/m", "save_path")
+
+
+def test_the_limit_counts_bytes_not_characters():
+    with pytest.raises(ExportError, match=rf"has {2 * 128} bytes"):
+        check_path("é" * 128, "name")  # 128 characters, 256 bytes in UTF-8
+
+
+def test_an_output_file_name_leaves_room_for_its_temporary_and_data_files():
+    check_output_file("out/" + "m" * OUTPUT_NAME_MAX, "save_path")
+    with pytest.raises(ExportError, match=rf"^save_path: the output file name .* has {OUTPUT_NAME_MAX + 1} bytes"):
+        check_output_file("out/" + "m" * (OUTPUT_NAME_MAX + 1), "save_path")
 
 
 def test_an_output_dir_under_a_file_is_refused(tmp_path):

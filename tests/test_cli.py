@@ -107,6 +107,21 @@ def test_a_bad_run_parameter_exits_2_with_one_line_naming_it_before_any_flow_sta
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("key, value", [("name", "a\x00b"), ("name", "n" * 230), ("output_dir", "out\x00")],
+                         ids=["nul-name", "long-name", "nul-output_dir"])
+def test_an_odd_path_string_in_the_params_file_exits_2_with_one_line_naming_it(tmp_path, key, value):
+    ck = tmp_path / "student.safetensors"
+    ck.write_bytes(b"")
+    pf = tmp_path / "params.json"
+    pf.write_text(json.dumps({"checkpoint": str(ck), "model": "examples.digits:build_model", "input_shape": [1, 1, 8, 8],
+                              "output_dir": str(tmp_path / "out"), key: value}))
+    r = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT_IMPORTS, "run", "--params-file", str(pf)],
+                       capture_output=True, text=True, cwd=services.REPO, timeout=120)
+    assert r.returncode == cli.EXIT_USAGE, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"amct-export: error: parameter '{key}': "), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_object_options_add_to_the_params_files_objects(tmp_path):
     pf = tmp_path / "params.json"
     pf.write_text(json.dumps({"metrics": {"accuracy.fp32": 98.0, "accuracy.int8": 90.0}, "name": "file"}))

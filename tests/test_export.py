@@ -448,6 +448,23 @@ def test_more_output_names_than_outputs(outputs_with_old_content):
     _assert_untouched(tmp_path, paths)
 
 
+@pytest.mark.parametrize("save_path, record_file, match", [
+    ("o/m\x00x", "r.txt", r"^save_path '.*o/m\\x00x' holds a NUL byte"),
+    ("o/m", "r\x00.txt", r"^record_file '.*r\\x00.txt' holds a NUL byte"),
+    ("o/" + "m" * 230, "r.txt", r"^save_path: the output file name 'mmm.*_fake_quant_model.onnx' has 252 bytes"),
+    ("o/m", "r" * 256 + ".txt", r"^record_file: the path component 'rrr.*' has 260 bytes"),
+], ids=["nul-save_path", "nul-record_file", "long-name-with-suffix", "long-record_file"])
+def test_an_odd_path_is_refused_naming_the_parameter_before_any_work(outputs_with_old_content, monkeypatch, save_path,
+                                                                     record_file, match):
+    tmp_path, paths = outputs_with_old_content
+    qat = models.make_qat("mlp", tmp_path)
+    monkeypatch.setattr("amct_core.save.export_quant_model", lambda *a, **k: pytest.fail("traced before the check"))
+    with pytest.raises(ExportError, match=match):
+        save_distill_model(qat, str(tmp_path / save_path), models.example_inputs("mlp"),
+                           record_file=str(tmp_path / record_file))
+    _assert_untouched(tmp_path, paths)
+
+
 def test_save_path_whose_directory_cannot_be_created(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

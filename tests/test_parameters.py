@@ -227,3 +227,19 @@ def test_a_parameter_error_survives_pickling_with_its_parameter_and_message():
     e = pickle.loads(pickle.dumps(ParameterError("checkpoint", "'x.safetensors' is cut short")))
     assert type(e) is ParameterError and e.parameter == "checkpoint"
     assert str(e) == "parameter 'checkpoint': 'x.safetensors' is cut short"
+
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("name", "a\x00b", "'a\\x00b' holds a NUL byte"),
+    ("name", "n" * 230, "the output file name 'nnn"),  # fine alone, too long with '_fake_quant_model.onnx'
+    ("name", "n" * 216, "_scale_offset_record.txt' has 240 bytes"),  # the longest suffix decides
+    ("output_dir", "out\x00dir", "holds a NUL byte"),
+    ("output_dir", "o" * 256, "the path component 'ooo"),
+    ("record_file", "rec\x00.txt", "holds a NUL byte"),
+    ("checkpoint", "ck\x00.pt", "holds a NUL byte"),
+], ids=["nul-name", "long-name", "long-name-record-suffix", "nul-output_dir", "long-output_dir", "nul-record_file",
+        "nul-checkpoint"])
+def test_an_odd_path_string_is_refused_naming_the_parameter(params, key, value, words):
+    e = _error({**params, key: value})
+    assert e.parameter == key and words in str(e), str(e)

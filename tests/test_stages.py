@@ -127,3 +127,21 @@ def test_tracing_a_model_with_a_nan_weight_names_the_layer_and_writes_nothing(tm
     with pytest.raises(ExportError, match=r"layer 'fc2': weight: 1 non-finite value, the first nan at \[1, 2\]"):
         trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "st" / "traced.onnx", tmp_path / "st" / "r.txt")
     assert not (tmp_path / "st").exists() or not list((tmp_path / "st").iterdir())
+
+
+@pytest.mark.parametrize("traced, record, match", [
+    ("t\x00.onnx", "r.txt", r"^traced_path '.*t\\x00.onnx' holds a NUL byte"),
+    ("t.onnx", "r" * 240 + ".txt", r"^record_path: the output file name 'rrr.*' has 244 bytes"),
+])
+def test_trace_to_file_refuses_an_odd_path_naming_it_before_tracing(tmp_path, traced, record, match):
+    qat = models.make_qat("mlp", tmp_path)
+    with pytest.raises(ExportError, match=match):
+        trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "st" / traced, tmp_path / "st" / record)
+    assert not (tmp_path / "st").exists()
+
+
+def test_a_build_refuses_an_out_path_with_a_nul_byte_naming_it(tmp_path):
+    qat = models.make_qat("mlp", tmp_path)
+    res = trace_to_file(qat, models.example_inputs("mlp"), tmp_path / "t.onnx", tmp_path / "r.txt")
+    with pytest.raises(ExportError, match=r"^out_path '.*fq\\x00.onnx' holds a NUL byte"):
+        build_fake_quant_file(res.traced_path, res.record_path, tmp_path / "fq\x00.onnx")
