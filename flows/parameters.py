@@ -332,6 +332,8 @@ def _existing_file(parameter: str, value, hint: str) -> str | None:
         raise ParameterError(parameter, f"must be a file path, got {value!r}")
     _library(parameter, check_path, value, parameter)
     f = Path(value)
+    if f.is_dir():
+        raise ParameterError(parameter, f"{str(f)!r} is a directory; give the path of a file")
     if not f.is_file():
         raise ParameterError(parameter, f"{str(f)!r} does not exist{hint}")
     return str(f.resolve())

@@ -243,3 +243,10 @@ def test_a_parameter_error_survives_pickling_with_its_parameter_and_message():
 def test_an_odd_path_string_is_refused_naming_the_parameter(params, key, value, words):
     e = _error({**params, key: value})
     assert e.parameter == key and words in str(e), str(e)
+
+
+
+@pytest.mark.parametrize("key", ["record_file", "checkpoint", "distill_config"])
+def test_a_directory_given_for_a_file_parameter_is_named_as_a_directory(params, tmp_path, key):
+    e = _error({**params, key: str(tmp_path)})
+    assert e.parameter == key and f"{str(tmp_path)!r} is a directory" in str(e), str(e)
