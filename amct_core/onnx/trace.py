@@ -78,15 +78,16 @@ def _source(module, f: LayerFactors) -> LayerSource:
     return LayerSource(module.weight, np.asarray(f.scale_w, np.float32), f.bias, conv)
 
 
-def check_finite_parameters(model: nn.Module) -> None:
+def check_finite_parameters(model: nn.Module, weight_scales: dict[str, torch.Tensor] | None = None) -> None:
     """Raise ExportError listing every layer, and which of its tensors, that is not finite: a quantized layer's
     weight, bias or activation range (``clip_min`` / ``clip_max``), a BatchNorm's weight, bias, running mean or
     running variance (and a negative running variance). A NaN or an infinity there makes both models wrong
-    in different ways (no int8 grid holds it), so nothing may be exported from them."""
+    in different ways (no int8 grid holds it), so nothing may be exported from them. ``weight_scales``: the
+    layers' weight scales by module name, when already computed."""
     problems = []
     for name, m in model.named_modules():
         if is_quant_module(m):
-            problems += [f"layer {name!r}: {b}" for b in m.nonfinite_parameters()]
+            problems += [f"layer {name!r}: {b}" for b in m.nonfinite_parameters((weight_scales or {}).get(name))]
         elif isinstance(m, _BatchNorm):
             for t in ("weight", "bias", "running_mean", "running_var"):
                 value = getattr(m, t, None)
@@ -120,8 +121,9 @@ def trace_quant_model(model: nn.Module, inputs: tuple, input_names=None, output_
         if not bool(m.act_initialized):
             raise ExportError(f"layer {n!r}: activation range is not initialised: calibrate the model (distill(), "
                               "or one forward pass in train or eval mode) before exporting")
-    check_finite_parameters(model)
-    factors = {n: m.quant_factors() for n, m in modules.items()}
+    scales = {n: m.weight_scale() for n, m in modules.items()}  # one pass over each weight serves both
+    check_finite_parameters(model, scales)
+    factors = {n: m.quant_factors(scales[n]) for n, m in modules.items()}
     with _export_mode(model), torch.no_grad():
         try:
             proto = _run_tracer(model, inputs, input_names, output_names, dynamic_axes, opset)

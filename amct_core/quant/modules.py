@@ -130,16 +130,16 @@ class _QuantBase(nn.Module):
         return q * scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
 
     @torch.no_grad()
-    def nonfinite_parameters(self) -> list[str]:
+    def nonfinite_parameters(self, scale_w: torch.Tensor | None = None) -> list[str]:
         """What a quantization needs finite and is not: ``'weight: 1 non-finite value, the first nan at
         [3, 0, 1, 1]'``, ``'clip_max = inf'``, ... (empty when all is finite). The weight is scanned only when
-        its scale (one max per channel) is not finite."""
+        its scale (one max per channel; ``scale_w`` when already computed) is not finite."""
         bad = []
         for name in ("clip_min", "clip_max"):
             d = describe_nonfinite(getattr(self, name))
             if d is not None:
                 bad.append(f"{name} = {d} (activation range)")
-        if not bool(torch.isfinite(self.weight_scale()).all()):
+        if not bool(torch.isfinite(self.weight_scale() if scale_w is None else scale_w).all()):
             bad.append(f"weight: {describe_nonfinite(self.weight)}")
         if self.bias is not None:
             d = describe_nonfinite(self.bias)
@@ -148,14 +148,15 @@ class _QuantBase(nn.Module):
         return bad
 
     @torch.no_grad()
-    def quant_factors(self) -> LayerFactors:
+    def quant_factors(self, scale_w: torch.Tensor | None = None) -> LayerFactors:
+        """The layer's factors; ``scale_w``: its :meth:`weight_scale` when already computed."""
         if not bool(self.act_initialized):
             raise RuntimeError(
                 "activation range is not initialised: calibrate the model (distill(), or one forward "
                 "pass in train or eval mode) before exporting"
             )
         scale_d, offset_d = self.act_factors()
-        scale_w = self.weight_scale()
+        scale_w = self.weight_scale() if scale_w is None else scale_w
         return LayerFactors(
             scale_d=float(scale_d.to(torch.float32)),
             offset_d=int(offset_d),
