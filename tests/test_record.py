@@ -1,5 +1,6 @@
 """The record file: schema, text format, and every validation rule of FORMATS §2."""
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,13 @@ def test_a_non_utf8_byte_is_a_record_error_naming_the_file_the_byte_offset_and_t
 def test_a_directory_given_as_the_record_file_is_a_record_error_naming_it(tmp_path):
     with pytest.raises(RecordError, match=rf"record file '{tmp_path}' is a directory"):
         rec.read_record(tmp_path)
+
+
+def test_a_fifo_given_as_the_record_file_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # reading it would block until a writer came
+    with pytest.raises(RecordError, match=r"record file '.*pipe' is not a regular file"):
+        rec.read_record(fifo)
 
 
 def test_a_missing_record_file_is_a_record_error_naming_it(tmp_path):

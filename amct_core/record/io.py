@@ -111,6 +111,8 @@ def read_record_bytes(path) -> bytes:
     p = Path(path)
     name = repr(str(p))
     try:
+        if p.exists() and not p.is_dir() and not p.is_file():  # a FIFO or a device: reading could block or not end
+            raise RecordError(f"record file {name} is not a regular file; give the path of the record file")
         return p.read_bytes()
     except FileNotFoundError:
         raise RecordError(f"record file {name} does not exist") from None
