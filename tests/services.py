@@ -92,6 +92,16 @@ class Service:
         except ProcessLookupError:
             pass
 
+    def kill(self) -> None:
+        """SIGKILL to the process group we started (by its PID), as a crash would end it; waits for the exit."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
 
 @contextmanager
 def running(svc: Service):
