@@ -26,7 +26,7 @@ from tasks.model import release_models, release_weights
 from tasks.parity import parity, show_parity
 from tasks.results import ExportResults
 from tasks.specs import TrackingSpec
-from tasks.tracking import TrackingResult, log_to_mlflow, resolve_tracking_uri
+from tasks.tracking import TrackingResult, give_up_note, log_to_mlflow, resolve_tracking_uri
 
 FLOW_NAME = "distill-export"
 
@@ -92,7 +92,9 @@ class Stages:
 
 
 def log(tracking: TrackingSpec, done: ExportResults, manifest: FileRef) -> TrackingResult:
-    """The logging stage, retried with backoff (``tracking.retries``; the delay doubles each time)."""
+    """The logging stage, retried with backoff (``tracking.retries``; the delay doubles each time). Each attempt
+    resumes the flow run's MLflow run; when the last one fails, the run is ended FAILED if the server answers,
+    and the error says how the run was left."""
     delays = [tracking.retry_delay_seconds * (2 ** i) for i in range(max(tracking.retries, 1))]
     state = log_to_mlflow.with_options(retries=tracking.retries, retry_delay_seconds=delays)(
         tracking, done, manifest, return_state=True)
@@ -100,10 +102,11 @@ def log(tracking: TrackingSpec, done: ExportResults, manifest: FileRef) -> Track
         err = state.result(raise_on_failure=False)
         attempts = getattr(err, "attempt", None)
         attempts = attempts if isinstance(attempts, int) and attempts > 0 else tracking.retries + 1
+        run_note = give_up_note(tracking.tracking_uri, err)  # the run ends FAILED if the server answers now
         raise LoggingFailed(
             f"MLflow logging to tracking URI {resolve_tracking_uri(tracking.tracking_uri)} failed after {attempts} "
-            f"attempt(s): {err}. Every exported file is on disk in {done.parameters['output_dir']} (manifest "
-            f"{manifest.path}).")
+            f"attempt(s): {err}. {run_note + ' ' if run_note else ''}Every exported file is on disk in "
+            f"{done.parameters['output_dir']} (manifest {manifest.path}).")
     logged = state.result()
     get_run_logger().info(f"MLflow run {logged.run_id} at {logged.tracking_uri}: {logged.run_url}")
     return logged

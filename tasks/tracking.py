@@ -4,7 +4,9 @@
 * :func:`run_payload` says what an export's MLflow run gets: params, metrics, tags, and its files by role
   (``models/fake_quant``, ``models/deploy``, ``record``, ``parity``, ``plots``, ``config``, ``manifest.json``).
 * :func:`log_to_mlflow` (task) logs one export as one MLflow run (:func:`log_run`), the fake-quant model as an
-  MLflow ONNX model (optionally registered), and links the run from the Prefect flow run.
+  MLflow ONNX model (optionally registered), and links the run from the Prefect flow run. Logging is
+  idempotent per flow run: a retried attempt resumes the run and completes what an earlier attempt left;
+  a run whose logging fails ends FAILED (KILLED when interrupted) if the server can be reached.
 * :func:`log_metrics` adds figures measured after the run (the demo's ONNX Runtime accuracy).
 
 Tracking URI: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
@@ -18,6 +20,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,16 +204,6 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def _find_or_start_run(mlflow, experiment_id: str, flow_run_id: str | None, run_name: str):
-    """One MLflow run per flow run: a retried logging task resumes the run it started."""
-    if flow_run_id:
-        found = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
-                                   output_format="list", max_results=1)
-        if found:
-            return mlflow.start_run(run_id=found[0].info.run_id)
-    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-
-
 def _signature(fake_quant_path: str, example_inputs: list[tuple[list[int], str]]):
     import numpy as np
     import onnx
@@ -340,6 +333,128 @@ def run_payload(export: ExportResults, manifest: str, caller_metrics: dict | Non
         fake_quant_model=export.fake_quant.path, inputs=ck.spec.inputs())
 
 
+# ---- one flow run, one MLflow run: every step finds what an earlier attempt did -------------------------
+
+fault_hook: Callable[[str, dict], None] | None = None
+"""Tests only: when set, :func:`log_run` calls ``fault_hook(step, info)`` as it starts (``"start"``, before
+it contacts the server) and after each step (``"run"``, ``"artifacts"``, ``"model"``, ``"registered"``,
+``"tagged"``; ``info`` has ``run_id`` and, from ``"model"`` on, ``model_id`` and ``version``), so that a test
+can stop or restart the tracking server, or raise, at an exact point."""
+
+_runs_of_flow_runs: dict[str, tuple[str, str]] = {}  # flow run id -> (MLflow run id, status we last gave it)
+
+
+def _reached(step: str, **info) -> None:
+    if fault_hook is not None:
+        fault_hook(step, info)
+
+
+def _resume_or_create_run(client, experiment_id: str, flow_run_id: str | None, run_name: str):
+    """The run of ``flow_run_id`` (found by its tag, set RUNNING again if an attempt ended it), else a new run
+    created with that tag in the same request (a run is never left without it)."""
+    if flow_run_id:
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+                                   max_results=2, order_by=["attributes.start_time ASC"])
+        if found:
+            run = found[0]
+            if run.info.status != "RUNNING":
+                client.update_run(run.info.run_id, status="RUNNING")
+            return run
+    return client.create_run(experiment_id, run_name=run_name,
+                             tags={FLOW_RUN_TAG: flow_run_id} if flow_run_id else None)
+
+
+def _log_params_once(client, run, params: dict) -> None:
+    """Params the run does not have yet; one it has with another value is an error naming it (MLflow keeps a
+    param's first value)."""
+    from mlflow.entities import Param
+
+    have = run.data.params
+    want = {k: str(v)[:6000] for k, v in params.items()}
+    differ = sorted(k for k, v in want.items() if k in have and have[k] != v)
+    if differ:
+        k = differ[0]
+        raise TrackingError(f"MLflow run {run.info.run_id} already has param {k!r} = {have[k]!r}, this export "
+                            f"logs {want[k]!r} (params {differ} differ): it belongs to another export")
+    new = [Param(k, v) for k, v in want.items() if k not in have]
+    if new:
+        client.log_batch(run.info.run_id, params=new)
+
+
+def _log_metrics_once(client, run, metrics: dict) -> None:
+    """Metrics the run does not have yet (a retry adds no second value to a metric's history)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    new = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and k not in run.data.metrics]
+    if new:
+        client.log_batch(run.info.run_id, metrics=new)
+
+
+def _log_artifacts_once(client, run_id: str, files: list[tuple[str, str | None]]) -> None:
+    """Each (local file, artifact directory) uploaded unless the run already has that file with the same
+    size; a file an interrupted attempt left shorter (or otherwise different in size) is uploaded again."""
+    listed: dict[str | None, dict[str, int | None]] = {}
+    for local, where in files:
+        if where not in listed:
+            listed[where] = {Path(f.path).name: f.file_size for f in client.list_artifacts(run_id, where)
+                             if not f.is_dir}
+        if listed[where].get(Path(local).name) != Path(local).stat().st_size:
+            client.log_artifact(run_id, local, where)
+
+
+MODEL_NAME = "fake_quant_onnx"  # the logged MLflow ONNX model of a run
+
+
+def _log_model_once(mlflow, client, experiment_id: str, run_id: str, payload: RunPayload) -> str:
+    """The id of the run's MLflow ONNX model: the one an earlier attempt finished (READY), else a new one; an
+    unfinished one an interrupted attempt left (PENDING/FAILED, partly uploaded) is deleted first."""
+    from mlflow.entities import LoggedModelStatus
+
+    mine = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}' AND "
+                                                                      f"name = '{MODEL_NAME}'")
+    ready = sorted((m for m in mine if m.status == LoggedModelStatus.READY), key=lambda m: m.creation_timestamp)
+    if ready:
+        return ready[0].model_id
+    for m in mine:
+        client.delete_logged_model(m.model_id)
+    signature, example = _signature(payload.fake_quant_model, payload.inputs)
+    flavor_model, data_files = _flavor_model(payload.fake_quant_model)
+    info = mlflow.onnx.log_model(
+        flavor_model, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=example,
+        onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False,
+        extra_files=data_files or None,
+        # what MLflow would infer by loading the model in a subprocess: the flavor's own requirements
+        pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+    )
+    return info.model_id
+
+
+def _register_once(mlflow, client, name: str, run_id: str, model_id: str):
+    """The registered version of the run's model: the one an earlier attempt created, else a new one."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        return min(found, key=lambda v: int(v.version))
+    return mlflow.register_model(f"models:/{model_id}", name)
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FAILED") -> str | None:
+    """End ``run_id`` with ``status`` (FAILED, KILLED) if it is still RUNNING; its status afterwards, or None
+    when the tracking server cannot be reached (the run keeps whatever status it had). Never raises."""
+    try:
+        check_reachable(tracking_uri, timeout=3.0)
+        client = _mlflow(tracking_uri).tracking.MlflowClient(tracking_uri)
+        now = client.get_run(run_id).info.status
+        if now != "RUNNING":
+            return now
+        client.set_terminated(run_id, status)
+        return status
+    except Exception:  # noqa: BLE001 - best effort: the caller reports the run as it was
+        return None
+
+
 def _flow_run() -> tuple[str | None, str | None, str | None]:
     """The Prefect flow run this task runs in: (id, name, UI link or None when the API has no UI)."""
     from prefect.runtime import flow_run
@@ -354,7 +469,8 @@ def _flow_run() -> tuple[str | None, str | None, str | None]:
       retry_condition_fn=retry_if_transient)
 def log_to_mlflow(tracking: TrackingSpec, export: ExportResults, manifest: FileRef) -> TrackingResult:
     """Log ``export`` as one MLflow run (:func:`run_payload`, :func:`log_run`): a retried task resumes the
-    run it started. Links the run from the Prefect flow run (markdown artifact ``mlflow-run``)."""
+    run it started and completes it (:func:`log_run` is idempotent per flow run). Links the run from the
+    Prefect flow run (markdown artifact ``mlflow-run``)."""
     from prefect.artifacts import create_link_artifact
     from prefect.runtime import task_run as runtime_task_run
 
@@ -364,6 +480,8 @@ def log_to_mlflow(tracking: TrackingSpec, export: ExportResults, manifest: FileR
         result = log_run(tracking, payload, flow_run_id)
     except TrackingError as e:
         e.attempt = runtime_task_run.run_count  # the flow's final message says how many attempts were made
+        if not getattr(e, "run_id", None) and flow_run_id in _runs_of_flow_runs:  # this attempt found no run
+            e.run_id, e.run_status = _runs_of_flow_runs[flow_run_id]
         raise
     create_link_artifact(link=result.run_url, link_text=f"MLflow run {result.run_id}", key="mlflow-run",
                          description=f"MLflow run of {export.name} ({export.graph.target}) at {result.tracking_uri}")
@@ -373,59 +491,100 @@ def log_to_mlflow(tracking: TrackingSpec, export: ExportResults, manifest: FileR
 def log_run(tracking: TrackingSpec, payload: RunPayload, flow_run_id: str | None = None) -> TrackingResult:
     """Log one run to MLflow at ``tracking``: params, metrics, tags, every file under its role's directory,
     the manifest, and the fake-quant model as an MLflow ONNX model (registered under
-    ``tracking.registered_model_name`` if given). With ``flow_run_id``, a run of that flow run is resumed
-    rather than a second one started. The experiment, if this call creates it, keeps its artifacts at
-    ``tracking.artifact_location`` (default: :func:`default_artifact_location`)."""
+    ``tracking.registered_model_name`` if given). The experiment, if this call creates it, keeps its
+    artifacts at ``tracking.artifact_location`` (default: :func:`default_artifact_location`).
+
+    Idempotent per ``flow_run_id``: a second call (a retried attempt) resumes the run the first created
+    and completes what it left undone; no param, metric value, artifact, logged model or model version is
+    added twice. The run ends FINISHED; a failure ends it FAILED (KeyboardInterrupt or a termination signal:
+    KILLED) if the server can be reached then, and the TrackingError raised carries ``run_id`` and
+    ``run_status`` (the run's status afterwards: RUNNING when the server could not be reached)."""
+    from mlflow.entities import RunTag
+
     uri = resolve_tracking_uri(tracking.tracking_uri)
+    _reached("start")
     check_reachable(uri)
     mlflow = _mlflow(uri)
-    from mlflow.tracking import MlflowClient
-
     registered = tracking.registered_model_name or None
+    run_id = version = None
     try:
+        client = mlflow.tracking.MlflowClient(uri)  # a store MLflow cannot open fails here: a TrackingError below
         exp = _experiment(mlflow, tracking.experiment, uri, tracking.artifact_location)
-        with _find_or_start_run(mlflow, exp.experiment_id, flow_run_id, payload.run_name) as run:
-            run_id = run.info.run_id
-            mlflow.set_tags({k: str(v) for k, v in payload.tags.items() if v is not None})
-            if flow_run_id:
-                mlflow.set_tag(FLOW_RUN_TAG, flow_run_id)
-            existing = MlflowClient(uri).get_run(run_id).data.params
-            mlflow.log_params({k: str(v)[:6000] for k, v in payload.params.items() if k not in existing})
-            mlflow.log_metrics({k: float(v) for k, v in payload.metrics.items() if v is not None})
-            for role, files in payload.artifacts.items():
-                for f in files:
-                    mlflow.log_artifact(f, artifact_path=ARTIFACT_DIRS.get(role, role))
-            mlflow.log_artifact(payload.manifest)
-            signature, example = _signature(payload.fake_quant_model, payload.inputs)
-            flavor_model, data_files = _flavor_model(payload.fake_quant_model)
-            info = mlflow.onnx.log_model(
-                flavor_model, name="fake_quant_onnx", signature=signature, input_example=example,
-                registered_model_name=registered, onnx_execution_providers=["CPUExecutionProvider"],
-                save_as_external_data=False, extra_files=data_files or None,
-                # what MLflow would infer by loading the model in a subprocess: the flavor's own requirements
-                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            )
-            version = None
-            if registered:
-                client = MlflowClient(uri)
-                versions = client.search_model_versions(f"name = '{registered}' and run_id = '{run_id}'")
-                if versions:
-                    mv = max(versions, key=lambda v: int(v.version))
-                    version = str(mv.version)
-                    deploy_files = payload.artifacts.get("deploy_model", [])
-                    if deploy_files:
-                        client.set_model_version_tag(registered, version, "deploy_model",
-                                                     f"runs:/{run_id}/{artifact_path('deploy_model', deploy_files[0])}")
-                    client.set_model_version_tag(registered, version, "target", str(payload.tags.get("target")))
-            model_uri = info.model_uri
-    except TrackingError:
+        run = _resume_or_create_run(client, exp.experiment_id, flow_run_id, payload.run_name)
+        run_id = run.info.run_id
+        _remember(flow_run_id, run_id, "RUNNING")
+        _reached("run", run_id=run_id)
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in payload.tags.items() if v is not None])
+        _log_params_once(client, run, payload.params)
+        _log_metrics_once(client, run, payload.metrics)
+        _log_artifacts_once(client, run_id, [(f, ARTIFACT_DIRS.get(role, role))
+                                             for role, files in payload.artifacts.items() for f in files]
+                            + [(payload.manifest, None)])
+        _reached("artifacts", run_id=run_id)
+        model_id = _log_model_once(mlflow, client, exp.experiment_id, run_id, payload)
+        _reached("model", run_id=run_id, model_id=model_id, version=None)
+        if registered:
+            version = str(_register_once(mlflow, client, registered, run_id, model_id).version)
+            _reached("registered", run_id=run_id, model_id=model_id, version=version)
+            _tag_version(client, registered, version, run_id, payload)
+            _reached("tagged", run_id=run_id, model_id=model_id, version=version)
+        client.set_terminated(run_id, "FINISHED")
+        _remember(flow_run_id, run_id, "FINISHED")
+    except TrackingError as e:
+        _end_failed(e, uri, run_id, flow_run_id)
         raise
     except Exception as e:  # noqa: BLE001
         # Failures deep inside MLflow (e.g. the server went away mid-run): name the URI.
         cls = TrackingUnavailable if _is_transient(e) else TrackingError
-        raise cls(f"logging to MLflow tracking server {uri} failed: {type(e).__name__}: {e}") from e
-    return TrackingResult(uri, exp.experiment_id, run_id, run_url(uri, exp.experiment_id, run_id), model_uri,
-                          registered, version)
+        err = cls(f"logging to MLflow tracking server {uri} failed: {type(e).__name__}: {e}")
+        _end_failed(err, uri, run_id, flow_run_id)
+        raise err from e
+    except BaseException:  # KeyboardInterrupt, SystemExit, Prefect's TerminationSignal (a cancelled run)
+        if run_id:
+            _remember(flow_run_id, run_id, end_run(uri, run_id, "KILLED") or "RUNNING")
+        raise
+    return TrackingResult(uri, exp.experiment_id, run_id, run_url(uri, exp.experiment_id, run_id),
+                          f"models:/{model_id}", registered, version)
+
+
+def _tag_version(client, name: str, version: str, run_id: str, payload: RunPayload) -> None:
+    """The registered version's tags (set again by a retry: same values)."""
+    deploy_files = payload.artifacts.get("deploy_model", [])
+    if deploy_files:
+        client.set_model_version_tag(name, version, "deploy_model",
+                                     f"runs:/{run_id}/{artifact_path('deploy_model', deploy_files[0])}")
+    client.set_model_version_tag(name, version, "target", str(payload.tags.get("target")))
+
+
+def _remember(flow_run_id: str | None, run_id: str, status: str) -> None:
+    """What a later attempt of the flow run reports if it cannot reach the server (nothing once FINISHED)."""
+    if flow_run_id and status == "FINISHED":
+        _runs_of_flow_runs.pop(flow_run_id, None)
+    elif flow_run_id:
+        _runs_of_flow_runs[flow_run_id] = (run_id, status)
+
+
+def _end_failed(err: TrackingError, uri: str, run_id: str | None, flow_run_id: str | None) -> None:
+    """End this attempt's run FAILED (a retry resumes it); note the run and its status on ``err``."""
+    if run_id:
+        err.run_id, err.run_status = run_id, end_run(uri, run_id, "FAILED") or "RUNNING"
+        _remember(flow_run_id, run_id, err.run_status)
+
+
+def give_up_note(tracking_uri: str | None, err: BaseException) -> str:
+    """When the flow gives up logging: end the run ``err`` names FAILED if it is still RUNNING and the server
+    answers now; a sentence saying how the run was left ('' when no run was started)."""
+    run_id = getattr(err, "run_id", None)
+    if not run_id:
+        return ""
+    uri = resolve_tracking_uri(tracking_uri)
+    status = getattr(err, "run_status", None)
+    if status in (None, "RUNNING"):
+        status = end_run(uri, run_id, "FAILED") or "RUNNING"
+    if status == "RUNNING":
+        return (f"MLflow run {run_id} stays RUNNING: the tracking server could not be reached to end it (once it "
+                f"is back: MlflowClient({uri!r}).set_terminated({run_id!r}, 'FAILED')).")
+    return f"MLflow run {run_id} ended {status}."
 
 
 # ---- fetch: an export back from MLflow -----------------------------------------------------------
