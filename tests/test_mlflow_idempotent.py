@@ -109,8 +109,8 @@ def test_a_second_attempt_completes_the_run_the_first_left_after_registering_wit
     assert runs[0].data.params == {"target": "A2", "opset": "11"}
 
 
-def test_a_partly_uploaded_artifact_is_uploaded_again_and_a_complete_one_kept(mlflow_server, payload, tmp_path,
-                                                                               hook):
+def test_a_retry_uploads_again_only_the_artifact_an_interrupted_upload_left_short(mlflow_server, payload, tmp_path,
+                                                                                  hook, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from tasks.tracking import TrackingError, log_run
@@ -125,12 +125,15 @@ def test_a_partly_uploaded_artifact_is_uploaded_again_and_a_complete_one_kept(ml
     cut = tmp_path / "mlp_record.txt"
     cut.write_bytes(open(record, "rb").read()[:-10])  # what an upload cut short leaves
     client.log_artifact(run_id, str(cut), "record")
-    kept = {f.path: f.file_size for f in client.list_artifacts(run_id, "models/deploy")}
+    uploads = []
+    real = MlflowClient.log_artifact
+    monkeypatch.setattr(MlflowClient, "log_artifact",
+                        lambda self, rid, local, where=None: uploads.append((local, where)) or real(self, rid, local, where))
     hook(lambda step, info: None)
     log_run(_spec(mlflow_server.url, "idem-artifacts"), payload, key)
+    assert uploads == [(record, "record")]
     got = client.download_artifacts(run_id, "record/mlp_record.txt", str(tmp_path / "dl"))
     assert open(got, "rb").read() == open(record, "rb").read()
-    assert {f.path: f.file_size for f in client.list_artifacts(run_id, "models/deploy")} == kept
 
 
 def test_a_param_the_run_has_with_another_value_is_an_error_naming_it(mlflow_server, payload):
