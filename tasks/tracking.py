@@ -16,6 +16,7 @@ tracking server puts them; never in the working directory by accident.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import urllib.error
@@ -36,6 +37,7 @@ from .stage import peak_rss_mb
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 FLOW_RUN_TAG = "prefect.flow_run_id"
+LOGGING_KEY_TAG = "amct.logging_key"  # one export's logging in one flow run (see logging_key)
 
 
 class TrackingError(RuntimeError):
@@ -341,7 +343,13 @@ it contacts the server) and after each step (``"run"``, ``"artifacts"``, ``"mode
 ``"tagged"``; ``info`` has ``run_id`` and, from ``"model"`` on, ``model_id`` and ``version``), so that a test
 can stop or restart the tracking server, or raise, at an exact point."""
 
-_runs_of_flow_runs: dict[str, tuple[str, str]] = {}  # flow run id -> (MLflow run id, status we last gave it)
+_runs_by_key: dict[str, tuple[str, str]] = {}  # logging key -> (MLflow run id, status we last gave it)
+
+
+def logging_key(flow_run_id: str, manifest: str) -> str:
+    """What identifies one export's logging: its flow run and its manifest's path (a flow run that makes
+    several exports, as a batch does, logs each to its own run). Tagged ``amct.logging_key`` on the run."""
+    return hashlib.sha256(f"{flow_run_id}\0{Path(manifest).resolve()}".encode()).hexdigest()[:32]
 
 
 def _reached(step: str, **info) -> None:
@@ -349,11 +357,11 @@ def _reached(step: str, **info) -> None:
         fault_hook(step, info)
 
 
-def _resume_or_create_run(client, experiment_id: str, flow_run_id: str | None, run_name: str):
-    """The run of ``flow_run_id`` (found by its tag, set RUNNING again if an attempt ended it), else a new run
-    created with that tag in the same request (a run is never left without it)."""
-    if flow_run_id:
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+def _resume_or_create_run(client, experiment_id: str, flow_run_id: str | None, key: str | None, run_name: str):
+    """The run tagged with the logging ``key`` (set RUNNING again if an attempt ended it), else a new run
+    created with its tags in the same request (a run is never left without them)."""
+    if key:
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{LOGGING_KEY_TAG}` = '{key}'",
                                    max_results=2, order_by=["attributes.start_time ASC"])
         if found:
             run = found[0]
@@ -361,7 +369,7 @@ def _resume_or_create_run(client, experiment_id: str, flow_run_id: str | None, r
                 client.update_run(run.info.run_id, status="RUNNING")
             return run
     return client.create_run(experiment_id, run_name=run_name,
-                             tags={FLOW_RUN_TAG: flow_run_id} if flow_run_id else None)
+                             tags={FLOW_RUN_TAG: flow_run_id, LOGGING_KEY_TAG: key} if key else None)
 
 
 def _log_params_once(client, run, params: dict) -> None:
@@ -480,8 +488,9 @@ def log_to_mlflow(tracking: TrackingSpec, export: ExportResults, manifest: FileR
         result = log_run(tracking, payload, flow_run_id)
     except TrackingError as e:
         e.attempt = runtime_task_run.run_count  # the flow's final message says how many attempts were made
-        if not getattr(e, "run_id", None) and flow_run_id in _runs_of_flow_runs:  # this attempt found no run
-            e.run_id, e.run_status = _runs_of_flow_runs[flow_run_id]
+        key = logging_key(flow_run_id, payload.manifest) if flow_run_id else None
+        if not getattr(e, "run_id", None) and key in _runs_by_key:  # this attempt found no run
+            e.run_id, e.run_status = _runs_by_key[key]
         raise
     create_link_artifact(link=result.run_url, link_text=f"MLflow run {result.run_id}", key="mlflow-run",
                          description=f"MLflow run of {export.name} ({export.graph.target}) at {result.tracking_uri}")
@@ -494,8 +503,8 @@ def log_run(tracking: TrackingSpec, payload: RunPayload, flow_run_id: str | None
     ``tracking.registered_model_name`` if given). The experiment, if this call creates it, keeps its
     artifacts at ``tracking.artifact_location`` (default: :func:`default_artifact_location`).
 
-    Idempotent per ``flow_run_id``: a second call (a retried attempt) resumes the run the first created
-    and completes what it left undone; no param, metric value, artifact, logged model or model version is
+    Idempotent per ``flow_run_id`` and export (:func:`logging_key`): a second call (a retried attempt)
+    resumes the run the first created and completes what it left undone; no param, metric value, artifact, logged model or model version is
     added twice. The run ends FINISHED; a failure ends it FAILED (KeyboardInterrupt or a termination signal:
     KILLED) if the server can be reached then, and the TrackingError raised carries ``run_id`` and
     ``run_status`` (the run's status afterwards: RUNNING when the server could not be reached)."""
@@ -506,13 +515,14 @@ def log_run(tracking: TrackingSpec, payload: RunPayload, flow_run_id: str | None
     check_reachable(uri)
     mlflow = _mlflow(uri)
     registered = tracking.registered_model_name or None
+    key = logging_key(flow_run_id, payload.manifest) if flow_run_id else None
     run_id = version = None
     try:
         client = mlflow.tracking.MlflowClient(uri)  # a store MLflow cannot open fails here: a TrackingError below
         exp = _experiment(mlflow, tracking.experiment, uri, tracking.artifact_location)
-        run = _resume_or_create_run(client, exp.experiment_id, flow_run_id, payload.run_name)
+        run = _resume_or_create_run(client, exp.experiment_id, flow_run_id, key, payload.run_name)
         run_id = run.info.run_id
-        _remember(flow_run_id, run_id, "RUNNING")
+        _remember(key, run_id, "RUNNING")
         _reached("run", run_id=run_id)
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in payload.tags.items() if v is not None])
         _log_params_once(client, run, payload.params)
@@ -529,19 +539,19 @@ def log_run(tracking: TrackingSpec, payload: RunPayload, flow_run_id: str | None
             _tag_version(client, registered, version, run_id, payload)
             _reached("tagged", run_id=run_id, model_id=model_id, version=version)
         client.set_terminated(run_id, "FINISHED")
-        _remember(flow_run_id, run_id, "FINISHED")
+        _remember(key, run_id, "FINISHED")
     except TrackingError as e:
-        _end_failed(e, uri, run_id, flow_run_id)
+        _end_failed(e, uri, run_id, key)
         raise
     except Exception as e:  # noqa: BLE001
         # Failures deep inside MLflow (e.g. the server went away mid-run): name the URI.
         cls = TrackingUnavailable if _is_transient(e) else TrackingError
         err = cls(f"logging to MLflow tracking server {uri} failed: {type(e).__name__}: {e}")
-        _end_failed(err, uri, run_id, flow_run_id)
+        _end_failed(err, uri, run_id, key)
         raise err from e
     except BaseException:  # KeyboardInterrupt, SystemExit, Prefect's TerminationSignal (a cancelled run)
         if run_id:
-            _remember(flow_run_id, run_id, end_run(uri, run_id, "KILLED") or "RUNNING")
+            _remember(key, run_id, end_run(uri, run_id, "KILLED") or "RUNNING")
         raise
     return TrackingResult(uri, exp.experiment_id, run_id, run_url(uri, exp.experiment_id, run_id),
                           f"models:/{model_id}", registered, version)
@@ -556,19 +566,19 @@ def _tag_version(client, name: str, version: str, run_id: str, payload: RunPaylo
     client.set_model_version_tag(name, version, "target", str(payload.tags.get("target")))
 
 
-def _remember(flow_run_id: str | None, run_id: str, status: str) -> None:
-    """What a later attempt of the flow run reports if it cannot reach the server (nothing once FINISHED)."""
-    if flow_run_id and status == "FINISHED":
-        _runs_of_flow_runs.pop(flow_run_id, None)
-    elif flow_run_id:
-        _runs_of_flow_runs[flow_run_id] = (run_id, status)
+def _remember(key: str | None, run_id: str, status: str) -> None:
+    """What a later attempt reports if it cannot reach the server (nothing once FINISHED)."""
+    if key and status == "FINISHED":
+        _runs_by_key.pop(key, None)
+    elif key:
+        _runs_by_key[key] = (run_id, status)
 
 
-def _end_failed(err: TrackingError, uri: str, run_id: str | None, flow_run_id: str | None) -> None:
+def _end_failed(err: TrackingError, uri: str, run_id: str | None, key: str | None) -> None:
     """End this attempt's run FAILED (a retry resumes it); note the run and its status on ``err``."""
     if run_id:
         err.run_id, err.run_status = run_id, end_run(uri, run_id, "FAILED") or "RUNNING"
-        _remember(flow_run_id, run_id, err.run_status)
+        _remember(key, run_id, err.run_status)
 
 
 def give_up_note(tracking_uri: str | None, err: BaseException) -> str:

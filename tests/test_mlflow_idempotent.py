@@ -136,14 +136,34 @@ def test_a_retry_uploads_again_only_the_artifact_an_interrupted_upload_left_shor
     assert open(got, "rb").read() == open(record, "rb").read()
 
 
+def test_two_exports_logged_in_one_flow_run_get_a_run_each_and_a_retry_finds_its_own(mlflow_server, payload,
+                                                                                     tmp_path):
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import log_run
+
+    key = str(uuid.uuid4())  # one flow run (a batch) logging two exports, each with its own manifest
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "other"}))
+    other = dataclasses.replace(payload, manifest=str(tmp_path / "manifest.json"))
+    first = log_run(_spec(mlflow_server.url, "idem-batch"), payload, key)
+    second = log_run(_spec(mlflow_server.url, "idem-batch"), other, key)
+    again = log_run(_spec(mlflow_server.url, "idem-batch"), payload, key)
+    assert first.run_id != second.run_id and again.run_id == first.run_id
+    assert len(_runs_of(MlflowClient(mlflow_server.url), "idem-batch", key)) == 2
+
+
 def test_a_param_the_run_has_with_another_value_is_an_error_naming_it(mlflow_server, payload):
+    import dataclasses
+
     from mlflow.tracking import MlflowClient
 
     from tasks.tracking import TrackingError, log_run
 
     key = str(uuid.uuid4())
     log_run(_spec(mlflow_server.url, "idem-params"), payload, key)
-    other = type(payload)(**{**payload.__dict__, "params": {**payload.params, "opset": 13}})
+    other = dataclasses.replace(payload, params={**payload.params, "opset": 13})
     with pytest.raises(TrackingError) as e:
         log_run(_spec(mlflow_server.url, "idem-params"), other, key)
     assert "'opset'" in str(e.value) and "'11'" in str(e.value) and "'13'" in str(e.value)
