@@ -13,6 +13,10 @@ class RecordError(AmctError, ValueError):
     """A record file fails validation; the message names the layer and the field."""
 
 
+class DistillError(AmctError, ValueError):
+    """distill() refused its arguments or could not run; the message names what is wrong."""
+
+
 class ExportError(AmctError, ValueError):
     """save_distill_model refused its input; nothing was written."""
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from .._modes import as_input_tuple, eval_mode
-from ..errors import ConfigError
-from ..quant.modules import QuantConv2d, QuantLinear, is_quant_module
+from ..errors import ConfigError, DistillError
+from ..quant.modules import QuantConv2d, QuantLinear, is_quant_module, nonfinite_ranges
 from .config import DistillConfig, load_distill_config
 from .layers import layer_type
 
@@ -55,10 +55,17 @@ def calibrate(model: nn.Module, batches, max_batches: int | None = None) -> int:
         finally:
             for m in qmods:
                 m.calibrating = False
-    from .train import _refuse_nonfinite_ranges  # train imports this module
-
-    _refuse_nonfinite_ranges(model)
+    refuse_nonfinite_ranges(model)
     return n
+
+
+def refuse_nonfinite_ranges(student: nn.Module) -> None:
+    """A DistillError naming the layers whose measured activation range is NaN or infinite."""
+    bad = nonfinite_ranges(student)
+    if bad:
+        raise DistillError(f"calibration measured a non-finite activation range for layer(s) {bad}: their inputs "
+                           "held NaN or infinity on the calibration batches (check the data and the layers before "
+                           "them); a quantized model cannot be trained or exported from such a range")
 
 
 def apply_initial_ranges(cfg: DistillConfig, student: nn.Module) -> list[str]:

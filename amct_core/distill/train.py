@@ -56,11 +56,11 @@ import torch
 import torch.nn as nn
 
 from .._modes import eval_mode
-from ..errors import AmctError
-from ..quant.modules import is_quant_module, nonfinite_ranges
+from ..errors import DistillError
+from ..quant.modules import is_quant_module
 from . import stepped
 from .config import DistillConfig, load_distill_config
-from .model import apply_initial_ranges
+from .model import apply_initial_ranges, refuse_nonfinite_ranges
 
 logger = logging.getLogger("amct_core.distill")
 # Batches (the first ones of train_loader, at least batch_num) on which each block's loss is measured
@@ -76,10 +76,6 @@ RANGE_LR_SCALE = 3.0
 WEIGHT_LR_SCALE = 0.1
 
 __all__ = ["distill", "calibrate_distill_model", "DistillSampleBase", "DistillError"]
-
-
-class DistillError(AmctError, ValueError):
-    """distill() refused its arguments or could not run; the message names what is wrong."""
 
 
 class DistillSampleBase:
@@ -280,14 +276,6 @@ def _check_models_match(cfg: DistillConfig, model: nn.Module, student: nn.Module
 # calibration
 
 
-def _refuse_nonfinite_ranges(student: nn.Module) -> None:
-    bad = nonfinite_ranges(student)
-    if bad:
-        raise DistillError(f"calibration measured a non-finite activation range for layer(s) {bad}: their inputs "
-                           "held NaN or infinity on the calibration batches (check the data and the layers before "
-                           "them); a quantized model cannot be trained or exported from such a range")
-
-
 @torch.no_grad()
 def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: list[str], progress: _Progress):
     """Reset and re-measure every QAT layer's activation range over the first ``batch_num`` batches.
@@ -332,7 +320,7 @@ def _calibrate(student: nn.Module, train_loader, adapt, batch_num: int, watch: l
     if missing:
         raise DistillError(f"quantized layers {missing} were not called by forward() on train_loader batches, so "
                            "their activation ranges cannot be calibrated; disable them in the config")
-    _refuse_nonfinite_ranges(student)
+    refuse_nonfinite_ranges(student)
     if n < batch_num:
         progress.say(f"calibration: train_loader has only {n} batches, fewer than batch_num={batch_num}")
     return n, order
