@@ -1,7 +1,8 @@
 """What is inside an ONNX file, as plain facts (``amct-export inspect`` prints them): opsets, graph inputs
 and outputs, op counts, the Ascend quant/dequant nodes, the fake-quant layers, initializer types.
 
-Reads the graph only: tensors stored as external data are not loaded.
+Reads the graph only: tensors stored as external data are not loaded, and a model whose external data
+lies outside its directory is refused (:func:`amct_core.onnx.io.contained_location`).
 """
 from __future__ import annotations
 
@@ -18,10 +19,17 @@ def describe_model(path) -> dict:
     import onnx
     from onnx import helper
 
-    path = Path(path).resolve()
+    from .onnx.io import contained_location
+
+    given = Path(path)
+    path = given.resolve()
     m = onnx.load(str(path), load_external_data=False)
     g = m.graph
     inits = {t.name: t for t in g.initializer}
+    for t in inits.values():
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in t.external_data if e.key == "location"), "")
+            contained_location(given, location, t.name)
 
     def shape(vi):
         return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
@@ -58,3 +66,31 @@ def describe_model(path) -> dict:
         "external_data_tensors": sum(t.data_location == onnx.TensorProto.EXTERNAL for t in inits.values()),
         "metadata": {p.key: p.value for p in m.metadata_props},
     }
+
+
+def export_set(path, record=None) -> list[tuple[str, Path]]:
+    """The files of the export the model at ``path`` belongs to, as (role, path), by the naming rule of
+    FORMATS §1: the model itself, its sibling model (``<prefix>_fake_quant_model.onnx`` /
+    ``<prefix>_deploy_model.onnx``) when present, and ``record`` or else the flow's record file
+    ``<prefix>_scale_offset_record.txt`` when present."""
+    from .formats import DEPLOY_MODEL, FAKE_QUANT_MODEL, RECORD_FILE
+
+    path = Path(path)
+    roles = {FAKE_QUANT_MODEL: "fake-quant model", DEPLOY_MODEL: "deploy model"}
+    out = []
+    for suffix, other in ((FAKE_QUANT_MODEL, DEPLOY_MODEL), (DEPLOY_MODEL, FAKE_QUANT_MODEL)):
+        if path.name.endswith(suffix):
+            stem = path.name[: -len(suffix)]
+            out = [(roles[suffix], path)]
+            sibling = path.with_name(stem + other)
+            if sibling.is_file():
+                out.append((roles[other], sibling))
+            flow_record = path.with_name(stem + RECORD_FILE)
+            if record is None and flow_record.is_file():
+                record = flow_record
+            break
+    else:
+        out = [("model", path)]
+    if record is not None:
+        out.append(("record file", Path(record)))
+    return out

@@ -2,10 +2,12 @@
 
 Nothing is written until every check has passed (the inputs, the record, and each built model's
 post-conditions: sorted, every input defined, one opset entry, the ONNX checker for the fake-quant
-model); then each file is written to a temporary file and renamed into place (FORMATS §1).
+model); then, holding the three files' writer locks, each file is written to a temporary file and
+renamed into place (FORMATS §1). All three carry one export id (:mod:`amct_core.export_id`).
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,11 +15,13 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ._io import temp_path_for
+from ._io import output_lock, temp_path_for
 from ._modes import as_input_tuple
 from .arguments import check_names, check_output_dir, check_output_file, check_path
 from .errors import ConfigError, ExportError
+from .export_id import new_export_id, record_content_sha256, record_header
 from .formats import DEFAULT_RECORD_FILE, DEPLOY_MODEL, FAKE_QUANT_MODEL, dynamic_axis_name, output_file
+from .onnx import metadata
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.check import check_before_write
 from .onnx.io import PendingWrite, prepare_write
@@ -146,6 +150,7 @@ def save_distill_model(model, save_path, input_data, record_file=None, input_nam
                                                 target, opset_version)
     with _stage("record"):
         validate_record(traced.records, layer_infos(traced.model, traced.records), tgt, source="record of the model")
+        record_text = stamp_export(traced.model, traced.records)
     with _stage("fake_quant_build"):
         fake = build_fake_quant(traced.model, traced.records)
     with _stage("deploy_build"):
@@ -154,26 +159,42 @@ def save_distill_model(model, save_path, input_data, record_file=None, input_nam
         check_before_write(fake, f"fake-quant model {str(paths.fake_quant)!r}", standard_ops=True)
         check_before_write(deploy, f"deploy model {str(paths.deploy)!r}", standard_ops=False)
     with _stage("write"):
-        write_outputs(paths, fake, deploy, traced.records)
+        write_outputs(paths, fake, deploy, record_text)
 
 
-def write_outputs(paths: OutputPaths, fake, deploy, records: dict[str, LayerRecord]) -> None:
-    """Write the three files: all to temporaries first, then rename each into place."""
-    pending: list[PendingWrite] = []
-    rec_tmp = None
-    try:
-        if fake is not None:
-            pending.append(prepare_write(fake, paths.fake_quant))
-        if deploy is not None:
-            pending.append(prepare_write(deploy, paths.deploy))
-        rec_tmp = temp_path_for(paths.record)
-        rec_tmp.write_text(format_record(records))
-    except BaseException:
+def stamp_export(model, records: dict[str, LayerRecord], export_id: str | None = None) -> str:
+    """Give the (traced) ``model`` a new export id and the hash of its record's content, in its metadata
+    (the models built from it keep both); return the record file's text with the same id in its header."""
+    export_id = export_id or new_export_id()
+    content = format_record(records)
+    metadata.write_prop(model, metadata.EXPORT_ID, export_id)
+    metadata.write_prop(model, metadata.RECORD_SHA256, record_content_sha256(content.encode()))
+    return record_header(export_id) + content
+
+
+def write_outputs(paths: OutputPaths, fake, deploy, record_text: str) -> None:
+    """Write the three files holding their writer locks (:func:`amct_core._io.output_lock`; temporaries a
+    killed export left for them are removed first): all to temporaries first, then rename each into place."""
+    finals = [p for p, m in ((paths.fake_quant, fake), (paths.deploy, deploy)) if m is not None] + [paths.record]
+    with output_lock(finals):
+        pending: list[PendingWrite] = []
+        rec_tmp = None
+        try:
+            if fake is not None:
+                pending.append(prepare_write(fake, paths.fake_quant))
+            if deploy is not None:
+                pending.append(prepare_write(deploy, paths.deploy))
+            rec_tmp = temp_path_for(paths.record)
+            with open(rec_tmp, "w") as f:
+                f.write(record_text)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            for p in pending:
+                p.abort()
+            if rec_tmp is not None:
+                rec_tmp.unlink(missing_ok=True)
+            raise
         for p in pending:
-            p.abort()
-        if rec_tmp is not None:
-            rec_tmp.unlink(missing_ok=True)
-        raise
-    for p in pending:
-        p.commit()
-    rec_tmp.replace(paths.record)
+            p.commit()
+        rec_tmp.replace(paths.record)

@@ -14,7 +14,8 @@ Exit codes (for scripts):
   3  MLflow failed: logging failed after its retries (every exported file is still on disk) / fetch: the
      tracking server cannot be reached
   4  parity failed (files written and logged; the report says which output/layer)
-  5  validate-record: the record file is invalid / inspect: the file is not a readable ONNX model /
+  5  validate-record: the record file is invalid / inspect: the file is not a readable ONNX model, or
+     the export's files carry different export ids /
      fetch: the run holds no complete export, or a file differs from its manifest (nothing is left in --to)
 """
 from __future__ import annotations
@@ -359,12 +360,30 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from amct_core.describe import describe_model
     from tasks.files import onnx_files
 
+    if a.record is not None and not Path(a.record).is_file():
+        print(f"amct-export: error: --record {a.record!r} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    from amct_core.describe import export_set
+    from amct_core.export_id import MixedSetError, check_set, model_stamp, record_stamp
+
     try:
         facts = describe_model(a.model_file)
         facts["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in onnx_files(a.model_file)]
     except Exception as e:  # noqa: BLE001
         print(f"INVALID: {a.model_file!r} is not a readable ONNX model: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_INVALID
+    members = export_set(a.model_file, a.record)
+    try:
+        stamps = [record_stamp(p) if role == "record file" else model_stamp(role, p) for role, p in members]
+        checked = check_set([s for s in stamps if s.role != "record file"],
+                            next((s for s in stamps if s.role == "record file"), None))
+    except MixedSetError as e:
+        print(f"INVALID: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except (OSError, ValueError) as e:
+        print(f"INVALID: the files of {a.model_file!r}'s export could not be read: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    facts["export"] = {"export_id": checked.export_id, "files": [str(p) for _, p in members], "notes": checked.notes}
     if a.json:
         print(json.dumps(facts, indent=2, default=str))
         return EXIT_OK
@@ -384,6 +403,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     print("  initializers: " + ", ".join(f"{k}x{v}" for k, v in facts["initializer_types"].items()))
     for f in facts["files"]:
         print(f"  file {f['path']}  {f['size']} bytes  sha256 {f['sha256']}")
+    ex = facts["export"]
+    print(f"  export id: {ex['export_id'] or 'none'}" + (f" (the same in {', '.join(ex['files'][1:])})"
+                                                          if ex["export_id"] and len(ex["files"]) > 1 else ""))
+    for note in ex["notes"]:
+        print(f"  note: {note}")
     return EXIT_OK
 
 
@@ -478,11 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_validate_record)
     p = sub.add_parser("inspect", help="show what is inside an exported ONNX model",
                        description="Print opsets, inputs/outputs, op counts, Ascend quant/dequant nodes, fake-quant\n"
-                                   "layers, initializer types and file hashes of an ONNX model.",
+                                   "layers, initializer types, file hashes and the export id of an ONNX model. The\n"
+                                   "export's other files (the sibling model, the record file) must carry the same\n"
+                                   "export id; a mixed set is reported as invalid (exit 5), naming the files and ids.",
                        epilog="example:\n  amct-export inspect out/model_deploy_model.onnx --json\n\n"
-                              "exit codes: 0 ok, 5 not a readable ONNX model, 2 no such file",
+                              "exit codes: 0 ok, 5 not a readable ONNX model or a mixed set of files, 2 no such file",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_file", help="an .onnx file")
+    p.add_argument("--record", default=None, help="the export's record file, checked to carry the model's export "
+                                                  "id (default: <prefix>_scale_offset_record.txt when present)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("fetch", help="download an export from MLflow (deploy + fake-quant models, record, manifest)",

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 
 from flows.parameters import ExportPlan
 from tasks.checkpoint import load_checkpoint
-from tasks.export import deploy_build, fake_quant_build, record, trace
+from tasks.export import check_export_set, deploy_build, fake_quant_build, record, trace
 from tasks.files import FileRef
 from tasks.manifest import write_manifest
 from tasks.model import release_models, release_weights
@@ -47,8 +47,10 @@ def export(plan: ExportPlan) -> dict:
     tr = run(trace, ck.spec, g, f.traced, f.model_record)
     release_weights()  # the builds read files only: the weights the trace read need not stay in memory
     rec = run(record, tr.path, tr.info["record_path"], f.record, plan.record_file, g.target)
-    fq = run(fake_quant_build, tr.path, rec.path, f.fake_quant, g.target)
-    dp = run(deploy_build, tr.path, rec.path, f.deploy, g.target)
+    given = plan.record_file is not None
+    fq = run(fake_quant_build, tr.path, rec.path, f.fake_quant, g.target, given)
+    dp = run(deploy_build, tr.path, rec.path, f.deploy, g.target, given)
+    check_export_set(fq.path, dp.path, rec.path, given)  # one export id in all three files, else MixedSetError
     par = run(parity, ck.spec, fq.path, dp.path, f.parity, plan.tolerances, g.target)
     release_models()  # no stage after parity needs the torch model: give its weights back before logging
     show_parity(par, f.name, g.target)

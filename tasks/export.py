@@ -49,20 +49,32 @@ def record(traced_path: str, model_record_path: str, record_path: str, given_rec
 
 
 @task(name="fake-quant-build", cache_policy=stage_cache("out_path"), persist_result=True)
-def fake_quant_build(traced_path: str, record_path: str, out_path: str, target: str) -> StageResult:
-    """Traced graph + record -> ``*_fake_quant_model.onnx`` (FORMATS §4)."""
+def fake_quant_build(traced_path: str, record_path: str, out_path: str, target: str,
+                     record_given: bool = False) -> StageResult:
+    """Traced graph + record -> ``*_fake_quant_model.onnx`` (FORMATS §4), with the traced file's export id.
+    ``record_given``: the record is the user's ``record_file`` (it may come from another export)."""
     from amct_core.stages import build_fake_quant_file
 
     with measured() as m:
-        out = build_fake_quant_file(traced_path, record_path, out_path, target)
+        out = build_fake_quant_file(traced_path, record_path, out_path, target, record_given=record_given)
     return StageResult("fake_quant_build", onnx_files(out), m.seconds, m.peak_rss_mb)
 
 
 @task(name="deploy-build", cache_policy=stage_cache("out_path"), persist_result=True)
-def deploy_build(traced_path: str, record_path: str, out_path: str, target: str) -> StageResult:
-    """Traced graph + record -> ``*_deploy_model.onnx`` (FORMATS §5)."""
+def deploy_build(traced_path: str, record_path: str, out_path: str, target: str,
+                 record_given: bool = False) -> StageResult:
+    """Traced graph + record -> ``*_deploy_model.onnx`` (FORMATS §5), with the traced file's export id."""
     from amct_core.stages import build_deploy_file
 
     with measured() as m:
-        out = build_deploy_file(traced_path, record_path, out_path, target)
+        out = build_deploy_file(traced_path, record_path, out_path, target, record_given=record_given)
     return StageResult("deploy_build", onnx_files(out), m.seconds, m.peak_rss_mb)
+
+
+def check_export_set(fake_quant_path: str, deploy_path: str, record_path: str, record_given: bool) -> str | None:
+    """The three files of the export come from one export (:func:`amct_core.export_id.check_set`; raises
+    ``MixedSetError`` naming the files and ids). Returns the export id (None for files without one)."""
+    from amct_core.export_id import check_set, model_stamp, record_stamp
+
+    models = [model_stamp("fake-quant model", fake_quant_path), model_stamp("deploy model", deploy_path)]
+    return check_set(models, record_stamp(record_path), record_given=record_given).export_id

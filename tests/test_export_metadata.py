@@ -31,7 +31,7 @@ def test_both_models_record_the_example_input_shape_and_dtype(tmp_path):
                        record_file=str(tmp_path / "r.txt"), **SEED_AXES)
     for kind in ("fake_quant", "deploy"):
         props = _amct_props(tmp_path / f"unet_{kind}_model.onnx")
-        assert list(props) == ["amct.input_shapes"]
+        assert sorted(props) == ["amct.export_id", "amct.input_shapes", "amct.record_sha256"]
         assert json.loads(props["amct.input_shapes"]) == {"inputs": {"shape": [2, 3, 32, 32], "dtype": "float32"}}
 
 
@@ -48,10 +48,11 @@ def test_models_with_metadata_stay_checker_clean_and_verify(tmp_path):
 def test_stage_outputs_keep_the_input_shapes_and_drop_the_stage_keys(tmp_path):
     qat = models.make_qat("cnn", tmp_path)
     res = trace_to_file(qat, models.example_inputs("cnn", 3), tmp_path / "t.onnx", tmp_path / "r.txt", **SEED_AXES)
-    assert set(_amct_props(res.traced_path)) == {"amct.input_shapes", "amct.quant_layers", "amct.target", "amct.opset"}
+    assert set(_amct_props(res.traced_path)) == {"amct.input_shapes", "amct.quant_layers", "amct.target", "amct.opset",
+                                                 "amct.export_id", "amct.record_sha256"}
     out = build_deploy_file(res.traced_path, res.record_path, tmp_path / "d.onnx")
     assert metadata.read_input_shapes(onnx.load(out)) == {"inputs": ExampleInput((3, 3, 16, 16), "float32")}
-    assert list(_amct_props(out)) == ["amct.input_shapes"]
+    assert sorted(_amct_props(out)) == ["amct.export_id", "amct.input_shapes", "amct.record_sha256"]
 
 
 class _ThreeInputs(nn.Module):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from amct_core import ExportError, RecordError, save_distill_model
+from amct_core.export_id import split_record
 from amct_core.record import read_record, write_record
 from amct_core.stages import build_deploy_file, build_fake_quant_file, trace_to_file, validate_record_file
 from tests import models
@@ -20,8 +21,11 @@ def _same_models(a, b):
     ib = {t.name: onnx.numpy_helper.to_array(t) for t in mb.graph.initializer}
     assert ia.keys() == ib.keys()
     assert all(ia[k].dtype == ib[k].dtype and ia[k].tobytes() == ib[k].tobytes() for k in ia)
-    assert ma.metadata_props == mb.metadata_props
-    assert [p.key for p in ma.metadata_props if p.key.startswith("amct.")] == ["amct.input_shapes"]
+    # the same metadata but for the export id, which is new for every export
+    props_a = {p.key: p.value for p in ma.metadata_props if p.key != "amct.export_id"}
+    assert props_a == {p.key: p.value for p in mb.metadata_props if p.key != "amct.export_id"}
+    assert sorted(p.key for p in ma.metadata_props if p.key.startswith("amct.")) == [
+        "amct.export_id", "amct.input_shapes", "amct.record_sha256"]
 
 
 @pytest.mark.parametrize("name", ["cnn", "encoder"])
@@ -32,7 +36,8 @@ def test_stages_reproduce_save_distill_model(tmp_path, name):
     save_distill_model(qat, str(tmp_path / "one" / "m"), x, record_file=str(tmp_path / "one" / "r.txt"), **kw)
     res = trace_to_file(qat, x, tmp_path / "st" / "traced.onnx", tmp_path / "st" / "r.txt", **kw)
     assert res.layers == [n for n, _ in read_record(tmp_path / "st" / "r.txt").items()]
-    assert (tmp_path / "st" / "r.txt").read_text() == (tmp_path / "one" / "r.txt").read_text()
+    # the same record but for the export id in its header
+    assert split_record((tmp_path / "st" / "r.txt").read_bytes())[1] == split_record((tmp_path / "one" / "r.txt").read_bytes())[1]
     build_fake_quant_file(res.traced_path, res.record_path, tmp_path / "st" / "fq.onnx")
     build_deploy_file(res.traced_path, res.record_path, tmp_path / "st" / "dp.onnx")
     _same_models(tmp_path / "st" / "fq.onnx", tmp_path / "one" / "m_fake_quant_model.onnx")

@@ -4,7 +4,8 @@ A model (onnx-ir) is written to a temporary file beside its final path and renam
 crash leaves the old complete file or the new complete file. Its graph is serialized without its
 initializers (:mod:`.adapter`); the initializers are streamed one by one from their own memory,
 without a copy into protobuf: embedded in the ``.onnx`` file, or, when they reach the protobuf limit
-(``EXTERNAL_DATA_THRESHOLD``), the large ones into a data file named ``<model>.onnx.<token>.data``
+(``EXTERNAL_DATA_THRESHOLD``; the environment variable ``AMCT_EXTERNAL_DATA_THRESHOLD`` lowers it, for
+tests and benchmarks), the large ones into a data file named ``<model>.onnx.<token>.data``
 (ONNX external data; ``location`` is relative to the model's directory). The token is new for every
 write, so the new data never overwrites the data the old model still points to; the old data file is
 removed only after the new model is in place. A lazy tensor is computed when it is written, and its
@@ -22,12 +23,67 @@ import onnx_ir as ir
 from onnx import TensorProto, numpy_helper
 
 from .._io import temp_path_for
+from ..errors import ExportError
 from .adapter import graph_proto, initializers, tensor_array
 
 # Protobuf cannot serialize a message of 2 GiB or more; FORMATS §1 sends 2 GB and more to external data.
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000  # below 2 GB (2e9) with room for the graph itself
+# The knob for tests and benchmarks: models whose weights total this many bytes or more use external data.
+THRESHOLD_ENV = "AMCT_EXTERNAL_DATA_THRESHOLD"
 EXTERNAL_MIN_TENSOR_BYTES = 1024
 _ALIGN = 64
+
+
+class ExternalDataLocationError(ExportError):
+    """A model's external data location lies outside the model's directory (absolute, ``..``, a symlink)."""
+
+
+def contained_location(model_path, location: str, tensor: str | None = None) -> Path:
+    """The file an external-data ``location`` of the model at ``model_path`` names, refused unless it lies
+    inside the model's directory: as ``onnx.load`` rules, no absolute path, no ``..`` out of the
+    directory, no symbolic link, and no path through a linked directory that ends outside it. Raises :class:`ExternalDataLocationError`
+    naming the model file and the location."""
+    model_path = Path(model_path)
+    base = Path(os.path.realpath(os.path.dirname(os.path.abspath(model_path))))
+    what = f"model {str(model_path)!r}" + (f": initializer {tensor!r}" if tensor else "")
+    if not location or "\0" in location:
+        raise ExternalDataLocationError(f"{what} has an empty or invalid external data location {location!r}")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location):
+        raise ExternalDataLocationError(f"{what} has external data at absolute location {location!r}; a location "
+                                        "must be relative to the model's directory and inside it")
+    norm = os.path.normpath(location)
+    if norm == ".." or norm.startswith(".." + os.sep):
+        raise ExternalDataLocationError(f"{what} has external data at {location!r}, outside the model's directory "
+                                        f"{str(base)!r}; a location must stay inside it")
+    if (base / norm).is_symlink():
+        raise ExternalDataLocationError(f"{what} has external data at {location!r}, which is a symbolic link; as "
+                                        "onnx.load, the data must be a regular file in the model's directory")
+    full = Path(os.path.realpath(base / norm))
+    if full != base and base not in full.parents:
+        raise ExternalDataLocationError(f"{what} has external data at {location!r}, which resolves (through a "
+                                        f"symlink) to {str(full)!r}, outside the model's directory {str(base)!r}")
+    return full
+
+
+def load_model(path) -> ir.Model:
+    """Read an ONNX file into onnx-ir, large tensors left in their files; every external data location
+    must lie inside the model's directory (:func:`contained_location`)."""
+    path = Path(path)
+    model = ir.load(str(path))
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor):
+            contained_location(path, t.location, value.name)
+    return model
+
+
+def _threshold() -> int:
+    raw = os.environ.get(THRESHOLD_ENV, "").strip()
+    if not raw:
+        return EXTERNAL_DATA_THRESHOLD
+    if not raw.isdigit():
+        raise ExportError(f"environment variable {THRESHOLD_ENV}={raw!r} must be a number of bytes")
+    return int(raw)
 
 
 def _data_files_of(final: Path) -> list[Path]:
@@ -143,7 +199,7 @@ def _write_external(model: ir.Model, data_path: Path) -> onnx.ModelProto:
 def prepare_write(model: ir.Model, final, threshold: int | None = None) -> PendingWrite:
     """Serialize ``model`` to a temp file next to ``final`` (and a new external data file if large)."""
     final = Path(final)
-    limit = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
+    limit = _threshold() if threshold is None else threshold
     total = sum(t.nbytes for _, t in initializers(model))
     tmp = temp_path_for(final)
     data_path = None

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import mmap
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .io import EXTERNAL_MIN_TENSOR_BYTES, _varint
+from .io import EXTERNAL_MIN_TENSOR_BYTES, ExternalDataLocationError, _varint, contained_location
 
-# Field numbers of onnx.proto (ModelProto.graph, GraphProto.initializer, TensorProto.*).
-_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+# Field numbers of onnx.proto (ModelProto.graph, .metadata_props, GraphProto.initializer, TensorProto.*).
+_MODEL_GRAPH, _MODEL_METADATA, _GRAPH_INITIALIZER = 7, 14, 5
 _TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 9, 13, 14
 _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 
@@ -115,6 +116,24 @@ def _graph(buf, start: int, end: int, location: str, min_bytes: int) -> bytes:
     return b"".join(parts)
 
 
+@contextmanager
+def _mapped(path):
+    """The file at ``path`` memory-mapped, as (buffer, size); a wire-format error inside the block becomes
+    a MappedModelError naming the file."""
+    p = Path(path).resolve()
+    if not p.is_file():
+        raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist or is not a file")
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise MappedModelError(f"ONNX model {str(p)!r} is empty")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                yield buf, size
+            except MappedModelError as e:
+                raise MappedModelError(f"{str(p)!r} is not a valid ONNX model file: {e}") from None
+
+
 # ---- the public functions ------------------------------------------------------------------------
 
 def open_model(path, min_bytes: int = EXTERNAL_MIN_TENSOR_BYTES, *, map_embedded: bool = True) -> onnx.ModelProto:
@@ -128,22 +147,13 @@ def open_model(path, min_bytes: int = EXTERNAL_MIN_TENSOR_BYTES, *, map_embedded
     if not map_embedded:
         min_bytes = 1 << 62  # larger than any raw_data
     p = Path(path).resolve()
-    if not p.is_file():
-        raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist or is not a file")
-    with open(p, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise MappedModelError(f"ONNX model {str(p)!r} is empty")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                parts = []
-                for number, wire, vs, ve, fs in _fields(buf, 0, size):
-                    if number == _MODEL_GRAPH and wire == _WIRE_LEN:
-                        parts.append(_len_field(_MODEL_GRAPH, _graph(buf, vs, ve, str(p), min_bytes)))
-                    else:
-                        parts.append(buf[fs:ve])
-            except MappedModelError as e:
-                raise MappedModelError(f"{str(p)!r} is not a valid ONNX model file: {e}") from None
+    with _mapped(path) as (buf, size):
+        parts = []
+        for number, wire, vs, ve, fs in _fields(buf, 0, size):
+            if number == _MODEL_GRAPH and wire == _WIRE_LEN:
+                parts.append(_len_field(_MODEL_GRAPH, _graph(buf, vs, ve, str(p), min_bytes)))
+            else:
+                parts.append(buf[fs:ve])
     model = onnx.ModelProto()
     try:
         model.ParseFromString(b"".join(parts))
@@ -155,12 +165,33 @@ def open_model(path, min_bytes: int = EXTERNAL_MIN_TENSOR_BYTES, *, map_embedded
             loc = info.get("location", "")
             if not loc:
                 raise MappedModelError(f"{str(p)!r}: initializer {t.name!r} is external data without a location")
-            full = Path(loc) if os.path.isabs(loc) else p.parent / loc
+            if loc == str(p):  # an embedded tensor, pointed at its bytes in the .onnx itself above
+                continue
+            try:
+                full = contained_location(path, loc, t.name)
+            except ExternalDataLocationError as e:
+                raise MappedModelError(str(e)) from None
             if not full.is_file():
                 raise MappedModelError(f"{str(p)!r}: initializer {t.name!r} refers to external data file "
                                        f"{str(full)!r}, which does not exist (keep the data files beside the .onnx)")
             _set_info(t, "location", str(full))
     return model
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The model's ``metadata_props`` as a dict, read without parsing its graph or touching its tensors
+    (the top-level fields of the file are walked; the graph is skipped by its length)."""
+    out: dict[str, str] = {}
+    with _mapped(path) as (buf, size):
+        for number, wire, vs, ve, _ in _fields(buf, 0, size):
+            if number == _MODEL_METADATA and wire == _WIRE_LEN:
+                entry = onnx.StringStringEntryProto()
+                try:
+                    entry.ParseFromString(buf[vs:ve])
+                except Exception as e:  # noqa: BLE001 - protobuf's DecodeError
+                    raise MappedModelError(f"metadata_props entry: {e}") from None
+                out[entry.key] = entry.value
+    return out
 
 
 def _info(t: TensorProto) -> dict[str, str]:

@@ -8,6 +8,11 @@ Keys carried by the written models (:data:`OUTPUT_KEYS`, kept from the traced fi
 
 * ``amct.input_shapes``: the example inputs the export was traced with, as a JSON object
   ``graph input name -> {"shape": [ints], "dtype": "float32"}``.
+* ``amct.export_id``: the id of the export that wrote the file (32 hex digits, a uuid4), the same in
+  both models and in the record file's header (:mod:`amct_core.export_id`); the traced file carries it
+  to the built models.
+* ``amct.record_sha256``: the SHA-256 of the content of the record file the model was built from (the
+  record file without its ``# amct.`` header lines, :func:`amct_core.export_id.record_content_sha256`).
 
 Keys of the traced file only (the file-to-file stages, dropped before the models are built):
 ``amct.quant_layers`` (JSON list of layer names), ``amct.target``, ``amct.opset``.
@@ -27,8 +32,10 @@ INPUT_SHAPES = "amct.input_shapes"
 QUANT_LAYERS = "amct.quant_layers"
 TARGET = "amct.target"
 OPSET = "amct.opset"
+EXPORT_ID = "amct.export_id"
+RECORD_SHA256 = "amct.record_sha256"
 
-OUTPUT_KEYS = (INPUT_SHAPES,)
+OUTPUT_KEYS = (INPUT_SHAPES, EXPORT_ID, RECORD_SHA256)
 
 
 def read_prop(model: onnx.ModelProto | ir.Model, key: str) -> str | None:

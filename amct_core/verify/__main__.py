@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..formats import DEPLOY_MODEL, FAKE_QUANT_MODEL, output_file
+from ..formats import DEPLOY_MODEL, FAKE_QUANT_MODEL, RECORD_FILE, output_file
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -22,6 +22,9 @@ examples:
 
   # a model exported with dynamic H and W, checked at 48x40 (default: the size it was exported at)
   {prog} ./out/unet --dim inputs_dynamic_axes_2=48 --dim inputs_dynamic_axes_3=40
+
+  # the record file too: all three files must carry one export id
+  {prog} ./out/resnet --record ./out/records.txt
 
   # preflight only (any deploy model, ours or AMCT's)
   {prog} --deploy resnet_deploy_model.onnx
@@ -53,6 +56,9 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
                                            "prefix such as ./out/resnet")
     p.add_argument("--deploy", help=f"deploy model (*{DEPLOY_MODEL})")
     p.add_argument("--fake-quant", help=f"fake-quant model (*{FAKE_QUANT_MODEL})")
+    p.add_argument("--record", help="the record file of the export; checked to come from the same export as the "
+                                    "models (default, with a save_path prefix: <prefix>_scale_offset_record.txt when "
+                                    "it exists)")
     p.add_argument("--target", default=None, help="A2 (default), A3 or 950: the opset range preflight accepts")
     p.add_argument("--inputs", help=".npz with the model inputs (default: seeded random inputs from the graph's shapes)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
@@ -72,6 +78,16 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--report-name", default="verify_report", help="base name of the report files")
     p.add_argument("--json", action="store_true", help="print the whole JSON report to stdout")
     return p
+
+
+def _record_beside(paths: list[str]) -> str | None:
+    """The flow's record file of a save_path prefix among ``paths`` (``<prefix>_scale_offset_record.txt``)."""
+    for s in paths:
+        if not Path(s).is_file():
+            r = output_file(s, RECORD_FILE)
+            if r.is_file():
+                return str(r)
+    return None
 
 
 def _classify(paths: list[str]) -> tuple[str | None, str | None]:
@@ -161,7 +177,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return int(e.code)
     deploy = args.deploy or deploy
     fake = args.fake_quant or fake
-    for what, p in (("--deploy", deploy), ("--fake-quant", fake)):
+    record = args.record or _record_beside(args.paths)
+    for what, p in (("--deploy", deploy), ("--fake-quant", fake), ("--record", record)):
         if p is not None and not Path(p).is_file():
             return _usage(f"{what} {p!r} does not exist")
     if deploy is None and fake is None:
@@ -215,13 +232,17 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     try:
         report, paths = verify(deploy=deploy, fake_quant=fake, torch_model=torch_model, inputs=inputs,
                                target=args.target, seed=args.seed, dims=dims, tolerances=tol or None,
-                               report_dir=args.report_dir, report_name=args.report_name)
+                               report_dir=args.report_dir, report_name=args.report_name, record=record)
     except Exception as e:  # noqa: BLE001 - e.g. unknown target
         return _usage(f"{type(e).__name__}: {e}")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(report["summary"])
+        if report.get("file_set", {}).get("ok"):
+            print(f"  files: {report['file_set']['message']}")
+        for note in (report.get("file_set") or {}).get("notes", []):
+            print(f"  note: {note}")
         pf = report.get("preflight")
         if pf:
             for f in pf["findings"]:

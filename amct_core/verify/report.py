@@ -39,10 +39,11 @@ def _clean(o):
 
 
 def build_report(*, preflight=None, parity=None, deploy=None, tolerances=None, files: dict | None = None,
-                 errors: list[str] | None = None) -> dict:
+                 errors: list[str] | None = None, file_set: dict | None = None) -> dict:
     """Assemble the report dict from the results of :func:`preflight`, :func:`check_parity` and
     :func:`compare_deploy` (any may be None: that check did not run). ``errors``: checks that could not
-    run at all (they fail the verdict)."""
+    run at all (they fail the verdict). ``file_set``: whether the files come from one export
+    (``{"ok", "export_id", "message", "notes"}``); a mixed set fails the verdict and leads the summary."""
     from .. import __version__
 
     tol: Tolerances = as_tolerances(tolerances)
@@ -71,6 +72,10 @@ def build_report(*, preflight=None, parity=None, deploy=None, tolerances=None, f
                              "figure": w.failed_figure if w else None, "message": deploy.message})
     for e in errors or []:
         failures.append({"check": "error", "layer": None, "figure": None, "message": e})
+    if file_set is not None:
+        sections["file_set"] = file_set
+        if not file_set["ok"]:
+            failures.insert(0, {"check": "file_set", "layer": None, "figure": None, "message": file_set["message"]})
     ran = [k for k in ("preflight", "parity", "deploy_simulation") if k in sections]
     ok = not failures and bool(ran)
     if ok:
