@@ -79,3 +79,13 @@ def test_missing_record_file_fails_fast(model_record, cnn_checkpoint):
     state = distill_export(**params, return_state=True)
     assert state.is_failed()
     assert "parameter 'record_file'" in str(state.result(raise_on_failure=False))
+
+
+def test_the_flow_stamps_one_export_id_into_its_three_files(model_record):
+    from amct_core.export_id import record_stamp
+    from amct_core.onnx.mapped import read_metadata
+
+    record, d = model_record
+    ids = {read_metadata(d / "from-model" / f"cnn_{kind}_model.onnx")["amct.export_id"] for kind in ("fake_quant", "deploy")}
+    assert ids == {record_stamp(record).export_id}
+    assert len(ids.pop()) == 32
