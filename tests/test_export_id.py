@@ -180,3 +180,22 @@ def test_the_flow_set_check_refuses_a_mixed_set(qat, tmp_path):
     assert check_export_set(str(fake), str(deploy), str(record), False) == _id(fake)
     with pytest.raises(MixedSetError):
         check_export_set(str(fake), str(deploy), str(record_b), False)
+
+
+def test_reading_the_metadata_of_a_file_that_is_not_onnx_names_the_file(tmp_path):
+    from amct_core.onnx.mapped import MappedModelError
+
+    bad = tmp_path / "x_deploy_model.onnx"
+    bad.write_bytes(b"\xff\xff\xff\xff not protobuf")
+    with pytest.raises(MappedModelError, match="x_deploy_model.onnx"):
+        read_metadata(bad)
+
+
+def test_verify_says_when_the_files_cannot_be_checked_for_one_export(qat, tmp_path):
+    from amct_core.verify import check_file_set
+
+    fake, _, record = _export(qat, tmp_path)
+    bad = tmp_path / "x_deploy_model.onnx"
+    bad.write_bytes(b"\xff\xff\xff\xff not protobuf")
+    result = check_file_set(fake_quant=fake, deploy=bad, record=record)
+    assert not result["ok"] and "could not be checked" in result["message"] and str(bad) in result["message"]
