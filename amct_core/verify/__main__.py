@@ -239,10 +239,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(report["summary"])
-        if report.get("file_set", {}).get("ok"):
-            print(f"  files: {report['file_set']['message']}")
-        for note in (report.get("file_set") or {}).get("notes", []):
-            print(f"  note: {note}")
+        file_set = report.get("file_set") or {}
+        if report["verdict"] == "pass" and file_set:  # a failure stays one line (the set is in the JSON report)
+            print(f"  files: {file_set['message']}")
+            for note in file_set["notes"]:
+                print(f"  note: {note}")
         pf = report.get("preflight")
         if pf:
             for f in pf["findings"]:
