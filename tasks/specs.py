@@ -74,6 +74,8 @@ class TrackingSpec:
     metrics: dict = field(default_factory=dict)  # the caller's own figures, logged with the run
     retries: int = 3
     retry_delay_seconds: float = 2.0  # the first delay; doubled for each retry
+    parent_run_id: str | None = None  # a batch's MLflow run: the export's run is nested under it
+    batch_item: str | None = None  # the export's key in that batch (``<name>-<target>``), tagged on its run
 
 
 def input_list(shape, dtype) -> list[tuple[list[int], str]]:

@@ -38,6 +38,8 @@ from .stage import peak_rss_mb
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 FLOW_RUN_TAG = "prefect.flow_run_id"
 LOGGING_KEY_TAG = "amct.logging_key"  # one export's logging in one flow run (see logging_key)
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows the run under its parent
+BATCH_ITEM_TAG = "amct.batch_item"
 
 
 class TrackingError(RuntimeError):
@@ -357,9 +359,12 @@ def _reached(step: str, **info) -> None:
         fault_hook(step, info)
 
 
-def _resume_or_create_run(client, experiment_id: str, flow_run_id: str | None, key: str | None, run_name: str):
+def _resume_or_create_run(client, experiment_id: str, flow_run_id: str | None, key: str | None, run_name: str,
+                          tracking: TrackingSpec | None = None):
     """The run tagged with the logging ``key`` (set RUNNING again if an attempt ended it), else a new run
-    created with its tags in the same request (a run is never left without them)."""
+    created with its tags in the same request (a run is never left without them). An export of a batch
+    (``tracking.parent_run_id``) is created nested under the batch's run (MLflow's ``mlflow.parentRunId``)
+    and tagged with its item (``amct.batch_item``); its logging key is its own, so a sibling never resumes it."""
     if key:
         found = client.search_runs([experiment_id], filter_string=f"tags.`{LOGGING_KEY_TAG}` = '{key}'",
                                    max_results=2, order_by=["attributes.start_time ASC"])
@@ -368,8 +373,10 @@ def _resume_or_create_run(client, experiment_id: str, flow_run_id: str | None, k
             if run.info.status != "RUNNING":
                 client.update_run(run.info.run_id, status="RUNNING")
             return run
-    return client.create_run(experiment_id, run_name=run_name,
-                             tags={FLOW_RUN_TAG: flow_run_id, LOGGING_KEY_TAG: key} if key else None)
+    tags = {FLOW_RUN_TAG: flow_run_id, LOGGING_KEY_TAG: key} if key else {}
+    if tracking is not None and tracking.parent_run_id:
+        tags.update({PARENT_RUN_TAG: tracking.parent_run_id, BATCH_ITEM_TAG: tracking.batch_item or run_name})
+    return client.create_run(experiment_id, run_name=run_name, tags=tags or None)
 
 
 def _log_params_once(client, run, params: dict) -> None:
@@ -520,7 +527,7 @@ def log_run(tracking: TrackingSpec, payload: RunPayload, flow_run_id: str | None
     try:
         client = mlflow.tracking.MlflowClient(uri)  # a store MLflow cannot open fails here: a TrackingError below
         exp = _experiment(mlflow, tracking.experiment, uri, tracking.artifact_location)
-        run = _resume_or_create_run(client, exp.experiment_id, flow_run_id, key, payload.run_name)
+        run = _resume_or_create_run(client, exp.experiment_id, flow_run_id, key, payload.run_name, tracking)
         run_id = run.info.run_id
         _remember(key, run_id, "RUNNING")
         _reached("run", run_id=run_id)
@@ -746,3 +753,66 @@ def fetch_export(uri: str, dest: str | os.PathLike, tracking_uri: str | None = N
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return FetchedExport(uri, run_id, version, str(dest), files, manifest, manifest.get("atc_command", ""))
+
+
+# ---- a batch: one parent run, the exports nested under it ----------------------------------------
+
+BATCH_TABLE = "batch_summary.json"  # the parent run's summary table (mlflow.log_table: the UI's Evaluation view)
+BATCH_COLUMNS = ("item", "name", "target", "status", "parity", "seconds", "files", "mlflow_run_id", "worker", "error")
+
+
+def start_batch_run(tracking: TrackingSpec, run_name: str, params: dict, flow_run_id: str | None = None) -> str:
+    """Start a batch's parent run (left running: the exports' runs are nested under it while they log;
+    :func:`finish_batch_run` ends it). Returns its id. Raises TrackingError naming the URI."""
+    uri = resolve_tracking_uri(tracking.tracking_uri)
+    check_reachable(uri)
+    mlflow = _mlflow(uri)
+    try:
+        exp = _experiment(mlflow, tracking.experiment, uri, tracking.artifact_location)
+        client = mlflow.tracking.MlflowClient(uri)
+        tags = {"amct.batch": "true", "mlflow.runName": run_name}
+        if flow_run_id:
+            tags["prefect.batch_flow_run_id"] = flow_run_id
+        run = client.create_run(exp.experiment_id, run_name=run_name, tags=tags)
+        for k, v in params.items():
+            client.log_param(run.info.run_id, k, str(v)[:6000])
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        cls = TrackingUnavailable if _is_transient(e) else TrackingError
+        raise cls(f"starting the batch run at MLflow tracking server {uri} failed: {type(e).__name__}: {e}") from e
+    return run.info.run_id
+
+
+def finish_batch_run(tracking: TrackingSpec, run_id: str, rows: list[dict], seconds: float) -> None:
+    """Log the batch's summary to its parent run and end it (FINISHED when every export passed, else FAILED):
+    the table (one row per export: :data:`BATCH_COLUMNS`) as ``batch_summary.json``, the same as
+    ``batch_summary.csv``, and the counts and wall time as metrics."""
+    import csv
+    import io
+    import tempfile
+
+    uri = resolve_tracking_uri(tracking.tracking_uri)
+    mlflow = _mlflow(uri)
+    table = {c: [("; ".join(r.get(c) or []) if c == "files" else r.get(c)) for r in rows] for c in BATCH_COLUMNS}
+    passed = sum(r["status"] == "passed" for r in rows)
+    try:
+        client = mlflow.tracking.MlflowClient(uri)
+        client.log_table(run_id, data=table, artifact_file=BATCH_TABLE)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=BATCH_COLUMNS)
+        w.writeheader()
+        for i in range(len(rows)):
+            w.writerow({c: table[c][i] for c in BATCH_COLUMNS})
+        with tempfile.TemporaryDirectory() as d:
+            f = Path(d) / "batch_summary.csv"
+            f.write_text(buf.getvalue())
+            client.log_artifact(run_id, str(f))
+        for k, v in {"exports": len(rows), "exports_passed": passed, "exports_failed": len(rows) - passed,
+                     "batch_seconds": seconds}.items():
+            client.log_metric(run_id, k, float(v))
+        client.set_terminated(run_id, "FINISHED" if passed == len(rows) else "FAILED")
+    except Exception as e:  # noqa: BLE001
+        cls = TrackingUnavailable if _is_transient(e) else TrackingError
+        raise cls(f"logging the batch summary to run {run_id} at MLflow tracking server {uri} failed: "
+                  f"{type(e).__name__}: {e}") from e
