@@ -1,5 +1,5 @@
-"""amct-export: run the distill-export flow locally, check exported files, validate a record file, inspect
-an exported model, fetch an export back from MLflow.
+"""amct-export: run the distill-export flow locally, run a batch of exports on Dask, check exported files,
+validate a record file, inspect an exported model, fetch an export back from MLflow.
 
 ``run``'s options are the flow's parameters: names, types, defaults and help come from the signature
 and docstring of ``flows/distill_export.py:distill_export`` (:func:`flows.parameters.flow_parameters`,
@@ -8,9 +8,10 @@ starts. ``verify`` is ``python -m amct_core.verify``.
 
 Exit codes (for scripts):
   0  success
-  1  the run failed in a stage (see the message) / verify: a check failed
+  1  the run failed in a stage (see the message) / verify: a check failed / batch: some exports failed
+     (each named with its error; the others completed)
   2  invalid arguments or parameters (the message names the parameter; fetch: also an unknown run or
-     model version, or a --to directory that is not empty)
+     model version, or a --to directory that is not empty; batch: a bad batch file, naming item and key)
   3  MLflow failed: logging failed after its retries (every exported file is still on disk) / fetch: the
      tracking server cannot be reached
   4  parity failed (files written and logged; the report says which output/layer)
@@ -51,6 +52,8 @@ examples:
   amct-export validate-record out/model_scale_offset_record.txt
   # what is inside an exported model
   amct-export inspect out/model_deploy_model.onnx
+  # many exports (checkpoints x targets) from a batch file, on a local Dask cluster or an existing one
+  amct-export batch examples/batch.yaml --workers 2 --output-dir batch_out
   # an export back from MLflow (deploy + fake-quant models, record, manifest; SHA-256 checked)
   amct-export fetch models:/digits-int8/latest --to deploy/ --mlflow-tracking-uri http://127.0.0.1:5001
 
@@ -444,6 +447,90 @@ def cmd_fetch(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+BATCH_EPILOG = """\
+The batch file (YAML or JSON):
+  defaults:            any distill-export parameter (as in `amct-export run`, names with '_'), for every export
+  exports:             a list of parameter objects, each with at least checkpoint, model, input_shape, name;
+                       `targets: [A2, A3, "950"]` instead of `target` makes one export per target
+Every export writes to <output_dir>/<name>-<target>/. The whole file is checked before anything runs; an
+error names the item and the key (exports[2].checkpoint). Example: examples/batch.yaml.
+
+example:
+  amct-export batch examples/batch.yaml --workers 2 --output-dir batch_out
+  amct-export batch examples/batch.yaml --dask-address tcp://10.0.0.5:8786 --json
+
+exit codes: 0 every export passed, 1 some failed (each named with its error; the others complete),
+2 a bad batch file or argument (nothing runs), 3 the batch's MLflow run could not be started or finished
+"""
+
+
+def check_batch(spec: str, output_dir: str | None, overrides: dict) -> int:
+    """The whole batch file checked before any cluster starts: exit code 2 and one line naming the item and
+    key when it is bad."""
+    from flows.batch_spec import BatchSpecError, load_batch
+
+    try:
+        load_batch(spec, output_dir, overrides)
+    except BatchSpecError as e:
+        return _usage_error(str(e))
+    return EXIT_OK
+
+
+def run_batch(spec: str, dask_address: str | None = None, n_workers: int = 2, output_dir: str | None = None,
+              force: bool = False, mlflow_experiment: str | None = None, mlflow_tracking_uri: str | None = None,
+              as_json: bool = False) -> tuple[int, list[dict] | None]:
+    """Check the batch file, run the distill-export-batch flow, print one line per export (or --json):
+    (exit code, the per-export rows or None)."""
+    overrides = {k: v for k, v in (("mlflow_experiment", mlflow_experiment),
+                                   ("mlflow_tracking_uri", mlflow_tracking_uri)) if v is not None}
+    rc = check_batch(spec, output_dir, overrides)
+    if rc != EXIT_OK:
+        return rc, None
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.batch import BatchFailed, distill_export_batch
+    from flows.batch_spec import BatchSpecError
+    from tasks.tracking import TrackingError
+
+    state = distill_export_batch(spec=spec, dask_address=dask_address, n_workers=n_workers, force=force,
+                                 mlflow_experiment=mlflow_experiment, mlflow_tracking_uri=mlflow_tracking_uri,
+                                 output_dir=output_dir, return_state=True)
+    if state.is_completed():
+        rows, rc = state.result(), EXIT_OK
+    else:
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, BatchFailed):
+            rows, rc = exc.results, EXIT_FAILED
+        else:
+            print(f"amct-export: batch failed: {exc if isinstance(exc, BaseException) else state.message}",
+                  file=sys.stderr)
+            code = (EXIT_USAGE if isinstance(exc, BatchSpecError) else
+                    EXIT_TRACKING if isinstance(exc, TrackingError) else EXIT_FAILED)
+            return code, None
+    if as_json:
+        print(json.dumps([{k: r[k] for k in ("name", "target", "status", "files", "mlflow_run_id", "output_dir",
+                                             "parity", "seconds", "worker", "error")} for r in rows], indent=2))
+    else:
+        for r in rows:
+            line = f"{r['status'].upper():6s} {r['name']}-{r['target']:4s} {r['output_dir']}"
+            line += f"  MLflow run {r['mlflow_run_id']}" if r["mlflow_run_id"] else ""
+            print(line + (f"\n       {r['error']}" if r["error"] else ""))
+        passed = sum(r["status"] == "passed" for r in rows)
+        print(f"{passed} of {len(rows)} export(s) passed")
+    if rc != EXIT_OK:
+        print(f"amct-export: {len(rows) - sum(r['status'] == 'passed' for r in rows)} export(s) failed: "
+              + ", ".join(f"exports[{r['item']}] {r['name']}-{r['target']}" for r in rows if r["status"] != "passed"),
+              file=sys.stderr)
+    return rc, rows
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    if a.workers is not None and a.workers < 1:
+        return _usage_error(f"--workers must be at least 1, got {a.workers}")
+    return run_batch(a.spec, a.dask_address, a.workers or 2, a.output_dir, a.force, a.mlflow_experiment,
+                     a.mlflow_tracking_uri, a.json)[0]
+
+
 VERIFY_PROG = "amct-export verify"
 
 
@@ -472,6 +559,26 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(p)
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("batch", help="run many exports (checkpoints x targets) from a batch file on Dask",
+                       description="Run the distill-export-batch flow: every export of a batch file, each on a Dask\n"
+                                   "worker (a local cluster by default, or an existing scheduler), one failing export\n"
+                                   "not stopping the others; one MLflow parent run with a child run per export.",
+                       epilog=BATCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", metavar="SPEC", help="the batch file (.yaml, .yml or .json)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--dask-address", default=None, metavar="ADDR",
+                       help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
+    where.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="worker processes of the local cluster, one thread each (default: 2)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="the batch's output directory (default: the file's defaults, else out); each export goes "
+                        "to DIR/<name>-<target>/")
+    p.add_argument("--force", action="store_true", help="recompute every stage even if its inputs are unchanged")
+    p.add_argument("--mlflow-experiment", default=None, help="default: the file's defaults, else amct-export")
+    p.add_argument("--mlflow-tracking-uri", default=None,
+                   help="default: the file's defaults, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    p.add_argument("--json", action="store_true", help="print the per-export results as JSON")
+    p.set_defaults(fn=cmd_batch)
     # verify's own parser reads the rest of the command line (main() hands it over)
     sub.add_parser("verify", add_help=False,
                    help="check exported files on the CPU: ATC preflight, deploy simulation, parity with the torch "

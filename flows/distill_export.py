@@ -126,8 +126,10 @@ def summary(done: ExportResults, manifest: FileRef, logged: TrackingResult) -> d
         "registered_version": logged.registered_version,
     }
     if not par.passed:
-        raise ParityFailed(f"{par.summary} (files and report logged to MLflow run {logged.run_id}; report "
-                           f"{out['parity_report']})")
+        e = ParityFailed(f"{par.summary} (files and report logged to MLflow run {logged.run_id}; report "
+                         f"{out['parity_report']})")
+        e.summary = out  # what was written and logged, for a caller that reports it (the batch)
+        raise e
     return out
 
 
