@@ -126,3 +126,28 @@ def test_cli_refuses_a_bad_batch_file_with_exit_2_before_any_cluster_starts(tmp_
     assert "exports[0].opset" in err and str(spec) in err
     assert not (tmp_path / "out").exists()
 
+
+
+def test_shipped_example_batch_file_checks_once_its_checkpoints_exist(tmp_path, monkeypatch):
+    """examples/batch.yaml, with checkpoints where scripts/run-example and examples.digits_mlp put them
+    (here: untrained models of the same shapes, wrapped and saved the same way)."""
+    import yaml
+
+    from amct_core import create_distill_config, create_distill_model
+    from examples import digits, digits_mlp
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    x = digits.load_digits_split(0).x_train[:16]
+    for build, ck, cfg in ((digits.build_model, "digits_out/student.safetensors", "digits_out/distill_config.json"),
+                           (digits_mlp.build_model, digits_mlp.STUDENT, digits_mlp.CONFIG)):
+        Path(ck).parent.mkdir(parents=True, exist_ok=True)
+        teacher = build().eval()
+        create_distill_config(cfg, teacher, x)
+        digits.save_state_dict(create_distill_model(cfg, teacher, x), ck)
+    items = load_batch(repo / "examples" / "batch.yaml")
+    assert sorted(i.key for i in items) == sorted(f"{n}-{t}" for n in ("digits", "digits-mlp")
+                                                  for t in ("A2", "A3", "950"))
+    nightly = yaml.safe_load((repo / "prefect.yaml").read_text())
+    batch = [d for d in nightly["deployments"] if d["entrypoint"].endswith(":distill_export_batch")]
+    assert batch and batch[0]["parameters"]["spec"] == "examples/batch.yaml" and batch[0]["schedules"]
