@@ -89,10 +89,12 @@ def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, shuffle:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=g)
 
 
-def train_teacher(split: DigitsSplit, seed: int = 0, epochs: int = 40, lr: float = 3e-3, width: int = 16) -> nn.Module:
-    """Train the fp32 teacher (Adam, cross entropy); returned in eval mode."""
+def train_teacher(split: DigitsSplit, seed: int = 0, epochs: int = 40, lr: float = 3e-3, width: int = 16,
+                  build=None) -> nn.Module:
+    """Train the fp32 teacher (Adam, cross entropy); returned in eval mode. ``build``: the model's callable
+    (default: this demo's CNN of ``width``)."""
     torch.manual_seed(seed)
-    model = build_model(width)
+    model = build() if build is not None else build_model(width)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     loader = make_loader(split.x_train, split.y_train, seed=seed)

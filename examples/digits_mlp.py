@@ -43,20 +43,11 @@ def prepare(student: str = STUDENT, config: str = CONFIG, seed: int = 0, teacher
             epochs: int = 2) -> dict[str, float]:
     """Train the teacher, distill the int8 student, write both files; returns the accuracies (percent)."""
     import amct_core
-    from examples.digits import accuracy, load_digits_split, make_loader, save_state_dict
+    from examples.digits import accuracy, load_digits_split, make_loader, save_state_dict, train_teacher
 
     split = load_digits_split(seed)
-    torch.manual_seed(seed)
-    teacher = build_model()
-    opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
+    teacher = train_teacher(split, seed=seed, epochs=teacher_epochs, build=build_model)
     loader = make_loader(split.x_train, split.y_train, seed=seed)
-    teacher.train()
-    for _ in range(teacher_epochs):
-        for xb, yb in loader:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(teacher(xb), yb).backward()
-            opt.step()
-    teacher.eval()
     Path(config).parent.mkdir(parents=True, exist_ok=True)
     sample = split.x_train[:64]
     amct_core.create_distill_config(config, teacher, sample)
