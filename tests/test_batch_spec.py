@@ -151,3 +151,16 @@ def test_shipped_example_batch_file_checks_once_its_checkpoints_exist(tmp_path, 
     nightly = yaml.safe_load((repo / "prefect.yaml").read_text())
     batch = [d for d in nightly["deployments"] if d["entrypoint"].endswith(":distill_export_batch")]
     assert batch and batch[0]["parameters"]["spec"] == "examples/batch.yaml" and batch[0]["schedules"]
+
+
+def test_batch_help_explains_the_file_the_options_and_the_exit_codes():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "batch", "--help"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    for words in ("defaults:", "exports:", "targets:", "<output_dir>/<name>-<target>/", "--dask-address ADDR",
+                  "--workers N", "--output-dir DIR", "--json", "exit codes: 0", "examples/batch.yaml"):
+        assert words in out, words
