@@ -5,8 +5,8 @@ per export is submitted to Dask through prefect-dask's ``DaskTaskRunner``: a ``L
 ``n_workers`` processes with one thread each, or the existing scheduler at ``dask_address``. Each
 ``export-item`` runs :func:`flows.distill_export.export` (the recipe of ``distill-export``, unchanged) on
 its worker; the recipe's stages are Prefect tasks, and called inside a task they run as nested task runs
-in that worker process, one after the other, with their usual caching, retries and artifacts (each
-recorded as a child of ``export-item`` in Prefect). No stage is re-implemented here.
+in that worker process, one after the other, with their usual caching, retries and artifacts (task runs
+of the batch's flow run in Prefect). No stage is re-implemented here.
 
 - A failing export does not stop the others; the flow ends Failed (:class:`BatchFailed`) naming the
   failed exports and their errors unless all of them passed.
