@@ -101,34 +101,37 @@ def export_item(item: BatchItem) -> dict:
                 mlflow_run_id=s["mlflow_run_id"])
 
 
-def task_runner(dask_address: str | None, n_workers: int):
+def task_runner(dask_address: str | None, n_workers: int, api_url: str | None = None):
     """prefect-dask's runner: the scheduler at ``dask_address``, else a LocalCluster of ``n_workers``
     processes with one thread each (Dask's nanny gives each worker OMP_NUM_THREADS=1: torch runs on one
-    thread per worker)."""
+    thread per worker) whose environment names the Prefect API ``api_url``."""
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": ":0"})
+    cluster = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
+    if api_url:
+        cluster["env"] = {"PREFECT_API_URL": api_url}
+    return DaskTaskRunner(cluster_kwargs=cluster)
 
 
 @contextmanager
 def _workers_use_this_api():
     """Workers report to the flow's Prefect API: the settings travel with each submitted task, and the
     ephemeral server's URL (the flow's own, when no PREFECT_API_URL is set) is made one of them, so a
-    worker does not start a server of its own."""
+    worker does not start a server of its own. Yields that URL (a LocalCluster's workers also get it in
+    their environment)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
-        yield
+        yield PREFECT_API_URL.value()
         return
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         url = str(client.api_url)
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
+        yield url
 
 
 def _collect(future, item: BatchItem) -> dict:
@@ -191,7 +194,7 @@ def distill_export_batch(
     items = [dataclasses.replace(i, plan=dataclasses.replace(i.plan, tracking=dataclasses.replace(
         i.plan.tracking, parent_run_id=parent, batch_item=i.key))) for i in items]
 
-    with _workers_use_this_api(), task_runner(dask_address, n_workers) as runner:
+    with _workers_use_this_api() as api_url, task_runner(dask_address, n_workers, api_url) as runner:
         futures = [runner.submit(export_item, {"item": i}) for i in items]
         rows = [_collect(f, i) for f, i in zip(futures, items, strict=True)]
 
