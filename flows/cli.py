@@ -512,7 +512,7 @@ def run_batch(spec: str, dask_address: str | None = None, n_workers: int = 2, ou
                                              "parity", "seconds", "worker", "error")} for r in rows], indent=2))
     else:
         for r in rows:
-            line = f"{r['status'].upper():6s} {r['name']}-{r['target']:4s} {r['output_dir']}"
+            line = f"{r['status'].upper():6s} {r['name'] + '-' + r['target']:24s} {r['output_dir']}"
             line += f"  MLflow run {r['mlflow_run_id']}" if r["mlflow_run_id"] else ""
             print(line + (f"\n       {r['error']}" if r["error"] else ""))
         passed = sum(r["status"] == "passed" for r in rows)
