@@ -488,6 +488,9 @@ def run_batch(spec: str, dask_address: str | None = None, n_workers: int = 2, ou
         return rc, None
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Dask's own INFO lines (workers starting and stopping, connections closing) for the cluster and its
+    # workers, which inherit the environment: warnings and errors only (set it to info to see them)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     from flows.batch import BatchFailed, distill_export_batch
     from flows.batch_spec import BatchSpecError
     from tasks.tracking import TrackingError
