@@ -159,6 +159,22 @@ def test_prefect_has_the_batch_as_a_table_artifact(local_batch, prefect_api):
     assert "3 of 4 export(s) passed" in arts[-1].description
 
 
+def test_an_export_whose_parity_fails_is_a_failed_row_that_keeps_its_files_and_mlflow_run(
+        checkpoints, tmp_path, prefect_api):
+    from flows.batch import ExportItemFailed, export_item
+    from flows.batch_spec import load_batch
+
+    (item,) = load_batch({"exports": [{**checkpoints["cnn"], "name": "cnn",
+                                       "parity_tolerances": {"layer_sqnr_min_db": 400.0}}]},
+                         output_dir=str(tmp_path / "out"),
+                         overrides={"mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    with pytest.raises(ExportItemFailed) as e:
+        export_item(item)  # the task, as a worker runs it
+    row = e.value.row
+    assert row["status"] == "failed" and row["parity"] == "fail" and row["error"].startswith("ParityFailed: ")
+    assert row["mlflow_run_id"] and len(row["files"]) == 4 and all(Path(f).is_file() for f in row["files"])
+
+
 # ---- an existing cluster: `dask scheduler` + two `dask worker` -------------------------------------
 
 def _spawn(args: list[str], log: Path, env: dict) -> services.Service:
