@@ -175,6 +175,32 @@ def test_an_export_whose_parity_fails_is_a_failed_row_that_keeps_its_files_and_m
     assert row["mlflow_run_id"] and len(row["files"]) == 4 and all(Path(f).is_file() for f in row["files"])
 
 
+def test_an_export_that_kills_every_worker_it_runs_on_is_named_failed_and_the_others_complete(
+        checkpoints, tmp_path, prefect_api):
+    """Dask gives up on a task that killed ``allowed-failures`` + 1 workers (here 0 + 1, to keep it short):
+    the batch names it with the scheduler's KilledWorker and exits 1; the other export completes."""
+    import contextlib
+    import io
+
+    import dask
+
+    from flows.cli import main
+
+    spec = _write_spec(tmp_path / "batch.json", checkpoints, [("mlp", "mlp", {})])
+    data = json.loads(spec.read_text())
+    data["exports"].append({**checkpoints["mlp"], "name": "killer", "model": "tests.batch_models:build_killing_its_worker"})
+    spec.write_text(json.dumps(data))
+    buf = io.StringIO()
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), contextlib.redirect_stdout(buf):
+        rc = main(["batch", str(spec), "--workers", "2", "--output-dir", str(tmp_path / "out"),
+                   "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--json"])
+    rows = {r["name"]: r for r in json.loads(buf.getvalue()[buf.getvalue().index("["):])}
+    assert rc == 1
+    assert rows["killer"]["status"] == "failed" and "KilledWorker" in rows["killer"]["error"]
+    assert rows["mlp"]["status"] == "passed"
+    assert_whole_export(Path(rows["mlp"]["output_dir"]), "mlp")
+
+
 # ---- an existing cluster: `dask scheduler` + two `dask worker` -------------------------------------
 
 def _spawn(args: list[str], log: Path, env: dict) -> services.Service:
