@@ -18,13 +18,22 @@ def _deployments() -> dict:
 
 def test_prefect_yaml_has_a_nightly_schedule_with_timezone_and_an_on_demand_deployment():
     deps = _deployments()
-    assert {"nightly", "on-demand"} <= set(deps)
-    for d in deps.values():
-        assert d["entrypoint"] == "flows/distill_export.py:distill_export"
+    assert {"nightly", "on-demand", "nightly-batch"} <= set(deps)
+    entrypoints = {"nightly": "flows/distill_export.py:distill_export",
+                   "on-demand": "flows/distill_export.py:distill_export",
+                   "nightly-batch": "flows/batch.py:distill_export_batch"}
+    for name, d in deps.items():
+        assert d["entrypoint"] == entrypoints[name], name
         assert d["work_pool"]["name"] == "amct-process"
-    (sched,) = deps["nightly"]["schedules"]
-    assert sched["cron"] and sched["timezone"]
+    for name in ("nightly", "nightly-batch"):
+        (sched,) = deps[name]["schedules"]
+        assert sched["cron"] and sched["timezone"]
     assert not deps["on-demand"]["schedules"]
+
+
+def test_the_nightly_batch_deployment_runs_the_shipped_example_batch_file():
+    spec = _deployments()["nightly-batch"]["parameters"]["spec"]
+    assert spec == "examples/batch.yaml" and (Path(__file__).parents[1] / spec).is_file()
 
 
 @pytest.fixture(scope="module")
