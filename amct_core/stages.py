@@ -131,16 +131,15 @@ def _build_file(kind, traced_path, record_path, out_path, target=None, record_gi
     out_path = Path(out_path)
     check_output_dir(out_path.parent, "out_path")
     traced = load_traced(traced_path)
-    record_data = Path(record_path).read_bytes() if Path(record_path).is_file() else None
-    if record_data is not None:
-        # ids only: the record may be an edited copy of the model's own (its content is then another one)
-        traced_stamp = replace(model_stamp("traced model", traced_path), record_sha256=None)
-        check_set([traced_stamp], record_stamp(record_path), record_given=record_given)
     tgt = get_target(target or traced.target)
     check_opset(tgt, traced.opset)
-    records = _validated_records(record_path, traced, tgt)
+    records = _validated_records(record_path, traced, tgt)  # an invalid record is a RecordError first
+    record_data = Path(record_path).read_bytes()
+    # ids only: the record may be an edited copy of the model's own (its content is then another one)
+    traced_stamp = replace(model_stamp("traced model", traced_path), record_sha256=None)
+    check_set([traced_stamp], record_stamp(record_path), record_given=record_given)
     metadata.drop_stage_props(traced.model)  # the outputs keep only the keys of metadata.OUTPUT_KEYS
-    metadata.write_prop(traced.model, metadata.RECORD_SHA256, record_content_sha256(record_data or b""))
+    metadata.write_prop(traced.model, metadata.RECORD_SHA256, record_content_sha256(record_data))
     built = (build_fake_quant if kind == "fake_quant" else build_deploy)(traced.model, records)
     what = "fake-quant model" if kind == "fake_quant" else "deploy model"
     check_before_write(built, f"{what} {str(out_path)!r}", standard_ops=kind == "fake_quant")

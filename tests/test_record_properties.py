@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amct_core.errors import RecordError
+from amct_core.export_id import MixedSetError
 from amct_core.record import read_record
 from amct_core.stages import build_fake_quant_file, publish_record_file, trace_to_file, validate_record_file
 from tests import models
@@ -83,6 +84,11 @@ def _read_and_validate(path: Path, traced_path: str) -> bool:
     return True
 
 
+def _ours_left(directory: Path) -> list[str]:
+    """The files in ``directory`` but the writers' lock files (empty, they stay by design: README, Guarantees)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".amct.lock"))
+
+
 def _check_publish(record: bytes, traced_path: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         given_file, out = Path(d) / "given.txt", Path(d) / "out" / "mlp_record.txt"
@@ -95,10 +101,13 @@ def _check_publish(record: bytes, traced_path: str) -> None:
         except RecordError:
             assert not valid
             assert out.read_bytes() == b"an earlier export's record\n"
+        except MixedSetError:  # a valid record, but not the one the traced model was exported with
+            assert valid
+            assert out.read_bytes() == b"an earlier export's record\n"
         else:
             assert valid
             assert out.read_bytes() == record
-        assert [p.name for p in out.parent.iterdir()] == ["mlp_record.txt"]  # no temporary file left
+        assert _ours_left(out.parent) == ["mlp_record.txt"]  # no temporary file left
 
 
 def test_text_mutations_of_a_record_read_as_records_or_as_a_record_error(traced):
@@ -157,6 +166,6 @@ def test_a_build_from_a_refused_record_writes_nothing_and_keeps_the_earlier_mode
             with pytest.raises(RecordError):
                 build_fake_quant_file(traced_path, given_file, out)
             assert out.read_bytes() == b"an earlier export's model"
-            assert [p.name for p in out.parent.iterdir()] == [out.name]
+            assert _ours_left(out.parent) == [out.name]
 
     check()
