@@ -23,7 +23,7 @@ import onnx_ir as ir
 from ._io import atomic_write_bytes, output_lock
 from .arguments import check_output_dir, check_output_file, check_path
 from .errors import ExportError
-from .export_id import check_set, model_stamp, record_content_sha256, record_stamp
+from .export_id import check_set, model_stamp, record_stamp
 from .onnx import metadata
 from .onnx.build import build_deploy, build_fake_quant
 from .onnx.check import check_before_write
@@ -134,12 +134,12 @@ def _build_file(kind, traced_path, record_path, out_path, target=None, record_gi
     tgt = get_target(target or traced.target)
     check_opset(tgt, traced.opset)
     records = _validated_records(record_path, traced, tgt)  # an invalid record is a RecordError first
-    record_data = Path(record_path).read_bytes()
+    record = record_stamp(record_path)
     # ids only: the record may be an edited copy of the model's own (its content is then another one)
     traced_stamp = replace(model_stamp("traced model", traced_path), record_sha256=None)
-    check_set([traced_stamp], record_stamp(record_path), record_given=record_given)
+    check_set([traced_stamp], record, record_given=record_given)
     metadata.drop_stage_props(traced.model)  # the outputs keep only the keys of metadata.OUTPUT_KEYS
-    metadata.write_prop(traced.model, metadata.RECORD_SHA256, record_content_sha256(record_data))
+    metadata.write_prop(traced.model, metadata.RECORD_SHA256, record.record_sha256)
     built = (build_fake_quant if kind == "fake_quant" else build_deploy)(traced.model, records)
     what = "fake-quant model" if kind == "fake_quant" else "deploy model"
     check_before_write(built, f"{what} {str(out_path)!r}", standard_ops=kind == "fake_quant")
