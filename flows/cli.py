@@ -539,7 +539,7 @@ VERIFY_PROG = "amct-export verify"
 
 def cmd_verify(argv: list[str]) -> int:
     """``python -m amct_core.verify`` under amct-export (its options, help and exit codes)."""
-    from amct_core.verify.__main__ import main as verify_main
+    from amct_core.verify.cli import main as verify_main
 
     return verify_main(argv, prog=VERIFY_PROG)
 

@@ -13,7 +13,7 @@ from amct_core.onnx.mapped import read_metadata
 from amct_core.record import read_record
 from amct_core.record.schema import ScaleOffsetRecord
 from amct_core.stages import build_deploy_file, build_fake_quant_file, publish_record_file, trace_to_file
-from amct_core.verify.__main__ import main as verify_main
+from amct_core.verify.cli import main as verify_main
 from flows.cli import main as cli_main
 from tests import models
 

@@ -14,7 +14,7 @@ from amct_core.describe import describe_model
 from amct_core.onnx.io import ExternalDataLocationError, contained_location, load_model
 from amct_core.onnx.mapped import MappedModelError, open_model
 from amct_core.stages import build_deploy_file
-from amct_core.verify.__main__ import main as verify_main
+from amct_core.verify.cli import main as verify_main
 from flows.cli import main as cli_main
 
 SECRET = b"\x00" * 4096  # 1024 float32 zeros: what an escaping location would read

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import torch
 
-from amct_core.verify.__main__ import main
+from amct_core.verify.cli import main
 from tests import broken_models as bm
 
 

@@ -16,8 +16,8 @@ import torch
 from amct_core import save_distill_model
 from amct_core.onnx import metadata
 from amct_core.verify import InputSizeError, check_parity, compare_deploy, simulate_deploy, verify
-from amct_core.verify.__main__ import main
 from amct_core.verify._run import generate_inputs
+from amct_core.verify.cli import main
 from tests import models
 
 SEED_AXES = dict(input_names=["inputs"], output_names=["outputs"],

@@ -18,7 +18,7 @@ from amct_core._io import stale_temps
 from amct_core.export_id import check_set, model_stamp, record_stamp
 from amct_core.formats import DEPLOY_MODEL, FAKE_QUANT_MODEL, output_file
 from amct_core.verify import check_file_set
-from amct_core.verify.__main__ import main as verify_main
+from amct_core.verify.cli import main as verify_main
 from tests.export_worker import check_one_export
 from tests.services import REPO, base_env
 
