@@ -220,6 +220,16 @@ def check_files(qat, x, prefix: Path, weight_bytes: int) -> dict:
             "summary": p.summary() + ("; onnx.checker: " + checker if checker else "; onnx.checker: clean")}
 
 
+def require_valid(qat, x, prefix) -> None:
+    """:func:`check_files` on the files a bench wrote for ``prefix``; prints the outcome and stops the
+    bench (exit 1) when they fail: a figure measured on invalid files is no figure."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in qat.parameters())
+    res = check_files(qat, x, Path(prefix), weight_bytes)
+    print(f"files {prefix}_*: {res['checks']} {'passed' if res['passed'] else 'FAILED'}: {res['summary']}")
+    if not res["passed"]:
+        raise SystemExit(1)
+
+
 def child(kind: str, model_name: str, outdir: str, threads: int) -> dict:
     import torch
 

@@ -163,7 +163,11 @@ def time_save(params: dict, out: Path) -> float:
     t0 = time.perf_counter()
     save_distill_model(model, str(out / "m"), x, record_file=str(out / "rec.txt"), input_names=["input"],
                        output_names=["logits"])
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    from bench.export import require_valid
+
+    require_valid(model, x, out / "m")  # untimed (the flow's own files are checked by its parity stage)
+    return seconds
 
 
 def main(argv=None) -> int:

@@ -177,6 +177,7 @@ def main(argv=None) -> int:
 
     from amct_core.verify import Tolerances
     from bench import models
+    from bench.export import require_valid
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-parity-noise-") as d:
         qat, fq = _export(model, x, d)
         del model
+        require_valid(qat, x, f"{d}/m")
         print(f"model {a.model}: {models.param_count(qat) / 1e6:.1f}M parameters, input {list(x.shape)}")
         where_from(qat, x, fq)
         pooled(qat, x, fq, a.batches, a.draws, min_db)

@@ -188,6 +188,9 @@ def main(argv=None) -> int:
 
 def _run(a, qat, x, d) -> int:
     _save(qat, x, d)  # warm-up: first-call imports and caches are not the exporter's steady cost
+    from bench.export import require_valid
+
+    require_valid(qat, x, f"{d}/m")  # every pass below writes these same files again
     out = {"model": a.model}
     passes = [p for p in a.passes.split(",") if p]
     if "cprofile" in passes:
